@@ -1,0 +1,16 @@
+"""m3mlx: MiniMax-M3 on Apple silicon with MLX, with truly sparse MSA attention."""
+
+from .cache import LayerCache, load_prompt_cache, save_prompt_cache, trim_prompt_cache
+from .config import ConfigError, ModelArgs
+from .generate import GenerationResponse, generate, make_sampler, stream_generate
+from .loading import LoadError, load, load_model
+from .model import Model, make_cache
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "GenerationResponse", "LayerCache", "LoadError", "Model", "ModelArgs", "Tokenizer", "generate", "load",
+    "load_model", "load_prompt_cache", "make_cache", "make_sampler", "save_prompt_cache",
+    "stream_generate", "trim_prompt_cache",
+]

@@ -1,0 +1,207 @@
+"""A tiny random MiniMax-M3 checkpoint in the original Hugging Face layout.
+
+Same tensor names, dtypes and config shape as `MiniMaxAI/MiniMax-M3` (per-expert w1/w2/w3,
+`language_model.*` prefix, vision tensors to be skipped, fp32 router), shrunk so it runs on a
+CPU in milliseconds. Its weights are random, so its text is gibberish: it exercises every code
+path, it does not speak. `m3mlx demo` and the tests build on it.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelArgs
+
+SPECIAL_TOKENS = [
+    "]~!b[", "]~b]", "[e~[", "]!d~[", "]!p~[", "<mm:think>", "</mm:think>", "]<]minimax[>[",
+    "]<]image[>[", "]<]video[>[", "]<]start of image[>[", "]<]end of image[>[",
+]
+BOS, EOS = "]~!b[", "[e~["
+
+# Small enough for a CPU, shaped like M3: a dense first layer, then MSA + MoE layers,
+# GQA groups, partial RoPE, one index head per KV head. MSA goes sparse past 4 x 16 = 64 tokens.
+DEMO_TEXT_CONFIG = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=16, rotary_dim=8, intermediate_size=32, shared_intermediate_size=32,
+    dense_intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+    index_n_heads=2, index_head_dim=16, index_block_size=16, index_topk_blocks=4,
+    sparse_layers=[False, True, True, True], moe_layers=[False, True, True, True],
+)
+
+_CORPUS = [
+    "MiniMax-M3 is a mixture of experts language model with sparse attention.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
+    "Apple silicon runs MLX on a unified memory that the CPU and the GPU share.",
+    "Each query attends to sixteen blocks of one hundred and twenty eight keys.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Hello! How can I help you today? Let me think about it step by step.",
+    '{"name": "get_weather", "arguments": {"location": "Boston", "units": "celsius"}}',
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10. Numbers, words, and punctuation; all of it.",
+]
+
+
+def train_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained offline on a built-in corpus, with M3's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    return tok
+
+
+def demo_args(**overrides) -> ModelArgs:
+    cfg = {**DEMO_TEXT_CONFIG, **overrides}
+    cfg.setdefault("vocab_size", 512)
+    return ModelArgs(**cfg)
+
+
+def random_weights(args: ModelArgs, seed: int = 0, with_mtp: bool = False,
+                   dtype=mx.bfloat16) -> Dict[str, mx.array]:
+    """Random tensors under the Hugging Face names of an M3 checkpoint."""
+    rng = np.random.default_rng(seed)
+    H, D, Di = args.hidden_size, args.head_dim, args.index_head_dim
+
+    def linear(out, inp):
+        return rng.standard_normal((out, inp)).astype(np.float32) / np.sqrt(inp)
+
+    def norm(n):
+        return 0.1 * rng.standard_normal(n).astype(np.float32)
+
+    def layer(prefix, sparse, moe):
+        w = {
+            "input_layernorm.weight": norm(H),
+            "post_attention_layernorm.weight": norm(H),
+            "self_attn.q_proj.weight": linear(args.num_attention_heads * D, H),
+            "self_attn.k_proj.weight": linear(args.num_key_value_heads * D, H),
+            "self_attn.v_proj.weight": linear(args.num_key_value_heads * D, H),
+            "self_attn.o_proj.weight": linear(H, args.num_attention_heads * D),
+            "self_attn.q_norm.weight": norm(D),
+            "self_attn.k_norm.weight": norm(D),
+        }
+        if sparse:
+            w["self_attn.index_q_proj.weight"] = linear(args.index_n_heads * Di, H)
+            w["self_attn.index_k_proj.weight"] = linear(Di, H)
+            w["self_attn.index_q_norm.weight"] = norm(Di)
+            w["self_attn.index_k_norm.weight"] = norm(Di)
+        if moe:
+            F, Fs = args.intermediate_size, args.shared_intermediate_size
+            w["block_sparse_moe.gate.weight"] = linear(args.num_local_experts, H)
+            w["block_sparse_moe.e_score_correction_bias"] = (
+                0.1 * rng.standard_normal(args.num_local_experts).astype(np.float32))
+            for e in range(args.num_local_experts):
+                w[f"block_sparse_moe.experts.{e}.w1.weight"] = linear(F, H)
+                w[f"block_sparse_moe.experts.{e}.w3.weight"] = linear(F, H)
+                w[f"block_sparse_moe.experts.{e}.w2.weight"] = linear(H, F)
+            w["block_sparse_moe.shared_experts.gate_proj.weight"] = linear(Fs, H)
+            w["block_sparse_moe.shared_experts.up_proj.weight"] = linear(Fs, H)
+            w["block_sparse_moe.shared_experts.down_proj.weight"] = linear(H, Fs)
+        else:
+            Fd = args.dense_intermediate_size
+            w["mlp.gate_proj.weight"] = linear(Fd, H)
+            w["mlp.up_proj.weight"] = linear(Fd, H)
+            w["mlp.down_proj.weight"] = linear(H, Fd)
+        return {f"{prefix}.{k}": v for k, v in w.items()}
+
+    out = {
+        "language_model.model.embed_tokens.weight":
+            rng.standard_normal((args.vocab_size, H)).astype(np.float32),
+        "language_model.model.norm.weight": norm(H),
+        "language_model.lm_head.weight": linear(args.vocab_size, H),
+        "vision_tower.patch_embed.proj.weight": linear(16, 12),
+        "multi_modal_projector.linear_1.weight": linear(H, 16),
+        "patch_merge_mlp.linear.weight": linear(H, 4 * H),
+    }
+    for i, (sparse, moe) in enumerate(zip(args.sparse_layers, args.moe_layers)):
+        out.update(layer(f"language_model.model.layers.{i}", sparse, moe))
+    if with_mtp:
+        mtp = "language_model.model.mtp.layers.0"
+        out.update({
+            f"{mtp}.enorm.weight": norm(H), f"{mtp}.hnorm.weight": norm(H),
+            f"{mtp}.eh_proj.weight": linear(H, 2 * H), f"{mtp}.final_layernorm.weight": norm(H),
+        })
+        out.update(layer(f"{mtp}.transformer_layer", True, True))
+    fp32 = ("block_sparse_moe.gate.weight", "e_score_correction_bias")
+    return {k: mx.array(v) if k.endswith(fp32) else mx.array(v).astype(dtype)
+            for k, v in out.items()}
+
+
+def hf_config(args: ModelArgs, style: str = "raw") -> dict:
+    """config.json of the released checkpoint: raw (`sparse_attention_config`) or
+    transformers-native (`layer_types`, `mlp_layer_types`, `index_*`)."""
+    text = args.to_text_config()
+    text["model_type"] = "minimax_m3"
+    if style == "hf":
+        sac = text.pop("sparse_attention_config")
+        text.pop("moe_layer_freq")
+        text["layer_types"] = ["minimax_m3_sparse" if s else "full_attention"
+                               for s in args.sparse_layers]
+        text["mlp_layer_types"] = ["sparse" if m else "dense" for m in args.moe_layers]
+        text["index_n_heads"] = sac["sparse_num_index_heads"]
+        text["index_head_dim"] = sac["sparse_index_dim"]
+        text["index_block_size"] = sac["sparse_block_size"]
+        text["index_topk_blocks"] = sac["sparse_topk_blocks"]
+    return {
+        "architectures": ["MiniMaxM3SparseForConditionalGeneration"],
+        "model_type": "minimax_m3_vl",
+        "text_config": text,
+        "vision_config": {"hidden_size": 16, "num_hidden_layers": 1},
+        "image_token_index": None,
+    }
+
+
+def write_tokenizer(path: Path, tokenizer=None) -> "object":
+    tok = tokenizer or train_tokenizer()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "add_bos_token": False}, indent=2))
+    return tok
+
+
+def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards: int = 2,
+                          dtype=mx.bfloat16, config_style: str = "raw",
+                          extra_files: Optional[Dict[str, str]] = None, **overrides) -> Path:
+    """Write a tiny random M3 checkpoint (HF layout) with a tokenizer to `path`; returns it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = write_tokenizer(path)
+    overrides.setdefault("vocab_size", tok.get_vocab_size())
+    overrides.setdefault("bos_token_id", tok.token_to_id(BOS))
+    overrides.setdefault("eos_token_id", tok.token_to_id(EOS))
+    args = demo_args(**overrides)
+    if with_mtp:
+        args.num_mtp_modules = 1
+    weights = random_weights(args, seed, with_mtp, dtype)
+    names = sorted(weights)
+    per_shard = -(-len(names) // shards)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s * per_shard : (s + 1) * per_shard]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        mx.save_safetensors(str(path / fname), {n: weights[n] for n in part},
+                            metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    total = sum(w.nbytes for w in weights.values())
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(hf_config(args, config_style), indent=2))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id,
+         "temperature": 1.0, "top_p": 0.95, "top_k": 40}, indent=2))
+    for name, text in (extra_files or {}).items():
+        (path / name).write_text(text)
+    return path
+
+
+def default_demo_dir() -> Path:
+    root = os.environ.get("M3MLX_HOME") or Path.home() / ".cache" / "m3mlx"
+    return Path(root) / "demo"

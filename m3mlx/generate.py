@@ -1,0 +1,201 @@
+"""Token generation: chunked prefill, sampling, streaming text with statistics."""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .model import Model, make_cache
+from .tokenizer import Tokenizer
+
+DEFAULT_PREFILL_STEP = 2048
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text of this step (may be empty while a character is incomplete)
+    token: Optional[int]
+    finish_reason: Optional[str]  # None while generating, then "stop" or "length"
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0) -> Callable[[mx.array, mx.array], mx.array]:
+    """A function (logprobs [V], key) -> token. temperature 0 is greedy."""
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p < 1:
+        raise ValueError(f"bad sampling options: temperature={temperature} (>= 0), top_p={top_p} "
+                         f"(0, 1], top_k={top_k} (>= 0), min_p={min_p} [0, 1)")
+    if temperature == 0:
+        return lambda logprobs, key: mx.argmax(logprobs, axis=-1)
+
+    def sample(logprobs: mx.array, key: mx.array) -> mx.array:
+        keep = mx.ones(logprobs.shape, mx.bool_)
+        if top_k:
+            kth = mx.topk(logprobs, min(top_k, logprobs.shape[-1]), axis=-1).min(axis=-1, keepdims=True)
+            keep = keep & (logprobs >= kth)
+        if min_p:
+            keep = keep & (logprobs >= logprobs.max(axis=-1, keepdims=True) + mx.log(min_p))
+        if top_p < 1:
+            order = mx.argsort(-logprobs, axis=-1)
+            sorted_p = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
+            before = mx.cumsum(sorted_p, axis=-1) - sorted_p  # mass strictly above each token
+            kept_sorted = before < top_p
+            keep = keep & mx.put_along_axis(mx.zeros(keep.shape, mx.bool_), order, kept_sorted, axis=-1)
+        logits = mx.where(keep, logprobs, -mx.inf) / temperature
+        return mx.random.categorical(logits, axis=-1, key=key)
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, context: int = 64) -> Callable[[List[int], mx.array], mx.array]:
+    """Divide positive (multiply negative) logits of recently seen tokens by `penalty`."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty={penalty} must be > 0 (1.0 means off)")
+
+    def apply(tokens: List[int], logits: mx.array) -> mx.array:
+        recent = tokens[-context:]
+        if not recent:
+            return logits
+        ids = mx.array(sorted(set(recent)))
+        picked = logits[..., ids]
+        logits[..., ids] = mx.where(picked > 0, picked / penalty, picked * penalty)
+        return logits
+
+    return apply
+
+
+def prefill(model: Model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_STEP,
+            progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
+    """Run all tokens through the model in chunks; returns the last position's logits [V]."""
+    if step < 1:
+        raise ValueError(f"prefill step {step} must be >= 1")
+    n = tokens.size
+    for start in range(0, n, step):
+        logits = model(tokens[None, start : start + step], cache=cache)[0, -1]
+        mx.eval(logits, [c.state for c in cache])
+        if progress:
+            progress(min(n, start + step), n)
+    return logits
+
+
+def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None, max_tokens: int = 256,
+                    sampler=None, logits_processors=(), seed: Optional[int] = None,
+                    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+                    on_prefilled: Optional[Callable[[], None]] = None) -> Iterator[int]:
+    """Yield up to max_tokens sampled tokens after the prompt, continuing `cache` if given."""
+    if not len(prompt):
+        raise ValueError("the prompt is empty: give at least one token")
+    cache = cache if cache is not None else make_cache(model)
+    sampler = sampler or make_sampler()
+    key = mx.random.key(seed if seed is not None else int(time.time_ns() % (1 << 31)))
+    history = list(prompt)
+    logits = prefill(model, mx.array(prompt), cache, prefill_step_size)
+    if on_prefilled:
+        on_prefilled()
+    for _ in range(max_tokens):
+        for process in logits_processors:
+            logits = process(history, logits)
+        key, step_key = mx.random.split(key)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs.astype(mx.float32), step_key).item()
+        history.append(token)
+        yield token
+        logits = model(mx.array([[token]]), cache=cache)[0, -1]
+        mx.async_eval(logits)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that could begin a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], *,
+                    max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    repetition_context_size: int = 64, seed: Optional[int] = None,
+                    stop_strings: Sequence[str] = (), prompt_cache=None,
+                    prefill_step_size: int = DEFAULT_PREFILL_STEP) -> Iterator[GenerationResponse]:
+    """Stream the continuation of `prompt` (text or token ids) as GenerationResponses.
+
+    With `prompt_cache` the prompt continues what the cache holds: only its tokens are prefilled.
+    Generation ends at an end-of-turn/EOS token ("stop"), a stop string ("stop"; the string
+    is not returned) or max_tokens ("length").
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    processors = [] if repetition_penalty == 1.0 else [
+        make_repetition_penalty(repetition_penalty, repetition_context_size)]
+    sampler = make_sampler(temperature, top_p, top_k, min_p)
+    detok = tokenizer.detokenizer()
+    eos = set(tokenizer.eos_token_ids)
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    times = {}
+
+    def prefilled():
+        times["prefill"] = time.perf_counter() - start
+
+    text, emitted, n = "", 0, 0
+
+    def response(piece, token, reason):
+        prompt_time = times.get("prefill", time.perf_counter() - start)
+        gen_time = time.perf_counter() - start - prompt_time
+        return GenerationResponse(
+            text=piece, token=token, finish_reason=reason, prompt_tokens=len(ids),
+            prompt_tps=len(ids) / max(prompt_time, 1e-9), generation_tokens=n,
+            generation_tps=n / gen_time if gen_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+        )
+
+    tokens = generate_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
+                             sampler=sampler, logits_processors=processors, seed=seed,
+                             prefill_step_size=prefill_step_size, on_prefilled=prefilled)
+    for token in tokens:
+        n += 1
+        if token in eos:
+            text += detok.flush()
+            yield response(text[emitted:], token, "stop")
+            return
+        text += detok.add(token)
+        hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+        if hit >= 0:
+            yield response(text[emitted:hit], token, "stop")
+            return
+        if n == max_tokens:
+            text += detok.flush()
+            yield response(text[emitted:], token, "length")
+            return
+        safe = len(text) - _held_back(text, stop_strings)
+        yield response(text[emitted:safe], token, None)
+        emitted = safe
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Sequence[int]],
+             verbose: bool = False, **options) -> str:
+    """The whole continuation as one string; `options` as for stream_generate."""
+    pieces = []
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, **options):
+        pieces.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(format_stats(last))
+    return "".join(pieces)
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+            f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+            f"Peak memory: {r.peak_memory:.3f} GB")

@@ -1,0 +1,94 @@
+"""What a model directory holds: layer map, parameter counts, bytes on disk and in memory."""
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs
+from .loading import load_model, read_config, weight_files
+
+
+def parameter_counts(args: ModelArgs) -> Dict[str, int]:
+    """Total and active-per-token parameters of the text tower (embedding counted once)."""
+    H, D = args.hidden_size, args.head_dim
+    attn = H * D * (2 * args.num_attention_heads + 2 * args.num_key_value_heads)
+    index = H * args.index_head_dim * (args.index_n_heads + 1)
+    expert = 3 * H * args.intermediate_size
+    shared = 3 * H * args.shared_intermediate_size * args.n_shared_experts
+    dense_mlp = 3 * H * args.dense_intermediate_size
+    router = H * args.num_local_experts
+    head = args.vocab_size * H
+    total = active = head * (1 if args.tie_word_embeddings else 2)
+    active -= head  # the embedding is a lookup, not a matmul
+    for sparse, moe in zip(args.sparse_layers, args.moe_layers):
+        layer = attn + (index if sparse else 0)
+        if moe:
+            total += layer + router + shared + args.num_local_experts * expert
+            active += layer + router + shared + args.num_experts_per_tok * expert
+        else:
+            total += layer + dense_mlp
+            active += layer + dense_mlp
+    return {"total": total, "active": active}
+
+
+def layer_map(args: ModelArgs) -> List[str]:
+    """Runs of layers with the same kind, e.g. ['0-2: dense attention + dense MLP', ...]."""
+    kinds = [("MSA" if s else "dense attention") + (" + MoE" if m else " + dense MLP")
+             for s, m in zip(args.sparse_layers, args.moe_layers)]
+    runs, start = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            runs.append(f"{span}: {kinds[start]}")
+            start = i
+    return runs
+
+
+def describe(path) -> dict:
+    path = Path(path)
+    config, args = read_config(path)
+    model = load_model(path, lazy=True)
+    memory = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    return {
+        "path": str(path),
+        "layers": layer_map(args),
+        "msa": {"block_size": args.index_block_size, "topk_blocks": args.index_topk_blocks,
+                "index_heads": args.index_n_heads},
+        "experts": f"{args.num_local_experts} routed (top-{args.num_experts_per_tok})"
+                   f" + {args.n_shared_experts} shared",
+        "parameters": parameter_counts(args),
+        "mtp": model.has_mtp,
+        "disk_bytes": sum(f.stat().st_size for f in weight_files(path)),
+        "memory_bytes": memory,
+        "quantization": config.get("quantization") and {
+            k: v for k, v in config["quantization"].items() if not isinstance(v, dict)},
+        "quantization_overrides": sum(isinstance(v, dict) for v in
+                                      (config.get("quantization") or {}).values()),
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def format_info(info: dict) -> str:
+    p = info["parameters"]
+    q = info["quantization"]
+    lines = [
+        f"model: {info['path']}",
+        "layers:", *[f"  {run}" for run in info["layers"]],
+        f"MSA: blocks of {info['msa']['block_size']}, top-{info['msa']['topk_blocks']} per KV head"
+        f" ({info['msa']['index_heads']} index heads)",
+        f"experts: {info['experts']}",
+        f"parameters: {_human(p['total'])} total, {_human(p['active'])} active per token",
+        f"MTP module: {'present' if info['mtp'] else 'absent'}",
+        f"on disk: {_human(info['disk_bytes'], 'B')}, in memory: {_human(info['memory_bytes'], 'B')}",
+        "quantization: " + (json.dumps(q) + f" (+{info['quantization_overrides']} per-layer overrides)"
+                            if q else "none"),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,327 @@
+"""The MiniMax-M3 text tower in MLX, with MiniMax Sparse Attention computed sparsely.
+
+Module paths match mlx-lm's `minimax_m3_vl` so either project loads the other's weights:
+`language_model.model.layers.{i}.self_attn.*`, `...block_sparse_moe.switch_mlp.*`,
+`language_model.lm_head`, plus `language_model.model.mtp.layers.0.*` when MTP weights exist.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import LayerCache
+from .config import ModelArgs
+from .metal_kernels import index_topk, sparse_attention
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm scaling by (1 + w); the checkpoint stores the zero-centred w."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+def swiglu_oai(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
+    gate = mx.minimum(gate, limit)
+    up = mx.clip(up, -limit, limit)
+    return (up + 1.0) * gate * mx.sigmoid(alpha * gate)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, hidden, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, args.hidden_size, bias=False)
+        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = swiglu_oai(self.gate_proj(x), self.up_proj(x), self.alpha, self.limit)
+        return self.down_proj(h)
+
+
+class ExpertLinear(nn.Module):
+    """One linear map per expert, weight [experts, out, in], applied to routed rows."""
+
+    def __init__(self, num_experts: int, input_dims: int, output_dims: int):
+        super().__init__()
+        scale = input_dims**-0.5
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return mx.gather_mm(
+            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+        )
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        return QuantizedExpertLinear.from_expert_linear(self, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(nn.Module):
+    def __init__(self, num_experts, input_dims, output_dims, group_size=64, bits=4,
+                 mode="affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        w = mx.zeros((num_experts, output_dims, input_dims))
+        self.weight, self.scales, *biases = mx.quantize(w, group_size, bits, mode=mode)
+        if biases:
+            self.biases = biases[0]
+        self.freeze()
+
+    @classmethod
+    def from_expert_linear(cls, layer, group_size, bits, mode):
+        E, out, inp = layer.weight.shape
+        q = cls(E, inp, out, group_size, bits, mode)
+        q.weight, q.scales, *biases = mx.quantize(layer.weight, group_size, bits, mode=mode)
+        if biases:
+            q.biases = biases[0]
+        return q
+
+    def __call__(self, x, indices, sorted_indices=False):
+        return mx.gather_qmm(
+            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
+            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked per projection (mlx-lm's `switch_mlp`)."""
+
+    # Sorting rows by expert pays off once several rows share an expert (prefill).
+    SORT_THRESHOLD = 64
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, D, F = args.num_local_experts, args.hidden_size, args.intermediate_size
+        self.gate_proj = ExpertLinear(E, D, F)
+        self.up_proj = ExpertLinear(E, D, F)
+        self.down_proj = ExpertLinear(E, F, D)
+        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """x [N, D], indices [N, k] -> [N, k, D]."""
+        N, k = indices.shape
+        if indices.size >= self.SORT_THRESHOLD:
+            order = mx.argsort(indices.flatten())
+            rows = x[order // k][:, None]
+            y = self._ffn(rows, indices.flatten()[order], True)
+            return y[mx.argsort(order)].reshape(N, k, -1)
+        return self._ffn(x[:, None, None], indices, False).squeeze(-2)
+
+    def _ffn(self, x, indices, sorted_indices):
+        gate = self.gate_proj(x, indices, sorted_indices)
+        up = self.up_proj(x, indices, sorted_indices)
+        h = swiglu_oai(gate, up, self.alpha, self.limit)
+        return self.down_proj(h, indices, sorted_indices)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.routed_scaling_factor = args.routed_scaling_factor
+        self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
+        self.e_score_correction_bias = mx.zeros((args.num_local_experts,))
+        self.switch_mlp = Experts(args)
+        if args.n_shared_experts:
+            self.shared_experts = MLP(args, args.shared_intermediate_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        # Routing is fp32: the bias only picks experts, the weights use the plain sigmoid.
+        scores = mx.sigmoid(self.gate(x.astype(mx.float32)).astype(mx.float32))
+        biased = scores + self.e_score_correction_bias.astype(mx.float32)
+        k = self.top_k
+        experts = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k])
+        weights = mx.take_along_axis(scores, experts, axis=-1)
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+        weights = (weights * self.routed_scaling_factor).astype(x.dtype)
+        y = (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=1)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y.reshape(shape)
+
+
+class Attention(nn.Module):
+    """GQA attention; on sparse layers each KV head attends only to its top-k key blocks."""
+
+    def __init__(self, args: ModelArgs, sparse: bool):
+        super().__init__()
+        D = args.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, D)
+        self.scale = D**-0.5
+        self.rotary_dim, self.rope_theta = args.rotary_dim, args.rope_theta
+        eps = args.rms_norm_eps
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, args.hidden_size, bias=False)
+        self.q_norm = GemmaRMSNorm(D, eps)
+        self.k_norm = GemmaRMSNorm(D, eps)
+        self.sparse = sparse
+        if sparse:
+            Di = args.index_head_dim
+            self.index_heads, self.index_dim = args.index_n_heads, Di
+            self.block_size, self.topk = args.index_block_size, args.index_topk_blocks
+            self.index_q_proj = nn.Linear(args.hidden_size, self.index_heads * Di, bias=False)
+            self.index_k_proj = nn.Linear(args.hidden_size, Di, bias=False)
+            self.index_q_norm = GemmaRMSNorm(Di, eps)
+            self.index_k_norm = GemmaRMSNorm(Di, eps)
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(x, self.rotary_dim, traditional=False, base=self.rope_theta,
+                            scale=1.0, offset=offset)
+
+    def _heads(self, x: mx.array, n: int) -> mx.array:
+        B, L, _ = x.shape
+        return x.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, cache: Optional[LayerCache] = None) -> mx.array:
+        B, L, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        q = self._rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset)
+        k = self._rope(self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads)), offset)
+        v = self._heads(self.v_proj(x), self.n_kv_heads)
+        index_k = None
+        if self.sparse:
+            index_k = self._rope(self.index_k_norm(self.index_k_proj(x)), offset)  # [B, L, Di]
+
+        if cache is not None:
+            keys, values, index_keys, index_scales = cache.update(k, v, index_k)
+        else:
+            keys, values, index_keys, index_scales = k, v, index_k, None
+        length = offset + L
+
+        if self.sparse and length > self.topk * self.block_size:
+            index_q = self._rope(self.index_q_norm(self._heads(self.index_q_proj(x),
+                                                               self.index_heads)), offset)
+            selection = index_topk(index_q, index_keys, offset=offset,
+                                   block_size=self.block_size, topk=self.topk,
+                                   index_scales=index_scales)
+            out = sparse_attention(q, keys, values, selection, offset=offset,
+                                   scale=self.scale, block_size=self.block_size)
+        else:
+            # Up to top-k x block keys MSA selects every visible block: dense attention is exact.
+            out = mx.fast.scaled_dot_product_attention(
+                q, keys[..., :length, :], values[..., :length, :], scale=self.scale,
+                mask="causal" if L > 1 else None,
+            )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, sparse: bool, moe: bool):
+        super().__init__()
+        self.self_attn = Attention(args, sparse)
+        if moe:
+            self.block_sparse_moe = MoE(args)
+        else:
+            self.mlp = MLP(args, args.dense_intermediate_size)
+        self.input_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: Optional[LayerCache] = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        ffn = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
+        return h + ffn(self.post_attention_layernorm(h))
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction module: a full sparse MoE layer fed [embedding; hidden]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H, eps = args.hidden_size, args.rms_norm_eps
+        self.enorm = GemmaRMSNorm(H, eps)
+        self.hnorm = GemmaRMSNorm(H, eps)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.transformer_layer = DecoderLayer(args, sparse=True, moe=True)
+        self.final_layernorm = GemmaRMSNorm(H, eps)
+
+    def __call__(self, embeddings: mx.array, hidden: mx.array,
+                 cache: Optional[LayerCache] = None) -> mx.array:
+        """Returns the pre-norm hidden state; logits = lm_head(final_layernorm(result))."""
+        z = self.eh_proj(mx.concatenate([self.enorm(embeddings), self.hnorm(hidden)], axis=-1))
+        return self.transformer_layer(z, cache)
+
+
+class MTP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [MTPLayer(args) for _ in range(max(1, args.num_mtp_modules))]
+
+
+class TextModel(nn.Module):
+    def __init__(self, args: ModelArgs, with_mtp: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [
+            DecoderLayer(args, sparse, moe)
+            for sparse, moe in zip(args.sparse_layers, args.moe_layers)
+        ]
+        self.norm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
+        if with_mtp:
+            self.mtp = MTP(args)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, c)
+        return self.norm(h)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, args: ModelArgs, with_mtp: bool):
+        super().__init__()
+        self.tie = args.tie_word_embeddings
+        self.model = TextModel(args, with_mtp)
+        if not self.tie:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def logits(self, h: mx.array) -> mx.array:
+        return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        return self.logits(self.model(inputs, cache))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs, with_mtp: bool = False):
+        super().__init__()
+        self.args = args
+        self.language_model = LanguageModel(args, with_mtp)
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
+        """inputs [B, L] token ids -> logits [B, L, vocab]."""
+        return self.language_model(inputs, cache)
+
+    @property
+    def layers(self) -> List[DecoderLayer]:
+        return self.language_model.model.layers
+
+    @property
+    def has_mtp(self) -> bool:
+        return "mtp" in self.language_model.model
+
+
+def make_cache(model: Model, index_bits: Optional[int] = None) -> List[LayerCache]:
+    """Per-layer caches; sparse layers also keep index keys (8-bit when index_bits=8)."""
+    return [
+        LayerCache(index=layer.self_attn.sparse, index_bits=index_bits)
+        for layer in model.layers
+    ]
+
+
+def is_precision_sensitive(path: str) -> bool:
+    """Parameters kept in float32 whatever the model dtype: the router and its bias."""
+    return path.endswith("block_sparse_moe.gate.weight") or path.endswith(
+        "e_score_correction_bias")

@@ -1,0 +1,77 @@
+"""M3's tokenizer: `tokenizer.json` through `tokenizers`, special tokens kept as single tokens."""
+
+import json
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+END_OF_TURN = "[e~["
+
+
+class Tokenizer:
+    def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), chat_template: Optional[str] = None):
+        self._tok = tokenizer
+        eos = list(eos_token_ids)
+        end = tokenizer.token_to_id(END_OF_TURN)
+        if end is not None and end not in eos:
+            eos.append(end)
+        self.eos_token_ids = eos
+        self.chat_template = chat_template
+
+    @classmethod
+    def from_dir(cls, path, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise FileNotFoundError(
+                f"{path} has no tokenizer.json; copy it from the original checkpoint")
+        template = path / "chat_template.jinja"
+        text = template.read_text() if template.exists() else None
+        if text is None and (path / "tokenizer_config.json").exists():
+            text = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+        return cls(HFTokenizer.from_file(str(file)), eos_token_ids, text)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids; special-token strings in the text become their single ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self)
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text pieces as they come, holding back unfinished UTF-8 characters.
+
+    Byte-level BPE decodes a token run independently once it ends on a whole character, so
+    only the pending run is decoded at each step.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._pending: List[int] = []
+
+    def add(self, token: int) -> str:
+        """Add a token; return the text it completes (may be empty)."""
+        self._pending.append(token)
+        text = self._tokenizer.decode(self._pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self._pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is pending, finished or not."""
+        text = self._tokenizer.decode(self._pending)
+        self._pending = []
+        return text

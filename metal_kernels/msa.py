@@ -1,0 +1,23 @@
+"""Public MSA ops: block selection and block-sparse attention, dispatched Metal or MLX ops."""
+
+from . import msa_ops
+from .dispatch import use_metal as _use_metal
+
+
+def index_topk(index_q, index_keys, *, offset, block_size, topk, index_scales=None,
+               use_metal=None):
+    """Top-k key blocks per (batch, KV head, query): int32 [B, H, L, topk], -1 padded.
+
+    index_q [B, H, L, Di]; index_keys [B, S, Di] (float, or int8 with index_scales [B, S]).
+    Query t sits at position offset + t; its own block is always selected.
+    """
+    if _use_metal(use_metal):
+        raise NotImplementedError  # replaced by the Metal kernel dispatch
+    return msa_ops.index_topk(index_q, index_keys, offset, block_size, topk, index_scales)
+
+
+def sparse_attention(q, keys, values, selection, *, offset, scale, block_size, use_metal=None):
+    """Attention over the selected key blocks: q [B, H*G, L, D] -> [B, H*G, L, Dv]."""
+    if _use_metal(use_metal):
+        raise NotImplementedError  # replaced by the Metal kernel dispatch
+    return msa_ops.sparse_attention(q, keys, values, selection, offset, scale, block_size)

@@ -1,0 +1,165 @@
+"""MLX-ops implementations of the MSA ops: the runtime path off Metal and the Metal kernels' oracle.
+
+Nothing here builds a [heads, L, S] tensor over the whole context. Index scores are computed in
+tiles of (query rows x key blocks) and reduced to one max per block at once; attention gathers
+only the selected blocks, pair by pair, with `mx.gather_mm`.
+
+Shapes (B batch, H index heads = KV heads, G query heads per KV head, L queries, D head dim):
+  index_q      [B, H, L, Di]     index queries after norm and RoPE
+  index_keys   [B, S, Di]        index-key buffer (float, or int8 with `index_scales` [B, S])
+  selection    [B, H, L, topk]   int32 block ids, valid ids first (ascending), -1 padding
+  q            [B, H*G, L, D];   keys/values [B, H, S, D]
+Query t sits at absolute position `offset + t`; buffers may be longer than `offset + L`.
+"""
+
+import mlx.core as mx
+
+# Upper bound on the bytes of one scores tile, so long contexts never build big temporaries.
+TILE_BYTES = 64 * 1024 * 1024
+
+
+def quantize_index_keys(keys: mx.array):
+    """Symmetric int8 per row: keys ~= q * scale. Returns (q int8, scale float32 [...])."""
+    k = keys.astype(mx.float32)
+    scale = mx.maximum(mx.abs(k).max(axis=-1), 1e-12) / 127.0
+    q = mx.clip(mx.round(k / scale[..., None]), -127, 127).astype(mx.int8)
+    return q, scale
+
+
+def history_block_scores(index_q, index_keys, n_blocks, block_size, index_scales=None):
+    """Max over each of the first `n_blocks` complete key blocks of dot(index_q, key), fp32.
+
+    Returns [B, H, L, n_blocks]. No causal cut: callers only use blocks that lie wholly
+    before the query's own block.
+    """
+    B, H, L, D = index_q.shape
+    if n_blocks == 0:
+        return mx.zeros((B, H, L, 0), mx.float32)
+    q = index_q.astype(mx.float32)
+    per_block = B * H * L * block_size * 4
+    chunk = max(1, TILE_BYTES // per_block)
+    parts = []
+    for start in range(0, n_blocks, chunk):
+        stop = min(n_blocks, start + chunk)
+        k = index_keys[:, start * block_size : stop * block_size].astype(mx.float32)
+        s = q @ k[:, None].swapaxes(-1, -2)  # [B, H, L, keys]
+        if index_scales is not None:
+            s = s * index_scales[:, None, None, start * block_size : stop * block_size]
+        parts.append(s.reshape(B, H, L, stop - start, block_size).max(axis=-1))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def select_blocks(block_scores, own_block, topk):
+    """Per row: the query's own block plus the top (topk - 1) earlier blocks.
+
+    block_scores [..., L, N] fp32 over blocks 0..N-1; own_block int32 [L]. Blocks at or after
+    the own block are ignored; NaN scores count as -1e30; ties go to the lower block id.
+    Returns int32 [..., L, topk]: history ids ascending, then the own block, then -1.
+    """
+    n = block_scores.shape[-1]
+    lead = block_scores.shape[:-1]
+    ids = mx.arange(n, dtype=mx.int32)
+    valid = ids < own_block[:, None]
+    scores = mx.where(mx.isnan(block_scores), -1e30, block_scores)
+    scores = mx.where(valid, scores, -mx.inf)
+    kk = min(topk - 1, n)
+    if kk > 0:
+        threshold = mx.topk(scores, kk, axis=-1).min(axis=-1, keepdims=True)
+        above = scores > threshold
+        tied = (scores == threshold) & valid
+        room = kk - above.astype(mx.int32).sum(axis=-1, keepdims=True)
+        picked = above | (tied & (mx.cumsum(tied.astype(mx.int32), axis=-1) <= room))
+    else:
+        picked = mx.zeros(scores.shape, mx.bool_)
+    rank = mx.cumsum(picked.astype(mx.int32), axis=-1) - 1
+    slot = mx.where(picked, rank, topk)  # unpicked blocks land in a spill column
+    out = mx.full((*lead, topk + 1), -1, mx.int32)
+    out = mx.put_along_axis(out, slot, mx.broadcast_to(ids, slot.shape), axis=-1)
+    count = picked.astype(mx.int32).sum(axis=-1, keepdims=True)
+    own = mx.broadcast_to(own_block[:, None], count.shape).astype(mx.int32)
+    out = mx.put_along_axis(out, count, own, axis=-1)
+    return out[..., :topk]
+
+
+def index_topk(index_q, index_keys, offset, block_size, topk, index_scales=None):
+    """Block selection for L queries at positions offset..offset+L-1: int32 [B, H, L, topk]."""
+    L = index_q.shape[2]
+    positions = mx.arange(offset, offset + L, dtype=mx.int32)
+    own = positions // block_size
+    n_history = (offset + L - 1) // block_size
+    scores = history_block_scores(index_q, index_keys, n_history, block_size, index_scales)
+    return select_blocks(scores, own, topk)
+
+
+def _block_matmul(a, blocks, lhs, rhs):
+    """a[lhs[i]] @ blocks[rhs[i]] for every pair i, without copying the blocks where possible."""
+    if a.dtype == mx.float32 or mx.default_device() == mx.gpu:
+        return mx.gather_mm(a, blocks, lhs, rhs)
+    # The CPU gather_mm only takes float32: gather the blocks and upcast them.
+    return (a[lhs].astype(mx.float32) @ blocks[rhs].astype(mx.float32)).astype(a.dtype)
+
+
+def _attend_tile(q_rows, k_blocks, v_blocks, sel, row_base, positions, scale, block_size):
+    """Sparse attention for one tile of query rows.
+
+    q_rows [R, G, D]: one row per (batch, kv head, query) with its G query heads;
+    k_blocks/v_blocks [N, block, D]: every block of every (batch, kv head);
+    sel [R, k] block ids within the row's sequence (-1 padding); row_base [R] the flat index
+    of the row's block 0; positions [R] the query positions.
+    """
+    R, G, _ = q_rows.shape
+    k = sel.shape[-1]
+    valid = sel >= 0
+    rhs = (row_base[:, None] + mx.maximum(sel, 0)).reshape(-1).astype(mx.uint32)
+    lhs = mx.repeat(mx.arange(R, dtype=mx.uint32), k)
+    scores = _block_matmul(q_rows * scale, k_blocks.swapaxes(-1, -2), lhs, rhs)
+    scores = scores.astype(mx.float32).reshape(R, k, G, block_size)
+
+    key_pos = sel[..., None] * block_size + mx.arange(block_size)
+    keep = valid[..., None] & (key_pos <= positions[:, None, None])
+    scores = mx.where(keep[:, :, None, :], scores, -mx.inf)
+
+    peak = scores.max(axis=(1, 3), keepdims=True)
+    weights = mx.exp(scores - peak)
+    weights = weights / weights.sum(axis=(1, 3), keepdims=True)
+    pairs = mx.arange(R * k, dtype=mx.uint32)
+    weights = weights.astype(v_blocks.dtype).reshape(R * k, G, block_size)
+    out = _block_matmul(weights, v_blocks, pairs, rhs)
+    return out.reshape(R, k, G, -1).sum(axis=1)
+
+
+def _as_blocks(x, block_size):
+    """[B, H, S, D] -> [B*H*nblk, block, D], padding S up to a whole block (a view if aligned)."""
+    B, H, S, D = x.shape
+    pad = -S % block_size
+    if pad:
+        x = mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)])
+    return x.reshape(B * H * ((S + pad) // block_size), block_size, D)
+
+
+def sparse_attention(q, keys, values, selection, offset, scale, block_size):
+    """Attention of each query over its selected key blocks only: [B, H*G, L, Dv].
+
+    Causal inside the query's own block; -1 slots are skipped; ids may come in any order.
+    """
+    B, Hq, L, D = q.shape
+    H = keys.shape[1]
+    G = Hq // H
+    n_blocks = -(-keys.shape[2] // block_size)
+    k_blocks = _as_blocks(keys, block_size)
+    v_blocks = _as_blocks(values, block_size)
+    q_rows = q.reshape(B, H, G, L, D).transpose(0, 1, 3, 2, 4).reshape(B * H * L, G, D)
+    sel = selection.reshape(B * H * L, -1)
+    row_base = mx.repeat(mx.arange(B * H, dtype=mx.int32) * n_blocks, L)
+    positions = mx.tile(mx.arange(offset, offset + L, dtype=mx.int32), B * H)
+
+    rows_per_tile = max(1, TILE_BYTES // (sel.shape[-1] * G * block_size * 4))
+    outs = []
+    for start in range(0, B * H * L, rows_per_tile):
+        tile = slice(start, start + rows_per_tile)
+        outs.append(
+            _attend_tile(q_rows[tile], k_blocks, v_blocks, sel[tile], row_base[tile],
+                         positions[tile], scale, block_size)
+        )
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+    return out.reshape(B, H, L, G, -1).transpose(0, 1, 3, 2, 4).reshape(B, Hq, L, -1)
