@@ -121,6 +121,11 @@ def _normalize_tool_call(call: Any, where: str) -> Dict[str, Any]:
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 
+def tool_result_text(content: Any) -> str:
+    """A tool result as sent to the model: strings as they are, anything else as JSON."""
+    return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+
+
 def normalize_messages(messages: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Validated copies of `messages` in the shape both renderers expect.
 
@@ -139,9 +144,7 @@ def normalize_messages(messages: Sequence[Dict[str, Any]]) -> List[Dict[str, Any
             raise ValueError(f"{where}: a system message is only allowed first")
         content = message.get("content")
         if role == "tool":
-            if not isinstance(content, str):
-                content = json.dumps(content, ensure_ascii=False)
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": tool_result_text(content)})
         elif role == "assistant":
             if content is not None and not isinstance(content, str):
                 raise ValueError(f"{where} (assistant) content must be a string or None")

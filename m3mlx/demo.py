@@ -155,7 +155,8 @@ def hf_config(args: ModelArgs, style: str = "raw") -> dict:
         "model_type": "minimax_m3_vl",
         "text_config": text,
         "vision_config": {"hidden_size": 16, "num_hidden_layers": 1},
-        "image_token_index": None,
+        "image_token_index": 200025,
+        "video_token_index": 200026,
     }
 
 

@@ -14,8 +14,10 @@ Query t sits at absolute position `offset + t`; buffers may be longer than `offs
 
 import mlx.core as mx
 
-# Upper bound on the bytes of one scores tile, so long contexts never build big temporaries.
-TILE_BYTES = 64 * 1024 * 1024
+# Bounds on one scores tile, so that no temporary grows with the context: a decode step's
+# scan works through the index keys MAX_TILE_KEYS at a time.
+TILE_BYTES = 16 * 1024 * 1024
+MAX_TILE_KEYS = 64 * 1024
 
 
 def quantize_index_keys(keys: mx.array):
@@ -36,8 +38,7 @@ def history_block_scores(index_q, index_keys, n_blocks, block_size, index_scales
     if n_blocks == 0:
         return mx.zeros((B, H, L, 0), mx.float32)
     q = index_q.astype(mx.float32)
-    per_block = B * H * L * block_size * 4
-    chunk = max(1, TILE_BYTES // per_block)
+    chunk = max(1, min(TILE_BYTES // (B * H * L * block_size * 4), MAX_TILE_KEYS // block_size))
     parts = []
     for start in range(0, n_blocks, chunk):
         stop = min(n_blocks, start + chunk)
@@ -45,7 +46,7 @@ def history_block_scores(index_q, index_keys, n_blocks, block_size, index_scales
         s = q @ k[:, None].swapaxes(-1, -2)  # [B, H, L, keys]
         if index_scales is not None:
             s = s * index_scales[:, None, None, start * block_size : stop * block_size]
-        parts.append(s.reshape(B, H, L, stop - start, block_size).max(axis=-1))
+        parts.append(_settled(s.reshape(B, H, L, stop - start, block_size).max(axis=-1), n_blocks > chunk))
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
@@ -91,6 +92,14 @@ def index_topk(index_q, index_keys, offset, block_size, topk, index_scales=None)
     return select_blocks(scores, own, topk)
 
 
+def _settled(x, tiled):
+    """Evaluate one tile's result now when there are several: MLX keeps a lazy graph's
+    temporaries until it is evaluated, so untiled evaluation would hold every tile at once."""
+    if tiled:
+        mx.eval(x)
+    return x
+
+
 def _block_matmul(a, blocks, lhs, rhs):
     """a[lhs[i]] @ blocks[rhs[i]] for every pair i, without copying the blocks where possible."""
     if a.dtype == mx.float32 or mx.default_device() == mx.gpu:
@@ -118,7 +127,6 @@ def _attend_tile(q_rows, k_blocks, v_blocks, sel, row_base, positions, scale, bl
     key_pos = sel[..., None] * block_size + mx.arange(block_size)
     keep = valid[..., None] & (key_pos <= positions[:, None, None])
     scores = mx.where(keep[:, :, None, :], scores, -mx.inf)
-
     peak = scores.max(axis=(1, 3), keepdims=True)
     weights = mx.exp(scores - peak)
     weights = weights / weights.sum(axis=(1, 3), keepdims=True)
@@ -154,12 +162,12 @@ def sparse_attention(q, keys, values, selection, offset, scale, block_size):
     positions = mx.tile(mx.arange(offset, offset + L, dtype=mx.int32), B * H)
 
     rows_per_tile = max(1, TILE_BYTES // (sel.shape[-1] * G * block_size * 4))
+    tiled = B * H * L > rows_per_tile
     outs = []
     for start in range(0, B * H * L, rows_per_tile):
         tile = slice(start, start + rows_per_tile)
-        outs.append(
-            _attend_tile(q_rows[tile], k_blocks, v_blocks, sel[tile], row_base[tile],
-                         positions[tile], scale, block_size)
-        )
+        out = _attend_tile(q_rows[tile], k_blocks, v_blocks, sel[tile], row_base[tile],
+                           positions[tile], scale, block_size)
+        outs.append(_settled(out, tiled))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
     return out.reshape(B, H, L, G, -1).transpose(0, 1, 3, 2, 4).reshape(B, Hq, L, -1)

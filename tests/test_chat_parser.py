@@ -270,8 +270,10 @@ def test_malformed_blocks_degrade_to_content(block, why):
 
 def test_value_against_schema_warns_and_keeps_text():
     text = f"{OPEN}{invoke('get_weather', tag('days', 'three'), tag('metric', 'yes'))}{CLOSE}"
-    with pytest.warns(MalformedOutputWarning, match="days"):
+    with pytest.warns(MalformedOutputWarning) as record:
         reply = parse_reply(text, tools=TOOLS)
+    assert ["days = 'three'" in str(w.message) for w in record] == [True, False]
+    assert "metric = 'yes' does not match its declared type boolean" in str(record[1].message)
     assert reply.tool_calls == [ToolCall("get_weather", {"days": "three", "metric": "yes"})]
 
 

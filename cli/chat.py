@@ -1,0 +1,317 @@
+"""`m3mlx chat`: a conversation in the terminal, or messages piped through the model."""
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+# /think arguments; the first three are what `--thinking` accepts.
+THINK_MODES = {"enabled": "enabled", "disabled": "disabled", "adaptive": "adaptive",
+               "on": "enabled", "off": "disabled"}
+
+HELP = '''Commands:
+  /think on|off|adaptive  thinking mode (on = enabled, off = disabled); alone, show it
+  /system [TEXT]          set the system prompt; alone, show it; "/system default" resets it
+  /reset                  forget the conversation
+  /save PATH              save the conversation and its cache to PATH
+  /load PATH              continue a conversation saved with /save
+  /stats                  context, speed and memory
+  /help                   this text
+  /quit                   leave (also /exit, or Ctrl-D)
+Input: end a line with \\ to continue on the next one, or put """ alone on a line to start
+and to end a multi-line message. Up/down arrows recall earlier input. Ctrl-C stops the
+reply being written (at the prompt, it clears the line).'''
+
+# Control characters (but tab and newline) would drive the terminal: show them as U+FFFD.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@dataclass
+class Style:
+    color: bool
+
+    def _wrap(self, code: str, end: str, text: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[{end}m" if self.color and text else text
+
+    def dim(self, text: str) -> str:
+        return self._wrap("2", "22", text)
+
+    def bold(self, text: str) -> str:
+        return self._wrap("1", "22", text)
+
+    def accent(self, text: str) -> str:
+        return self._wrap("36", "39", text)
+
+
+class Console:
+    """Where replies and messages go: a terminal, or stdout/stderr when piped."""
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.style = Style(interactive and "NO_COLOR" not in os.environ)
+
+    def write(self, text: str, err: bool = False):
+        stream = sys.stderr if err else sys.stdout
+        stream.write(text)
+        stream.flush()
+
+    def info(self, text: str):
+        """Command feedback: on the terminal, or on stderr when stdout carries replies."""
+        self.write(text + "\n", err=not self.interactive)
+
+    def shown(self, text: str) -> str:
+        return _CONTROL.sub("\ufffd", text) if self.interactive else text
+
+
+def stream_reply(console: Console, stream):
+    """Print a reply as it comes (reasoning dimmed); Ctrl-C stops it. Returns the ChatReply."""
+    style = console.style
+    in_reasoning = False
+    try:
+        for delta in stream:
+            if delta.reasoning:
+                # When piped, reasoning goes to stderr and the answer alone to stdout.
+                console.write(style.dim(console.shown(delta.reasoning)), err=not console.interactive)
+                in_reasoning = True
+            if delta.content:
+                if in_reasoning:
+                    console.write("\n", err=not console.interactive)
+                    in_reasoning = False
+                console.write(console.shown(delta.content))
+            for call in delta.tool_calls:
+                arguments = json.dumps(call.arguments, ensure_ascii=False)
+                console.write(style.accent(f"\n[tool call] {call.name} {arguments}\n"))
+    except KeyboardInterrupt:
+        stream.close()
+        console.write(style.dim(" [interrupted]"))
+    console.write("\n")
+    return stream.reply
+
+
+def status_line(session, reply) -> str:
+    limit = session.context_limit
+    context = f"{session.context_used:,}/{limit:,}" if limit else f"{session.context_used:,}"
+    return (f"[context {context} tokens | {reply.generation_tps:.1f} tok/s | "
+            f"{reply.peak_memory:.2f} GB peak]")
+
+
+def stats_text(session) -> str:
+    limit = session.context_limit
+    lines = [
+        f"context: {session.context_used:,} of {limit:,} tokens" if limit
+        else f"context: {session.context_used:,} tokens",
+        f"cache: {session.cache_nbytes / 1e6:.1f} MB",
+        f"messages: {len(session.messages)}, thinking: {session.thinking}",
+    ]
+    r = session.last_reply
+    if r is not None:
+        lines += [
+            f"last prompt: {r.prompt_tokens:,} new tokens at {r.prompt_tps:.1f} tok/s, "
+            f"{r.cached_tokens:,} reused from the cache",
+            f"last reply: {r.generation_tokens:,} tokens at {r.generation_tps:.1f} tok/s "
+            f"({r.finish_reason})",
+            f"peak memory: {r.peak_memory:.2f} GB",
+        ]
+    return "\n".join(lines)
+
+
+class Quit(Exception):
+    pass
+
+
+def run_command(line: str, state: "ChatState"):
+    """Carry out a slash command; raises Quit to leave."""
+    console, session = state.console, state.session
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("quit", "exit", "q"):
+        raise Quit
+    if name == "help":
+        console.info(HELP)
+    elif name == "think":
+        if arg:
+            if arg not in THINK_MODES:
+                console.info("usage: /think on|off|adaptive")
+                return
+            session.thinking = THINK_MODES[arg]
+        console.info(f"thinking: {session.thinking}")
+    elif name == "system":
+        if arg:
+            session.system = None if arg == "default" else arg
+        console.info(f"system prompt: {session.system or '(default)'}")
+    elif name == "reset":
+        session.reset()
+        console.info("conversation cleared")
+    elif name in ("save", "load"):
+        if not arg:
+            console.info(f"usage: /{name} PATH")
+            return
+        path = Path(arg).expanduser()
+        try:
+            if name == "save":
+                session.save(path)
+                console.info(f"saved {len(session.messages)} messages to {path}")
+            else:
+                state.session = type(session).load(path, session.model, session.tokenizer)
+                console.info(f"loaded {len(state.session.messages)} messages "
+                             f"({state.session.context_used:,} tokens) from {path}")
+        except (OSError, ValueError, RuntimeError) as e:
+            console.info(f"could not {name} {path}: {e}")
+    elif name == "stats":
+        console.info(stats_text(session))
+    else:
+        console.info(f"unknown command /{name}; /help lists them")
+
+
+@dataclass
+class ChatState:
+    console: Console
+    session: object
+
+    def reply_to(self, message: str):
+        try:
+            stream = self.session.send(message)
+        except ValueError as e:  # e.g. the conversation outgrew the context
+            self.console.info(f"error: {e}")
+            return
+        reply = stream_reply(self.console, stream)
+        if self.console.interactive and reply is not None:
+            self.console.write(self.console.style.dim(status_line(self.session, reply)) + "\n")
+
+
+def read_message(prompt: str = ">>> ", more: str = "... ") -> str:
+    """One message from the terminal: a line, lines joined by a trailing backslash, or a
+    block between two lines holding only triple quotes."""
+    line = input(prompt)
+    if line.strip() == '"""':
+        lines = []
+        while (line := input(more)).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = input(more)
+    return "\n".join(lines + [line])
+
+
+def history_file() -> Path:
+    root = os.environ.get("M3MLX_HOME") or Path.home() / ".cache" / "m3mlx"
+    return Path(root) / "chat_history"
+
+
+def interactive(state: ChatState, banner: str):
+    try:
+        import readline
+    except ImportError:  # line editing is a nicety; input() works without it
+        readline = None
+    history = history_file()
+    if readline is not None:
+        try:
+            readline.read_history_file(history)
+        except OSError:
+            pass
+    state.console.write(state.console.style.bold(banner) + "\n")
+    try:
+        while True:
+            try:
+                message = read_message()
+            except KeyboardInterrupt:
+                state.console.write("\n")
+                continue
+            except EOFError:
+                state.console.write("\n")
+                break
+            if message.startswith("/"):
+                run_command(message.strip(), state)
+            elif message.strip():
+                state.reply_to(message)
+    except Quit:
+        pass
+    finally:
+        if readline is not None:
+            try:
+                history.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(history)
+            except OSError:
+                pass
+
+
+def piped(state: ChatState, input_mode: str):
+    if input_mode == "whole":
+        message = sys.stdin.read()
+        if message.strip():
+            state.reply_to(message)
+        return
+    try:
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if line.startswith("/"):
+                run_command(line.strip(), state)
+            elif line.strip():
+                state.reply_to(line)
+    except Quit:
+        pass
+
+
+@click.command()
+@click.option("--model", "model_path", required=True, help="Model directory or Hub repo id.")
+@click.option("--system", default=None, help="System prompt [default: the chat template's].")
+@click.option("--thinking", type=click.Choice(["enabled", "disabled", "adaptive"]),
+              default="adaptive", show_default=True,
+              help="Thinking mode; switch it in the chat with /think on|off|adaptive.")
+@click.option("--max-tokens", "-m", default=8192, show_default=True, type=click.IntRange(1),
+              help="Most tokens per reply.")
+@click.option("--temp", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Sampling temperature (M3's recommended 1.0); 0 is greedy.")
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=40, show_default=True, type=click.IntRange(0), help="0 is off.")
+@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--repetition-penalty", default=1.0, show_default=True,
+              type=click.FloatRange(0, min_open=True), help="1.0 is off.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--prefill-step-size", default=2048, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens per prefill chunk.")
+@click.option("--index-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
+              help="Storage of MSA index keys; 8 halves the long-context index scan.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True, help="Activation dtype (float32 on CPU).")
+@click.option("--input", "input_mode", type=click.Choice(["lines", "whole"]), default="lines",
+              show_default=True,
+              help="When stdin is not a terminal: each line is a message (lines starting with / "
+                   "are commands), or all of stdin is one message.")
+def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
+         repetition_penalty, seed, prefill_step_size, index_bits, dtype, input_mode):
+    """Chat with the model at MODEL: streaming replies, dimmed reasoning, /help for commands.
+
+    When stdin is not a terminal, messages are read from it (see --input) and only the
+    replies are written to stdout; reasoning goes to stderr.
+    """
+    from m3mlx.chat import ChatSession
+    from m3mlx.cli.main import _load
+
+    is_tty = sys.stdin.isatty() and sys.stdout.isatty()
+    console = Console(interactive=is_tty)
+    if is_tty:
+        console.write(console.style.dim(f"Loading {model_path} ...") + "\n")
+    model, tokenizer = _load(model_path, dtype)
+    session = ChatSession(
+        model, tokenizer, system=system, thinking=thinking,
+        index_bits=8 if index_bits == "8" else None, max_tokens=max_tokens, temperature=temp,
+        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        prefill_step_size=prefill_step_size,
+    )
+    state = ChatState(console, session)
+    if is_tty:
+        interactive(state, f"m3mlx chat: {model_path} (thinking {thinking}). /help for "
+                           "commands, Ctrl-D to leave.")
+    else:
+        piped(state, input_mode)
+
+
+if __name__ == "__main__":
+    chat()

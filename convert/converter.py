@@ -1,0 +1,301 @@
+"""`convert()`: a Hugging Face M3 checkpoint -> the mlx-lm `minimax_m3_vl` layout, streamed.
+
+Order of work, so that a bad input never leaves anything behind:
+  1. check the options and the output directory (nothing is downloaded for a doomed run);
+  2. open the source (local, or the Hub: only config, index, tokenizer files and text shards),
+     check every header, name, shape and dtype against config.json;
+  3. plan every output tensor, print the plan; stop here for --dry-run;
+  4. check free disk space; only now create the output directory;
+  5. stream the shards (temporary names, renamed when complete, recorded for --resume);
+  6. copy tokenizer and chat files, write the index, verify the result against the config it is
+     about to get, then write config.json last: a directory with a config.json is complete.
+"""
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Union
+
+from .errors import ConvertError
+from .hub import fetch, looks_like_repo_id, upload, write_model_card
+from .plan import MAX_SHARD_BYTES, Plan, build_plan, describe, estimate_seconds, human
+from .progress import Progress
+from .recipes import DEFAULT_RECIPE, base_spec, role_specs
+from .safetensors_io import FLOAT_NAMES
+from .source import INDEX_FILE, Source, open_local
+from .verify import CONVERSION_KEY, verify
+from .writer import (
+    PARTIAL, STATE_FILE, read_state, shard_is_complete, write_shards, write_state,
+)
+
+ASSUMED_READ_RATE = 1e9  # bytes/s, for the time estimate (an internal NVMe reads faster)
+DISK_RESERVE = 64 << 20  # leave this much free beyond the output
+
+
+@dataclass
+class ConvertResult:
+    plan: Plan
+    output: Path
+    written: bool  # False for a dry run or an output that was already complete
+    seconds: float = 0.0
+    verified: Optional[dict] = None
+
+    @property
+    def out_bytes(self) -> int:
+        return self.plan.out_bytes
+
+
+def convert(
+    source: Union[str, os.PathLike],
+    output: Union[str, os.PathLike],
+    *,
+    mode: str = "affine",
+    bits: Optional[int] = None,
+    group_size: Optional[int] = None,
+    recipe: str = DEFAULT_RECIPE,
+    roles: Optional[Mapping[str, object]] = None,
+    dtype: str = "bfloat16",
+    max_shard_size: int = MAX_SHARD_BYTES,
+    revision: Optional[str] = None,
+    dry_run: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    upload_repo: Optional[str] = None,
+    progress: bool = True,
+    hub_api=None,
+    log: Callable[[str], None] = print,
+    after_shard: Optional[Callable[[str], None]] = None,
+) -> ConvertResult:
+    """Convert a MiniMax-M3 checkpoint (directory or Hub repo id; BF16, MXFP8 or NVFP4) to MLX.
+
+    mode/bits/group_size set the base precision (the routed experts'); `recipe` decides the
+    other roles; `roles` overrides single roles, e.g. {"experts": "3", "attention": "mxfp8"}.
+    `dtype` is the float type of unquantized tensors and affine scales. Returns a
+    ConvertResult; raises ConvertError on any bad input, before writing anything."""
+    # 1. options and output directory
+    if dtype not in FLOAT_NAMES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(FLOAT_NAMES)}")
+    if resume and force:
+        raise ConvertError("--resume and --force contradict each other: --resume continues the "
+                           "conversion in OUTPUT_DIR, --force deletes it; pick one")
+    base = base_spec(mode, bits, group_size)
+    specs = role_specs(recipe, base, roles, dtype)
+    output = Path(output).expanduser()
+    state = _check_output(output, resume=resume, force=force, dry_run=dry_run)
+
+    # 2. source
+    src = _open_source(source, revision=revision, api=hub_api, dry_run=dry_run)
+    if src.path.resolve() == output.resolve() or output.resolve() in src.path.resolve().parents:
+        raise ConvertError(f"OUTPUT_DIR {output} is the source directory (or holds it); write "
+                           "the conversion somewhere else")
+
+    # 3. plan
+    plan = build_plan(src, specs, base=base, dtype=dtype, recipe=recipe,
+                      max_shard_bytes=max_shard_size)
+    log(describe(plan, seconds=estimate_seconds(plan, ASSUMED_READ_RATE)))
+    if dry_run:
+        log("dry run: nothing written")
+        return ConvertResult(plan, output, written=False)
+
+    fingerprint = plan.fingerprint()
+    done = []
+    if state is not None:  # --resume on an existing directory
+        if state.get("complete"):
+            return _already_complete(plan, output, fingerprint, upload_repo, hub_api, log)
+        if state.get("fingerprint") != fingerprint:
+            raise ConvertError(
+                f"{output} holds an interrupted conversion made with other options or another "
+                "source; run it again with the same command, or use --force to start over")
+        done = [f for f in state.get("done", []) if f in plan.files
+                and shard_is_complete(output, f, plan)]
+    if force and output.exists():
+        _clear_output(output)
+
+    # 4. disk space, then the first write
+    file_bytes = plan.file_bytes
+    needed = sum(b for f, b in file_bytes.items() if f not in done) + sum(
+        p.stat().st_size for p in src.side_files)
+    _check_disk(output, needed)
+    fresh, created = not done and state is None, not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    state = {"fingerprint": fingerprint, "done": list(done), "source": str(src.repo_id or src.path)}
+    write_state(output, state)
+    for stale in output.glob(f"*{PARTIAL}"):
+        stale.unlink()
+
+    # 5. shards; 6. side files, index, verification, config.json last
+    todo = [u for u in plan.units if u.file not in done]
+    bar = Progress(sum(u.source_bytes for u in todo), enabled=progress)
+    if done:
+        log(f"resuming: {len(done)} of {len(plan.files)} files already written")
+    try:
+        write_shards(plan, output, done=done, state=state, on_bytes=bar.update,
+                     after_shard=after_shard)
+        bar.close()
+        config = output_config(plan, fingerprint)
+        _finish(plan, output, config, src)
+        verified = verify(output, config)
+        _atomic_write(output / "config.json", json.dumps(config, indent=4))
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: {len(done)} of {len(plan.files)} files written to {output}; run the "
+            "same command with --resume to continue")
+        raise
+    except BaseException:
+        if fresh:  # a fresh run that failed: leave nothing behind
+            _remove_written(output, plan, created)
+        raise
+    (output / STATE_FILE).unlink(missing_ok=True)
+    seconds = bar.elapsed
+    log(f"wrote {human(plan.out_bytes)} to {output} in {seconds:.1f}s "
+        f"({plan.source.text_bytes / max(seconds, 1e-9) / 1e6:.1f} MB/s of source); "
+        f"verified {verified['tensors']} tensors in {verified['files']} files")
+    if upload_repo:
+        upload(output, upload_repo, api=hub_api, log=log)
+    return ConvertResult(plan, output, written=True, seconds=seconds, verified=verified)
+
+
+def _open_source(source, *, revision, api, dry_run) -> Source:
+    path = Path(source).expanduser()
+    if path.exists():
+        return open_local(path)
+    if looks_like_repo_id(str(source)):
+        local, headers = fetch(str(source), revision=revision, api=api, weights=not dry_run)
+        return open_local(local, tensors=headers, repo_id=str(source))
+    raise ConvertError(f"SOURCE {source}: no such directory, and not a Hub repo id "
+                       "(like MiniMaxAI/MiniMax-M3)")
+
+
+def _check_output(output: Path, *, resume: bool, force: bool, dry_run: bool) -> Optional[dict]:
+    """None for a fresh start; the resume state when continuing an existing directory."""
+    if output.exists() and not output.is_dir():
+        raise ConvertError(f"OUTPUT_DIR {output} is a file; pass a directory")
+    if not output.exists() or not any(output.iterdir()):
+        return None
+    if resume:
+        state = read_state(output)
+        if state is not None:
+            return state
+        if (output / "config.json").is_file() and (output / INDEX_FILE).is_file():
+            return {"complete": True}
+        raise ConvertError(f"{output} does not hold an interrupted m3mlx conversion (no "
+                           f"{STATE_FILE}); use --force to replace its contents or pick another "
+                           "directory")
+    if force:
+        _removable(output)
+        return None
+    if dry_run:
+        return None
+    raise ConvertError(f"OUTPUT_DIR {output} already exists and is not empty; pass --resume to "
+                       "continue an interrupted conversion, --force to replace it, or choose "
+                       "another directory")
+
+
+def _removable(output: Path):
+    names = {p.name for p in output.iterdir()}
+    ours = (STATE_FILE in names or "config.json" in names
+            or any(n.endswith(".safetensors") or n.endswith(PARTIAL) for n in names))
+    if not ours:
+        raise ConvertError(f"{output} holds files that are not a model conversion (e.g. "
+                           f"{sorted(names)[:3]}); --force only replaces model directories: "
+                           "pick another OUTPUT_DIR")
+
+
+def _clear_output(output: Path):
+    for p in output.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _remove_written(output: Path, plan: Plan, created: bool):
+    if created:
+        shutil.rmtree(output, ignore_errors=True)
+        return
+    names = set(plan.files) | {STATE_FILE, INDEX_FILE, "config.json", "README.md"} | {
+        f.name for f in plan.source.side_files}
+    for p in output.iterdir():
+        if p.name in names or p.name.endswith(PARTIAL):
+            p.unlink(missing_ok=True)
+
+
+def _check_disk(output: Path, needed: int):
+    probe = output
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DISK_RESERVE > free:
+        raise ConvertError(f"not enough disk space: the output needs {human(needed)}, "
+                           f"{probe} has {human(free)} free; free some space or write elsewhere")
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + PARTIAL)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def output_config(plan: Plan, fingerprint: str) -> dict:
+    """The source config with the vision tower gone and the mlx-lm quantization block added."""
+    src = plan.source
+    config = copy.deepcopy(src.config)
+    for key in ("vision_config", "quantization_config", "quantization", "_name_or_path"):
+        config.pop(key, None)
+    (config.get("text_config") or {}).pop("quantization_config", None)
+    if plan.quantization:
+        config["quantization"] = plan.quantization
+        config["quantization_config"] = copy.deepcopy(plan.quantization)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = plan.dtype
+    mtp_files = sorted({u.file for u in plan.units if ".mtp." in u.path})
+    config[CONVERSION_KEY] = {
+        "converter": "m3mlx convert",
+        "source": str(src.repo_id or src.path),
+        "source_format": src.fmt,
+        "recipe": plan.recipe,
+        "base": str(plan.base),
+        "dtype": plan.dtype,
+        "roles": {role: str(spec) for role, spec in plan.roles.items()},
+        "vision_tower": "dropped (vision_config removed; text-only conversion)",
+        "mtp_layers": src.mtp_layers,
+        "mtp_files": mtp_files,
+        "fingerprint": fingerprint,
+    }
+    return config
+
+
+def _finish(plan: Plan, output: Path, config: dict, src: Source):
+    for f in src.side_files:
+        tmp = output / (f.name + PARTIAL)
+        shutil.copyfile(f, tmp)
+        os.replace(tmp, output / f.name)
+    weight_map = {t.name: fname for fname, ts in plan.files.items() for t in ts}
+    index = {"metadata": {"total_size": plan.out_bytes, "total_parameters": plan.params,
+                          "format": "mlx"},
+             "weight_map": dict(sorted(weight_map.items()))}
+    _atomic_write(output / INDEX_FILE, json.dumps(index, indent=4))
+    write_model_card(output, src.repo_id, describe_short(plan))
+
+
+def describe_short(plan: Plan) -> str:
+    q = plan.quantization
+    what = (f"{q['mode']} {q['bits']}-bit, group {q['group_size']} for the bulk of the weights"
+            if q else f"unquantized {plan.dtype}")
+    return (f"Recipe `{plan.recipe}` ({what}); {human(plan.out_bytes)}, "
+            f"{8 * plan.out_bytes / plan.params:.2f} bits per weight.")
+
+
+def _already_complete(plan, output, fingerprint, upload_repo, api, log) -> ConvertResult:
+    config = json.loads((output / "config.json").read_text())
+    if (config.get(CONVERSION_KEY) or {}).get("fingerprint") != fingerprint:
+        raise ConvertError(f"{output} holds a finished conversion made with other options or "
+                           "another source; use --force to replace it")
+    verified = verify(output)
+    log(f"{output} is already complete ({verified['tensors']} tensors verified)")
+    if upload_repo:
+        upload(output, upload_repo, api=api, log=log)
+    return ConvertResult(plan, output, written=False, verified=verified)
+

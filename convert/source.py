@@ -1,0 +1,326 @@
+"""Source checkpoints: find the files, check them against config.json, read rows as float32.
+
+Three formats, told apart by `quantization_config` (config.json or ModelOpt's
+hf_quant_config.json) and checked against the tensors themselves:
+
+- bf16:  float tensors (BF16, F16 or F32; the router and its bias are F32 in the release).
+- mxfp8: `weight` F8_E4M3 [N, K] + `weight_scale_inv` UE8M0 exponents (U8) [N, K/32] on the
+         projections; `W = e4m3 * 2**(s - 127)`. This is MLX's mxfp8 layout byte for byte.
+- nvfp4: NVIDIA ModelOpt: `weight` U8 [N, K/2] (two E2M1 codes a byte, low nibble first),
+         `weight_scale` F8_E4M3 [N, K/16], `weight_scale_2` F32 scalar, optional `input_scale`;
+         `W = e2m1 * weight_scale * weight_scale_2`.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from m3mlx.config import ConfigError, ModelArgs
+from m3mlx.weights import is_mtp, is_vision
+
+from .errors import ConvertError
+from .layout import Weight, text_weights
+from .safetensors_io import (
+    E4M3, FLOAT_DTYPES, TensorInfo, e2m1_unpack, read_bytes, read_header, to_f32, ue8m0_to_f32,
+)
+
+FORMATS = ("bf16", "mxfp8", "nvfp4")
+# Files copied next to the weights: tokenizer, chat template, generation defaults.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json",
+)
+SIDE_GLOBS = ("*.jinja", "*.tiktoken")
+INDEX_FILE = "model.safetensors.index.json"
+_MTP_LAYER = re.compile(r"\.mtp\.layers\.(\d+)\.")
+
+
+@dataclass
+class SourceWeight:
+    """One text weight of the source and the tensors that hold it."""
+
+    weight: Weight
+    fmt: str  # "float", "mxfp8" or "nvfp4": how this tensor is stored
+    data: TensorInfo
+    scale: Optional[TensorInfo] = None  # mxfp8 weight_scale_inv, nvfp4 weight_scale
+    scale2: Optional[TensorInfo] = None  # nvfp4 weight_scale_2
+    _global: Optional[float] = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0] if len(self.weight.shape) > 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.weight.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.data, self.scale, self.scale2) if t is not None)
+
+    def read_f32(self, first: int, count: int) -> np.ndarray:
+        """Rows [first, first + count) dequantized to float32 [count, cols]."""
+        if self.fmt == "float":
+            return to_f32(self.data.read(first, count), self.data.dtype)
+        if self.fmt == "mxfp8":
+            values = E4M3[self.data.read(first, count)]
+            scales = ue8m0_to_f32(self.scale.read(first, count))
+            blocks = values.reshape(count, -1, 32)
+            blocks *= scales[..., None]
+            return values
+        values = e2m1_unpack(self.data.read(first, count))
+        scales = E4M3[self.scale.read(first, count)] * self.global_scale()
+        blocks = values.reshape(count, -1, 16)
+        blocks *= scales[..., None]
+        return values
+
+    def global_scale(self) -> np.float32:
+        if self._global is None:
+            raw = read_bytes(self.scale2.file, self.scale2.start, 4)
+            self._global = raw.view(np.float32)[0]
+        return self._global
+
+
+@dataclass
+class Source:
+    path: Path
+    config: dict
+    args: ModelArgs
+    fmt: str
+    weights: List[SourceWeight]
+    mtp_layers: int
+    dropped: List[str]  # vision tensors (and NVFP4 input scales) left behind
+    side_files: List[Path]
+    repo_id: Optional[str] = None
+    remote: bool = False  # headers came from the Hub; the shards are not local (dry run)
+
+    @property
+    def text_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
+
+    @property
+    def params(self) -> int:
+        return sum(int(np.prod(w.weight.shape)) for w in self.weights)
+
+
+def read_config(path: Path) -> Tuple[dict, ModelArgs]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConvertError(f"{path} has no config.json; pass a MiniMax-M3 checkpoint directory "
+                           "or Hub repo id")
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as e:
+        raise ConvertError(f"{file} is not valid JSON ({e}); download it again") from None
+    try:
+        args = ModelArgs.from_config(config)
+    except ConfigError as e:
+        raise ConvertError(f"{file}: {e}") from None
+    except TypeError as e:
+        raise ConvertError(f"{file}: a text_config field has the wrong type ({e})") from None
+    return config, args
+
+
+def quant_format(path: Path, config: dict) -> str:
+    """The checkpoint format that config.json (or hf_quant_config.json) declares."""
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get(
+        "quantization_config")
+    hf_quant = path / "hf_quant_config.json"
+    if qc is None and hf_quant.is_file():
+        qc = json.loads(hf_quant.read_text())
+    if not qc:
+        return "bf16"
+    method = str(qc.get("quant_method", "")).lower()
+    settings = qc.get("quantization", qc)
+    algo = str(settings.get("quant_algo", "")).upper()
+    if method == "mxfp8" or (method == "fp8" and qc.get("scale_fmt") == "ue8m0"
+                             and list(qc.get("weight_block_size", [])) == [1, 32]):
+        return "mxfp8"
+    if algo == "NVFP4" and method in ("modelopt", ""):
+        group = settings.get("group_size", 16)
+        if group != 16:
+            raise ConvertError(f"NVFP4 with group_size {group} is not the ModelOpt layout this "
+                               "converter reads (16)")
+        return "nvfp4"
+    raise ConvertError(
+        f"quantization_config {json.dumps(qc)[:200]} is not a format this converter reads: "
+        "it takes BF16, MXFP8 (e4m3 + UE8M0 1x32 blocks) and NVFP4 (ModelOpt) checkpoints")
+
+
+def weight_files(path: Path) -> List[str]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ConvertError(f"{index} is not a valid safetensors index ({e}); download it "
+                               "again") from None
+        return sorted(set(weight_map.values()))
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(f"{path} has no *.safetensors weights and no {INDEX_FILE}")
+    return files
+
+
+def index_map(path: Path) -> Optional[Dict[str, str]]:
+    index = path / INDEX_FILE
+    return json.loads(index.read_text())["weight_map"] if index.is_file() else None
+
+
+def side_files(path: Path) -> List[Path]:
+    found = {p.name: p for p in (path / n for n in SIDE_FILES) if p.is_file()}
+    for pattern in SIDE_GLOBS:
+        found.update({p.name: p for p in path.glob(pattern) if p.is_file()})
+    return [found[n] for n in sorted(found)]
+
+
+def _expect_shape(info: TensorInfo, shape, what: str, hint: str):
+    if tuple(info.shape) != tuple(shape):
+        raise ConvertError(f"{info.file.name}: {info.name} has shape {list(info.shape)}, but "
+                           f"config.json implies {list(shape)} for {what} ({hint}); the weights "
+                           "and config.json come from different models")
+
+
+def _shape_hint(args: ModelArgs) -> str:
+    return (f"hidden_size={args.hidden_size}, num_local_experts={args.num_local_experts}, "
+            f"intermediate_size={args.intermediate_size}, vocab_size={args.vocab_size}")
+
+
+def inventory(path: Path, config: dict, args: ModelArgs, tensors: Dict[str, TensorInfo],
+              fmt: str) -> Tuple[List[SourceWeight], int, List[str]]:
+    """Check the source's tensors against the config and its format; returns
+    (text weights in layout order, MTP layers found, names dropped)."""
+    mtp_ids = sorted({int(m[1]) for n in tensors if is_mtp(n) for m in [_MTP_LAYER.search(n)] if m})
+    if mtp_ids and mtp_ids != list(range(len(mtp_ids))):
+        raise ConvertError(f"MTP layers {mtp_ids} are not numbered 0..{len(mtp_ids) - 1}; the "
+                           "checkpoint is incomplete")
+    layout = text_weights(args, len(mtp_ids))
+    by_name = {w.name: w for w in layout}
+    hint = _shape_hint(args)
+
+    companions = {"mxfp8": (".weight_scale_inv",),
+                  "nvfp4": (".weight_scale", ".weight_scale_2", ".input_scale")}.get(fmt, ())
+    dropped, unknown = [], []
+    for name in tensors:
+        if is_vision(name):
+            dropped.append(name)
+        elif name in by_name:
+            continue
+        else:
+            base = next((name[: -len(c)] for c in companions if name.endswith(c)), None)
+            if base is not None and f"{base}.weight" in by_name:
+                if name.endswith(".input_scale"):
+                    dropped.append(name)  # activation scale: weight-only conversion ignores it
+                continue
+            unknown.append(name)
+    if unknown:
+        hint_fmt = ""
+        if any(n.endswith((".weight_scale_inv", ".weight_scale", ".weight_scale_2"))
+               for n in unknown):
+            hint_fmt = (f" Quantization scales were found but config.json declares a {fmt} "
+                        "checkpoint: is its quantization_config missing?")
+        raise ConvertError(
+            f"{len(unknown)} tensor name(s) in {path} are not part of a MiniMax-M3 checkpoint "
+            f"with this config, e.g. {unknown[:4]}.{hint_fmt} Check that config.json matches "
+            "the weights (layer count, dense/MoE layers, sparse layers, MTP).")
+
+    missing = [w.name for w in layout if w.name not in tensors]
+    if missing:
+        raise ConvertError(
+            f"{len(missing)} tensor(s) that config.json implies are missing from {path}, e.g. "
+            f"{missing[:4]}; a shard is missing or incomplete: download the checkpoint again")
+
+    out: List[SourceWeight] = []
+    for w in layout:
+        info = tensors[w.name]
+        base = w.name[: -len(".weight")] if w.name.endswith(".weight") else None
+        if fmt == "mxfp8" and base and f"{base}.weight_scale_inv" in tensors:
+            scale = tensors[f"{base}.weight_scale_inv"]
+            N, K = w.shape
+            if info.dtype != "F8_E4M3":
+                raise ConvertError(f"{info.file.name}: {w.name} has a weight_scale_inv but dtype "
+                                   f"{info.dtype}; MXFP8 weights are F8_E4M3")
+            if scale.dtype not in ("U8", "F8_E8M0") or K % 32:
+                raise ConvertError(f"{scale.file.name}: {scale.name} has dtype {scale.dtype}; "
+                                   "MXFP8 scales are UE8M0 exponent bytes (U8)")
+            _expect_shape(info, w.shape, w.name, hint)
+            _expect_shape(scale, (N, K // 32), "its 1x32-block scales", hint)
+            out.append(SourceWeight(w, "mxfp8", info, scale))
+        elif fmt == "nvfp4" and base and f"{base}.weight_scale" in tensors:
+            scale, scale2 = tensors[f"{base}.weight_scale"], tensors.get(f"{base}.weight_scale_2")
+            N, K = w.shape
+            if scale2 is None:
+                raise ConvertError(f"{info.file.name}: {base}.weight_scale_2 is missing; NVFP4 "
+                                   "weights need their per-tensor scale")
+            if info.dtype != "U8" or scale.dtype != "F8_E4M3" or scale2.dtype != "F32":
+                raise ConvertError(
+                    f"{info.file.name}: {base} is stored as {info.dtype}/{scale.dtype}/"
+                    f"{scale2.dtype}; ModelOpt NVFP4 is weight U8, weight_scale F8_E4M3, "
+                    "weight_scale_2 F32")
+            if K % 16:
+                raise ConvertError(f"{w.name}: {K} columns do not split into NVFP4 blocks of 16")
+            _expect_shape(info, (N, K // 2), f"{w.name} (two FP4 codes a byte)", hint)
+            _expect_shape(scale, (N, K // 16), "its 16-value block scales", hint)
+            if scale2.numel != 1:
+                raise ConvertError(f"{scale2.file.name}: {scale2.name} has shape "
+                                   f"{list(scale2.shape)}; it must be a single float32")
+            out.append(SourceWeight(w, "nvfp4", info, scale, scale2))
+        else:
+            if info.dtype not in FLOAT_DTYPES:
+                extra = (" It looks quantized: is the checkpoint's quantization_config missing "
+                         "from config.json?" if info.dtype in ("F8_E4M3", "U8") else "")
+                raise ConvertError(f"{info.file.name}: {w.name} has dtype {info.dtype}; this "
+                                   f"converter reads float weights as BF16, F16 or F32.{extra}")
+            _expect_shape(info, w.shape, w.name, hint)
+            out.append(SourceWeight(w, "float", info))
+    return out, len(mtp_ids), dropped
+
+
+def open_local(path: Path, *, tensors: Optional[Dict[str, TensorInfo]] = None,
+               repo_id: Optional[str] = None) -> Source:
+    """Read and check a checkpoint directory. `tensors` stands in for the shard headers when
+    they come from the Hub and the shards are not downloaded (a dry run)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConvertError(f"{path} is not a directory")
+    config, args = read_config(path)
+    fmt = quant_format(path, config)
+    files = weight_files(path)
+    remote = tensors is not None
+    if tensors is None:
+        weight_map = index_map(path)
+        if weight_map is not None:
+            # A shard of vision tensors only is never downloaded from the Hub: absent is fine.
+            vision_only = {f for f in files
+                           if all(is_vision(n) for n, g in weight_map.items() if g == f)}
+            files = [f for f in files if f not in vision_only or (path / f).is_file()]
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise ConvertError(f"shard(s) {', '.join(missing)} listed in {INDEX_FILE} are "
+                               f"missing from {path}; download them again")
+        tensors = {}
+        for f in files:
+            header, _ = read_header(path / f)
+            clash = set(header) & set(tensors)
+            if clash:
+                raise ConvertError(f"{f} repeats tensor(s) from another shard, e.g. "
+                                   f"{sorted(clash)[:3]}; the checkpoint is inconsistent")
+            tensors.update(header)
+        if weight_map is not None:
+            wrong = [n for n, f in weight_map.items() if f in files
+                     and (n not in tensors or tensors[n].file.name != f)]
+            if wrong:
+                raise ConvertError(f"{INDEX_FILE} places {len(wrong)} tensor(s) in shards that do "
+                                   f"not hold them, e.g. {wrong[:3]}; the index and the shards "
+                                   "disagree: download the checkpoint again")
+    weights, mtp_layers, dropped = inventory(path, config, args, tensors, fmt)
+    if fmt != "bf16" and not any(w.fmt != "float" for w in weights):
+        raise ConvertError(f"config.json declares a {fmt} checkpoint but no tensor carries "
+                           f"{fmt} scales; the config and the weights disagree")
+    return Source(path, config, args, fmt, weights, mtp_layers, dropped, side_files(path),
+                  repo_id=repo_id, remote=remote)

@@ -1,0 +1,186 @@
+"""The streaming writer: output shards filled row chunk by row chunk, at precomputed offsets.
+
+A shard's header is known from the plan, so its file is created at full size with the header in
+place and every tensor's bytes land at their offset as they are produced. A stacked expert
+tensor [E, out, in] is never whole in memory: each expert's rows are read, quantized and written
+into that expert's slice. MLX quantizes each row's groups independently, so quantizing row
+chunks gives the bytes quantizing the stack would. Shards are written as `NAME.partial` and
+renamed when complete; a small state file records finished shards so `--resume` skips them.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import ConvertError
+from .plan import SHARD_METADATA, Plan, Unit
+from .safetensors_io import FLOAT_NAMES, layout_header, pwrite_all, read_header
+from .source import SourceWeight
+
+STATE_FILE = ".m3mlx-convert.json"
+PARTIAL = ".partial"
+CHUNK_BYTES = 16 << 20  # float32 bytes per row chunk: bounds the working set
+
+
+def f32_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 -> the stored bytes of `dtype` (BF16 rounds to nearest even, like MLX)."""
+    if dtype == "F32":
+        return x
+    if dtype == "F16":
+        return x.astype(np.float16)
+    u = x.view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+def chunk_rows(cols: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return max(1, chunk_bytes // (4 * max(cols, 1)))
+
+
+def convert_rows(unit: Unit, src: SourceWeight, first: int, count: int, dtype: str
+                 ) -> List[np.ndarray]:
+    """Output bytes for rows [first, first + count) of one source weight, one array per output
+    tensor of the unit, in `unit.tensors` order."""
+    spec = unit.spec
+    if unit.passthrough:
+        if spec.quantized:  # mxfp8 -> mxfp8: e4m3 bytes become the uint32 words, exponents the scales
+            return [src.data.read(first, count), src.scale.read(first, count)]
+        return [src.data.read(first, count)]
+    x = src.read_f32(first, count)
+    if not spec.quantized:
+        return [f32_to_dtype(x, FLOAT_NAMES[spec.dtype])]
+    parts = mx.quantize(mx.array(x), spec.group_size, spec.bits, mode=spec.mode)
+    mx.eval(parts)
+    out = [np.array(parts[0])]
+    for p in parts[1:]:
+        if spec.mode == "affine":
+            out.append(f32_to_dtype(np.array(p.astype(mx.float32)), FLOAT_NAMES[dtype]))
+        else:
+            out.append(np.array(p))
+    return out
+
+
+class ShardFile:
+    """One output file being written under its temporary name."""
+
+    def __init__(self, directory: Path, name: str, tensors):
+        self.final = directory / name
+        self.temp = directory / (name + PARTIAL)
+        header, self.offsets = layout_header(tensors, SHARD_METADATA)
+        self.sizes = {t.name: t.nbytes for t in tensors}
+        self.size = len(header) + sum(self.sizes.values())
+        self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self.fd, self.size)
+            pwrite_all(self.fd, np.frombuffer(header, dtype=np.uint8), 0)
+        except OSError:
+            self.abort()
+            raise
+
+    def write(self, tensor: str, offset: int, data: np.ndarray):
+        data = np.ascontiguousarray(data)
+        if offset + data.nbytes > self.sizes[tensor]:
+            raise AssertionError(f"write past the end of {tensor}")
+        pwrite_all(self.fd, data, self.offsets[tensor] + offset)
+
+    def finish(self):
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.temp, self.final)
+
+    def abort(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.temp.unlink(missing_ok=True)
+
+
+def write_unit(shard: ShardFile, unit: Unit, dtype: str, on_bytes: Callable[[int], None]):
+    """Stream one unit into its shard: source by source (expert by expert), row chunk by chunk."""
+    for e, src in enumerate(unit.sources):
+        rows = src.rows
+        step = chunk_rows(src.cols)
+        # bytes per row and per expert slice of each output tensor
+        per_expert = [t.nbytes // len(unit.sources) for t in unit.tensors]
+        per_row = [b // rows for b in per_expert]
+        for first in range(0, rows, step):
+            count = min(step, rows - first)
+            parts = convert_rows(unit, src, first, count, dtype)
+            for t, data, slice_bytes, row_bytes in zip(unit.tensors, parts, per_expert, per_row):
+                if data.nbytes != count * row_bytes:
+                    raise AssertionError(f"{t.name}: produced {data.nbytes} bytes for {count} rows,"
+                                         f" planned {count * row_bytes}")
+                shard.write(t.name, e * slice_bytes + first * row_bytes, data)
+            on_bytes(src.nbytes * count // rows)
+            del parts
+        mx.clear_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume state
+
+
+def read_state(output: Path) -> Optional[dict]:
+    f = output / STATE_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except ValueError:
+        return None
+
+
+def write_state(output: Path, state: dict):
+    tmp = output / (STATE_FILE + PARTIAL)
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, output / STATE_FILE)
+
+
+def shard_is_complete(output: Path, name: str, plan: Plan) -> bool:
+    """A finished shard from an earlier run: right size, and exactly the planned header."""
+    f = output / name
+    if not f.is_file():
+        return False
+    header, _ = layout_header(plan.files[name], SHARD_METADATA)
+    if f.stat().st_size != len(header) + sum(t.nbytes for t in plan.files[name]):
+        return False
+    with open(f, "rb") as fh:
+        if fh.read(len(header)) != header:
+            return False
+    try:
+        read_header(f)
+    except ConvertError:
+        return False
+    return True
+
+
+def write_shards(plan: Plan, output: Path, *, done: List[str], state: dict,
+                 on_bytes: Callable[[int], None], after_shard: Optional[Callable[[str], None]] = None):
+    """Write every planned file not in `done`, recording each in the state file as it lands."""
+    units_by_file: Dict[str, List[Unit]] = {}
+    for u in plan.units:
+        units_by_file.setdefault(u.file, []).append(u)
+    for name in plan.files:
+        if name in done:
+            continue
+        shard = ShardFile(output, name, plan.files[name])
+        try:
+            for unit in units_by_file[name]:
+                write_unit(shard, unit, plan.dtype, on_bytes)
+            shard.finish()
+        except BaseException:
+            shard.abort()
+            raise
+        done.append(name)
+        state["done"] = list(done)
+        write_state(output, state)
+        if after_shard is not None:
+            after_shard(name)

@@ -1,0 +1,367 @@
+"""Multi-turn chat with one model: a session keeps its cache and prefills only what is new.
+
+Each reply renders the whole conversation with the chat template, tokenizes it, and compares
+the tokens with those the cache already holds. Only the tokens after the longest common prefix
+are prefilled; if the rendering of earlier turns differs from what the cache holds (the
+template re-renders a reply differently from how it was generated, the system prompt or the
+thinking mode changed), the cache is trimmed back to the common prefix first. So a session
+always computes exactly what a from-scratch run over the rendered conversation would.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from .cache import load_prompt_cache, prompt_cache_bytes, save_prompt_cache
+from .chat_format import (
+    THINK_BEGIN,
+    ParsedReply,
+    ReplyDelta,
+    ReplyParser,
+    ToolCall,
+    check_thinking_mode,
+    normalize_tools,
+    render_chat,
+    tool_result_text,
+)
+from .generate import stream_generate
+from .model import make_cache
+
+# M3's recommended sampling (model card); temperature 0 makes replies greedy.
+DEFAULT_OPTIONS = {
+    "max_tokens": 8192,
+    "temperature": 1.0,
+    "top_p": 0.95,
+    "top_k": 40,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "seed": None,
+}
+OPTION_NAMES = frozenset(DEFAULT_OPTIONS) | {"repetition_context_size", "prefill_step_size"}
+SESSION_FORMAT = "m3mlx-chat-session/1"
+
+
+@dataclass
+class ChatReply:
+    content: str
+    reasoning: Optional[str]  # None when the model did not reason
+    tool_calls: List[ToolCall]
+    finish_reason: str  # "stop" (end of turn), "length" (max_tokens) or "interrupted"
+    tokens: List[int]  # the generated token ids, the end-of-turn token included
+    prompt_tokens: int  # tokens prefilled for this reply
+    cached_tokens: int  # prompt tokens reused from the cache
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    peak_memory: float  # GB
+
+
+class ChatStream:
+    """The reply being generated: iterate for `ReplyDelta`s; `reply` is set when it ends.
+
+    Stopping early (`close()`, or an exception such as KeyboardInterrupt while iterating) keeps
+    what was generated so far as the reply, with finish_reason "interrupted".
+    """
+
+    def __init__(self, run: Callable[["ChatStream"], Iterator[ReplyDelta]]):
+        self.reply: Optional[ChatReply] = None
+        self._gen = run(self)  # a generator that sets self.reply when it ends
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> ReplyDelta:
+        return next(self._gen)
+
+    def close(self):
+        self._gen.close()
+
+    def result(self) -> ChatReply:
+        """Generate to the end (without streaming) and return the reply."""
+        for _ in self:
+            pass
+        return self.reply
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    """A conversation with `model`, its KV cache kept between turns.
+
+    `send(message)` streams the reply; `add_tool_result(...)` answers the model's tool calls,
+    after which `send()` continues. `system`, `tools` and `thinking` ("enabled", "disabled",
+    "adaptive") may be changed between turns; the next reply re-prefills from the first token
+    they change. `index_bits=8` stores MSA index keys in 8 bits. Generation options (`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`,
+    `repetition_penalty`, `seed`, ...) default to M3's recommended sampling.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: Optional[str] = None,
+        tools: Optional[Sequence[Dict[str, Any]]] = None,
+        thinking: str = "adaptive",
+        chat_template: Optional[str] = None,
+        index_bits: Optional[int] = None,
+        **options,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system
+        self.tools = tools
+        self.thinking = thinking
+        # The checkpoint's template when it ships one, else the built-in renderer.
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.options = {**DEFAULT_OPTIONS, **_checked_options(options)}
+        self.messages: List[Dict[str, Any]] = []
+        self.last_reply: Optional[ChatReply] = None
+        self._cache = make_cache(model, index_bits=index_bits)
+        self._tokens: List[int] = []  # exactly the tokens the cache holds
+
+    # -- settings --------------------------------------------------------------------------
+
+    @property
+    def thinking(self) -> str:
+        return self._thinking
+
+    @thinking.setter
+    def thinking(self, mode: str):
+        self._thinking = check_thinking_mode(mode)
+
+    @property
+    def tools(self) -> List[Dict[str, Any]]:
+        return self._tools
+
+    @tools.setter
+    def tools(self, tools: Optional[Sequence[Dict[str, Any]]]):
+        self._tools = normalize_tools(tools)
+
+    @property
+    def context_used(self) -> int:
+        """Tokens held in the cache."""
+        return len(self._tokens)
+
+    @property
+    def cache_nbytes(self) -> int:
+        return prompt_cache_bytes(self._cache)
+
+    @property
+    def context_limit(self) -> Optional[int]:
+        args = getattr(self.model, "args", None)
+        return getattr(args, "max_position_embeddings", None)
+
+    # -- conversation ----------------------------------------------------------------------
+
+    def render(self, add_generation_prompt: bool = True) -> str:
+        """The conversation as prompt text."""
+        return self._render(self.messages, add_generation_prompt)
+
+    def _render(self, messages: List[Dict[str, Any]], add_generation_prompt: bool) -> str:
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return render_chat(
+            system + messages,
+            tools=self.tools,
+            thinking=self.thinking,
+            add_generation_prompt=add_generation_prompt,
+            template=self.chat_template,
+        )
+
+    def send(self, message: Optional[str] = None, **options) -> ChatStream:
+        """Stream the reply to a user message (none: continue after tool results).
+
+        The message and the reply join the conversation as the stream runs; a stream stopped
+        before any output leaves the conversation as it was. `options` override the session's
+        generation options for this reply only.
+        """
+        if message is None:
+            if not self.messages or self.messages[-1]["role"] == "assistant":
+                raise ValueError(
+                    "nothing to reply to: pass a message, or add tool results with add_tool_result()"
+                )
+            new = []
+        elif isinstance(message, str):
+            new = [{"role": "user", "content": message}]
+        else:
+            raise TypeError(f"message must be a string, got {type(message).__name__}")
+        options = {**self.options, **_checked_options(options)}
+        prompt = self._render(self.messages + new, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt)
+        self._check_context(len(ids))
+        turns = len(self.messages)
+        return ChatStream(lambda stream: self._generate(stream, turns, new, prompt, ids, options))
+
+    def add_tool_result(self, content: Any, *, name: Optional[str] = None):
+        """Answer a tool call; `content` that is not a string is sent as JSON.
+
+        Results are given in the order of the calls; call `send()` once all are added.
+        """
+        last = self.messages[-1] if self.messages else {}
+        if last.get("role") != "tool" and not (
+            last.get("role") == "assistant" and last.get("tool_calls")
+        ):
+            raise ValueError("no tool call to answer: the last reply made no tool calls")
+        result = {"role": "tool", "content": tool_result_text(content)}
+        if name is not None:
+            result["name"] = name
+        self.messages.append(result)
+
+    def reset(self):
+        """Forget the conversation (system prompt, tools and options stay)."""
+        self.messages = []
+        self.last_reply = None
+        self._trim_cache(0)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def _check_context(self, n: int):
+        limit = self.context_limit
+        if limit is not None and n >= limit:
+            raise ValueError(
+                f"the conversation is {n} tokens, beyond the model's context of {limit}; "
+                "reset the session or start a shorter one"
+            )
+
+    def _generate(self, stream: ChatStream, turns: int, new, prompt: str, ids: List[int], options):
+        if len(self.messages) != turns:
+            raise RuntimeError("the conversation changed since this send(); call send() again")
+        # At least one prompt token must be fed to get the next-token logits.
+        reused = min(common_prefix_length(self._tokens, ids), len(ids) - 1)
+        self._trim_cache(reused)
+        parser = ReplyParser(in_reasoning=prompt.endswith(THINK_BEGIN), tools=self.tools)
+        responses = stream_generate(
+            self.model, self.tokenizer, ids[reused:], prompt_cache=self._cache, **options
+        )
+        generated: List[int] = []
+        last = None
+        finished = False
+        try:
+            for last in responses:
+                generated.append(last.token)
+                delta = parser.feed(last.text)
+                if delta:
+                    yield delta
+            delta = parser.finish()
+            finished = True
+            if delta:
+                yield delta
+        finally:  # also on close() and on exceptions (KeyboardInterrupt) while streaming
+            responses.close()
+            if not finished:
+                parser.finish()
+            self._sync_cache(ids + generated)
+            if generated:
+                self.messages += new + [parser.reply.to_message()]
+            reason = last.finish_reason if finished and last else "interrupted"
+            stream.reply = self.last_reply = _reply(
+                parser.reply, reason, generated, last, len(ids) - reused, reused
+            )
+
+    def _trim_cache(self, n: int):
+        """Keep the first n cached tokens."""
+        for c in self._cache:
+            c.trim(c.offset - n)
+        self._tokens = self._tokens[:n]
+
+    def _sync_cache(self, known: List[int]):
+        """Record what the cache holds after generation, known = the tokens fed or sampled.
+
+        The last sampled token is never fed, and an interruption can leave layers at different
+        offsets: everything is cut back to what all layers hold.
+        """
+        held = min([c.offset for c in self._cache] + [len(known)])
+        self._tokens = known
+        self._trim_cache(held)
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str):
+        """Write the conversation, settings and cache to one file (safetensors)."""
+        state = {
+            "format": SESSION_FORMAT,
+            "model": _model_signature(self.model, self.tokenizer),
+            "system": self.system,
+            "tools": self.tools,
+            "thinking": self.thinking,
+            "options": self.options,
+            "messages": self.messages,
+            "tokens": self._tokens,
+        }
+        save_prompt_cache(str(path), self._cache, {"chat_session": json.dumps(state)})
+
+    @classmethod
+    def load(cls, path: str, model, tokenizer, **overrides) -> "ChatSession":
+        """Restore a session saved with `save`, to continue with the same model.
+
+        `overrides` replace saved settings (system, tools, thinking, generation options).
+        """
+        try:
+            cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+            state = json.loads(metadata["chat_session"])
+            assert state["format"] == SESSION_FORMAT
+        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            raise ValueError(f"{path} is not a saved m3mlx chat session ({e})") from None
+        if state["model"] != _model_signature(model, tokenizer):
+            raise ValueError(
+                f"{path} was saved with another model ({state['model']}); load it with that model"
+            )
+        settings = {
+            "system": state["system"],
+            "tools": state["tools"],
+            "thinking": state["thinking"],
+            **state["options"],
+            **overrides,
+        }
+        session = cls(model, tokenizer, **settings)
+        session.messages = state["messages"]
+        if len(cache) != len(session._cache) or any(
+            c.offset != len(state["tokens"]) for c in cache
+        ):
+            raise ValueError(f"{path}: the saved cache does not match its token record")
+        session._cache = cache
+        session._tokens = state["tokens"]
+        return session
+
+
+def _checked_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = set(options) - OPTION_NAMES
+    if unknown:
+        raise TypeError(
+            f"unknown generation option(s) {', '.join(sorted(unknown))}; "
+            f"expected {', '.join(sorted(OPTION_NAMES))}"
+        )
+    return options
+
+
+def _model_signature(model, tokenizer) -> Dict[str, Any]:
+    args = getattr(model, "args", None)
+    return {
+        "layers": len(model.layers),
+        "hidden_size": getattr(args, "hidden_size", None),
+        "vocab_size": tokenizer.vocab_size,
+    }
+
+
+def _reply(parsed: ParsedReply, reason: str, tokens: List[int], last, prompt_tokens: int,
+           cached: int) -> ChatReply:
+    return ChatReply(
+        content=parsed.content,
+        reasoning=parsed.reasoning,
+        tool_calls=parsed.tool_calls,
+        finish_reason=reason,
+        tokens=tokens,
+        prompt_tokens=prompt_tokens,
+        cached_tokens=cached,
+        generation_tokens=last.generation_tokens if last else 0,
+        prompt_tps=last.prompt_tps if last else 0.0,
+        generation_tps=last.generation_tps if last else 0.0,
+        peak_memory=last.peak_memory if last else 0.0,
+    )

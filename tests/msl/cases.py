@@ -1,0 +1,63 @@
+"""Inputs for the kernel tests: random tensors, selections with every edge, comparisons."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from m3mlx.metal_kernels import msa_kernels
+
+from . import harness
+
+# The harness needs Linux (fibers, ELF assembly); on a Mac the kernels also run on Metal itself.
+RUNNERS = []
+if sys.platform.startswith("linux"):
+    RUNNERS.append(pytest.param(harness.run, id="harness"))
+if mx.metal.is_available():
+    RUNNERS.append(pytest.param(msa_kernels.metal_run, id="metal"))
+
+
+def normal(rng, shape, dtype=mx.float32) -> mx.array:
+    return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def edgy_selection(rng, B, H, L, offset, block, topk, holes=True) -> np.ndarray:
+    """Valid selections in any order: own block plus a random history subset, -1 padding,
+    and (with holes) -1 slots between valid ones."""
+    sel = np.full((B, H, L, topk), -1, np.int32)
+    for b, h, t in np.ndindex(B, H, L):
+        own = (offset + t) // block
+        n_hist = rng.integers(0, min(own, topk - 1) + 1)
+        ids = list(rng.permutation(own)[:n_hist]) + [own]
+        rng.shuffle(ids)
+        slots = rng.permutation(topk)[: len(ids)] if holes else np.arange(len(ids))
+        sel[b, h, t, np.sort(slots)] = ids
+    return sel
+
+
+def strided(x: mx.array, layout: tuple, pad_axis: int | None = None, pad: int = 0):
+    """The same values as `x`, as a harness View whose memory is laid out in axis order
+    `layout` (a permutation) and, with pad_axis, inside a longer buffer along that axis."""
+    storage = np.array(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+    big_shape = list(storage.shape)
+    if pad_axis is not None:
+        big_shape[pad_axis] += pad
+    buf = np.zeros([big_shape[a] for a in layout], storage.dtype)
+    view = buf.transpose(np.argsort(layout))
+    view = view[tuple(slice(0, n) for n in storage.shape)]
+    view[...] = storage
+    return harness.View(view, x.dtype)
+
+
+def as_mx(x):
+    return x.to_mx() if isinstance(x, harness.View) else x
+
+
+def assert_close(got, want, atol, rtol=0.0):
+    got = np.array(got.astype(mx.float32))
+    want = np.array(want.astype(mx.float32))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)

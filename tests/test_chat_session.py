@@ -1,0 +1,247 @@
+"""ChatSession: follow-up turns reuse the cache, match from-scratch runs, survive save/load."""
+
+import mlx.core as mx
+import pytest
+
+import m3mlx
+from m3mlx.chat import ChatSession, common_prefix_length
+from m3mlx.chat_format import M3_CHAT_TEMPLATE, render_chat
+from m3mlx.demo import write_demo_checkpoint
+from m3mlx.generate import stream_generate
+
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+# Special tokens encode the same wherever they stand, so a reply made only of them re-encodes
+# to exactly the generated tokens (random text tokens need not: BPE may merge them).
+CANONICAL = ["]!d~[", "]!p~[", "]<]image[>[", "]<]video[>[", "]<]start of image[>[", "[e~["]
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    """A demo checkpoint that ships the M3 chat template."""
+    return write_demo_checkpoint(
+        tmp_path_factory.mktemp("chat"), dtype=mx.float32,
+        extra_files={"chat_template.jinja": M3_CHAT_TEMPLATE},
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(chat_dir):
+    return m3mlx.load(chat_dir, dtype=mx.float32)
+
+
+class Restricted:
+    """The model with its output limited to `allowed` tokens (its cache and layers unchanged)."""
+
+    def __init__(self, model, allowed):
+        self.model, self.args, self.layers = model, model.args, model.layers
+        mask = mx.full((model.args.vocab_size,), -1e9)
+        mask[mx.array(allowed)] = 0.0
+        self.mask = mask
+
+    def __call__(self, inputs, cache=None):
+        return self.model(inputs, cache=cache) + self.mask
+
+
+@pytest.fixture(scope="module")
+def canonical(loaded):
+    model, tokenizer = loaded
+    return Restricted(model, [tokenizer.token_to_id(t) for t in CANONICAL]), tokenizer
+
+
+def from_scratch(session, model, tokenizer, **options):
+    """Greedy tokens for the session's conversation (ending in a user turn), fresh cache."""
+    prompt = session.tokenizer.encode(session.render())
+    opts = {**GREEDY, **options}
+    return [r.token for r in stream_generate(model, tokenizer, prompt, prompt_cache=m3mlx.make_cache(model), **opts)]
+
+
+def send(session, message=None, **options):
+    stream = session.send(message, **options)
+    deltas = list(stream)
+    reply = stream.reply
+    assert "".join(d.content for d in deltas) == reply.content
+    assert "".join(d.reasoning for d in deltas) == (reply.reasoning or "")
+    return reply
+
+
+def check_matches_scratch(session, model, tokenizer, message, **options):
+    """Send `message`; the reply must equal a from-scratch run over the same conversation."""
+    before = list(session._tokens)
+    session.messages.append({"role": "user", "content": message})
+    expected = from_scratch(session, model, tokenizer, **options)
+    ids = tokenizer.encode(session.render())
+    session.messages.pop()
+    reply = send(session, message, **options)
+    assert reply.tokens == expected
+    assert reply.cached_tokens == min(common_prefix_length(before, ids), len(ids) - 1)
+    assert reply.cached_tokens + reply.prompt_tokens == len(ids)
+    return reply
+
+
+def test_follow_up_prefills_only_the_new_turn(canonical):
+    model, tokenizer = canonical
+    session = ChatSession(model, tokenizer, thinking="disabled", **GREEDY)
+    first = check_matches_scratch(session, model, tokenizer, "Hello there")
+    assert first.cached_tokens == 0
+    new_turn = tokenizer.encode("[e~[\n]~b]user\nAnd now?[e~[\n]~b]ai\n</mm:think>")
+    # The end-of-turn token the reply ended with was sampled, never fed; at max_tokens the
+    # last sampled token is likewise still to be fed.
+    unfed = 0 if first.finish_reason == "stop" else 1
+    second = check_matches_scratch(session, model, tokenizer, "And now?")
+    assert second.prompt_tokens == len(new_turn) + unfed
+    history = tokenizer.encode(session.render(add_generation_prompt=False))
+    assert session.context_used == len(history) - len(tokenizer.encode("[e~[\n")) - unfed
+    third = check_matches_scratch(session, model, tokenizer, "Once more")
+    assert third.cached_tokens > second.cached_tokens > first.cached_tokens
+
+
+def test_history_rendered_differently_is_trimmed(canonical):
+    """Adaptive mode: the template renders a reply without reasoning after a `</mm:think>` the
+    model did not generate, so the cache diverges at the reply and is trimmed there."""
+    model, tokenizer = canonical
+    session = ChatSession(model, tokenizer, thinking="adaptive", **GREEDY)
+    send(session, "Hello there")
+    prompt = tokenizer.encode(render_chat([{"role": "user", "content": "Hello there"}], thinking="adaptive"))
+    second = check_matches_scratch(session, model, tokenizer, "And now?")
+    assert second.cached_tokens == len(prompt)
+
+
+@pytest.mark.parametrize("change", ["system", "thinking", "tools"])
+def test_changed_settings_reprefill_from_the_change(loaded, change):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, thinking="enabled", **GREEDY)
+    send(session, "Hello there")
+    if change == "system":
+        session.system = "You are terse."
+    elif change == "thinking":
+        session.thinking = "disabled"
+    else:
+        session.tools = [{"name": "clock", "parameters": {"type": "object", "properties": {}}}]
+    reply = check_matches_scratch(session, model, tokenizer, "And now?")
+    old_system_turn = tokenizer.encode(render_chat([], thinking="enabled", add_generation_prompt=False))
+    assert 0 < reply.cached_tokens < len(old_system_turn)  # the change is in the system turn
+
+
+def test_random_text_turns_match_from_scratch(loaded):
+    """Unrestricted random output (byte soup that need not re-encode to the same tokens)."""
+    model, tokenizer = loaded
+    assert tokenizer.chat_template == M3_CHAT_TEMPLATE
+    session = ChatSession(model, tokenizer, thinking="enabled", **GREEDY)
+    previous_prompt = 0
+    for message in ["Hello there", "What is MLX?", "Thanks!"]:
+        reply = check_matches_scratch(session, model, tokenizer, message)
+        assert reply.cached_tokens >= previous_prompt  # at least the last prompt is reused
+        previous_prompt = reply.cached_tokens + reply.prompt_tokens
+
+
+def test_interrupted_reply_is_kept_and_the_cache_stays_consistent(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, thinking="disabled", temperature=0.0, max_tokens=40)
+    stream = session.send("Tell me a long story")
+    first = next(stream)
+    stream.close()
+    reply = stream.reply
+    assert reply.finish_reason == "interrupted"
+    assert reply.content.startswith(first.content) and len(reply.tokens) < 40
+    assert session.messages[-1] == {"role": "assistant", "content": reply.content}
+    assert session.context_used == min(c.offset for c in session._cache)
+    check_matches_scratch(session, model, tokenizer, "Go on", max_tokens=40)
+
+
+def test_unstarted_or_empty_stream_leaves_no_turn(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, **GREEDY)
+    session.send("never read").close()
+    assert session.messages == [] and session.last_reply is None
+    reply = send(session, "Hi", max_tokens=0)
+    assert reply.tokens == [] and session.messages == []
+
+
+def test_tool_results_continue_the_turn(canonical):
+    model, tokenizer = canonical
+    tools = [{"name": "clock", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}]
+    session = ChatSession(model, tokenizer, tools=tools, thinking="disabled", **GREEDY)
+    with pytest.raises(ValueError, match="no tool call to answer"):
+        session.add_tool_result("09:30")
+    with pytest.raises(ValueError, match="nothing to reply to"):
+        session.send()
+    send(session, "What time is it?")
+    # Stand in for a model that called the tool (the random one will not).
+    session.messages[-1] = {
+        "role": "assistant", "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "clock", "arguments": {"tz": "UTC"}}}],
+    }
+    session.add_tool_result({"time": "09:30"}, name="clock")
+    session.add_tool_result("second result")
+    prompt = session.render()
+    assert prompt.endswith(
+        ']~b]tool\n<response>{"time": "09:30"}</response>\n<response>second result</response>'
+        "[e~[\n]~b]ai\n</mm:think>"
+    )
+    expected = from_scratch(session, model, tokenizer)
+    reply = send(session)
+    assert reply.tokens == expected
+    assert session.messages[-1]["role"] == "assistant"
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+
+
+def test_save_load_round_trip(loaded, tmp_path):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, system="Be kind.", thinking="enabled", **GREEDY)
+    send(session, "Hello there")
+    send(session, "More")
+    path = tmp_path / "session.safetensors"
+    session.save(path)
+    restored = ChatSession.load(path, model, tokenizer)
+    assert restored.messages == session.messages
+    assert (restored.system, restored.thinking, restored.options) == (session.system, session.thinking, session.options)
+    assert restored._tokens == session._tokens
+    for a, b in zip(restored._cache, session._cache):
+        assert a.offset == b.offset
+        for name, array in a.state.items():
+            assert mx.array_equal(array, b.state[name]).item(), name
+    original, again = send(session, "Last one"), send(restored, "Last one")
+    assert again.tokens == original.tokens
+    assert (again.prompt_tokens, again.cached_tokens) == (original.prompt_tokens, original.cached_tokens)
+    assert again.cached_tokens > 0
+
+
+def test_load_refuses_other_files_and_models(loaded, tmp_path, chat_dir):
+    model, tokenizer = loaded
+    cache_only = tmp_path / "cache.safetensors"
+    m3mlx.save_prompt_cache(str(cache_only), m3mlx.make_cache(model))
+    with pytest.raises(ValueError, match="not a saved m3mlx chat session"):
+        ChatSession.load(cache_only, model, tokenizer)
+    path = tmp_path / "s.safetensors"
+    ChatSession(model, tokenizer).save(path)
+    other_dir = write_demo_checkpoint(tmp_path / "other", dtype=mx.float32, num_hidden_layers=2,
+                                      sparse_layers=[False, True], moe_layers=[False, True])
+    other = m3mlx.load(other_dir, dtype=mx.float32)
+    with pytest.raises(ValueError, match="saved with another model"):
+        ChatSession.load(path, *other)
+
+
+def test_bad_input_is_refused(loaded, monkeypatch):
+    model, tokenizer = loaded
+    with pytest.raises(ValueError, match="thinking mode must be one of"):
+        ChatSession(model, tokenizer, thinking="maybe")
+    with pytest.raises(TypeError, match="unknown generation option"):
+        ChatSession(model, tokenizer, temprature=0.5)
+    session = ChatSession(model, tokenizer, **GREEDY)
+    with pytest.raises(TypeError, match="message must be a string"):
+        session.send(["hi"])
+    monkeypatch.setattr(model.args, "max_position_embeddings", 50)
+    with pytest.raises(ValueError, match="beyond the model's context of 50"):
+        session.send("hi")
+    assert session.messages == []
+
+
+def test_reset_forgets_the_conversation(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, **GREEDY)
+    first = send(session, "Hello there")
+    session.reset()
+    assert session.messages == [] and session.context_used == 0
+    assert all(c.offset == 0 for c in session._cache)
+    again = send(session, "Hello there")
+    assert again.tokens == first.tokens and again.cached_tokens == 0
