@@ -17,7 +17,7 @@ HELP = '''Commands:
   /think on|off|adaptive  thinking mode (on = enabled, off = disabled); alone, show it
   /system [TEXT]          set the system prompt; alone, show it; "/system default" resets it
   /reset                  forget the conversation
-  /save PATH              save the conversation and its cache to PATH
+  /save PATH              save the conversation and its cache (PATH.safetensors)
   /load PATH              continue a conversation saved with /save
   /stats                  context, speed and memory
   /help                   this text
@@ -70,16 +70,16 @@ class Console:
 def stream_reply(console: Console, stream):
     """Print a reply as it comes (reasoning dimmed); Ctrl-C stops it. Returns the ChatReply."""
     style = console.style
+    aside = not console.interactive  # when piped, reasoning goes to stderr
     in_reasoning = False
     try:
         for delta in stream:
             if delta.reasoning:
-                # When piped, reasoning goes to stderr and the answer alone to stdout.
-                console.write(style.dim(console.shown(delta.reasoning)), err=not console.interactive)
+                console.write(style.dim(console.shown(delta.reasoning)), err=aside)
                 in_reasoning = True
             if delta.content:
                 if in_reasoning:
-                    console.write("\n", err=not console.interactive)
+                    console.write("\n", err=aside)
                     in_reasoning = False
                 console.write(console.shown(delta.content))
             for call in delta.tool_calls:
@@ -153,7 +153,7 @@ def run_command(line: str, state: "ChatState"):
         path = Path(arg).expanduser()
         try:
             if name == "save":
-                session.save(path)
+                path = session.save(path)
                 console.info(f"saved {len(session.messages)} messages to {path}")
             else:
                 state.session = type(session).load(path, session.model, session.tokenizer)
@@ -268,7 +268,8 @@ def piped(state: ChatState, input_mode: str):
               help="Most tokens per reply.")
 @click.option("--temp", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Sampling temperature (M3's recommended 1.0); 0 is greedy.")
-@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-p", default=0.95, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True))
 @click.option("--top-k", default=40, show_default=True, type=click.IntRange(0), help="0 is off.")
 @click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--repetition-penalty", default=1.0, show_default=True,

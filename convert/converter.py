@@ -17,10 +17,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, List, Mapping, Optional, Tuple, Union
 
 from .errors import ConvertError
-from .hub import fetch, looks_like_repo_id, upload, write_model_card
+from .hub import (
+    download_shards, fetch_small, looks_like_repo_id, remote_headers, upload, write_model_card,
+)
 from .plan import MAX_SHARD_BYTES, Plan, build_plan, describe, estimate_seconds, human
 from .progress import Progress
 from .recipes import DEFAULT_RECIPE, base_spec, role_specs
@@ -86,8 +88,8 @@ def convert(
     output = Path(output).expanduser()
     state = _check_output(output, resume=resume, force=force, dry_run=dry_run)
 
-    # 2. source
-    src = _open_source(source, revision=revision, api=hub_api, dry_run=dry_run)
+    # 2. source (from the Hub: config and headers only, for now)
+    src, pending = _open_source(source, revision=revision, api=hub_api)
     if src.path.resolve() == output.resolve() or output.resolve() in src.path.resolve().parents:
         raise ConvertError(f"OUTPUT_DIR {output} is the source directory (or holds it); write "
                            "the conversion somewhere else")
@@ -111,14 +113,24 @@ def convert(
                 "source; run it again with the same command, or use --force to start over")
         done = [f for f in state.get("done", []) if f in plan.files
                 and shard_is_complete(output, f, plan)]
+
+    # 4. disk space (what --force deletes counts as free), the download, then the first write
+    needed = sum(b for f, b in plan.file_bytes.items() if f not in done) + sum(
+        p.stat().st_size for p in src.side_files)
+    if force and output.exists():
+        needed -= sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+    download = sum(w.nbytes for w in src.weights if w.data.file.name in pending)
+    _check_disk(output, needed, src.path, download)
+    if pending:
+        download_shards(src.repo_id, pending, revision=revision, api=hub_api, log=log)
+        src = open_local(src.path, repo_id=src.repo_id)  # now with the real headers
+        plan = build_plan(src, specs, base=base, dtype=dtype, recipe=recipe,
+                          max_shard_bytes=max_shard_size)
+        if plan.fingerprint() != fingerprint:
+            raise ConvertError(f"the shards downloaded from {src.repo_id} do not match the "
+                               "headers the Hub reported for them; run the command again")
     if force and output.exists():
         _clear_output(output)
-
-    # 4. disk space, then the first write
-    file_bytes = plan.file_bytes
-    needed = sum(b for f, b in file_bytes.items() if f not in done) + sum(
-        p.stat().st_size for p in src.side_files)
-    _check_disk(output, needed)
     fresh, created = not done and state is None, not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     state = {"fingerprint": fingerprint, "done": list(done), "source": str(src.repo_id or src.path)}
@@ -150,22 +162,29 @@ def convert(
     (output / STATE_FILE).unlink(missing_ok=True)
     seconds = bar.elapsed
     log(f"wrote {human(plan.out_bytes)} to {output} in {seconds:.1f}s "
-        f"({plan.source.text_bytes / max(seconds, 1e-9) / 1e6:.1f} MB/s of source); "
+        f"({bar.done / max(seconds, 1e-9) / 1e6:.1f} MB/s of source); "
         f"verified {verified['tensors']} tensors in {verified['files']} files")
     if upload_repo:
         upload(output, upload_repo, api=hub_api, log=log)
     return ConvertResult(plan, output, written=True, seconds=seconds, verified=verified)
 
 
-def _open_source(source, *, revision, api, dry_run) -> Source:
+def _open_source(source, *, revision, api) -> Tuple[Source, List[str]]:
+    """(the checked source, shards still to download). A Hub source is checked from its
+    config and the shard headers on the Hub until its shards are needed."""
     path = Path(source).expanduser()
     if path.exists():
-        return open_local(path)
-    if looks_like_repo_id(str(source)):
-        local, headers = fetch(str(source), revision=revision, api=api, weights=not dry_run)
-        return open_local(local, tensors=headers, repo_id=str(source))
-    raise ConvertError(f"SOURCE {source}: no such directory, and not a Hub repo id "
-                       "(like MiniMaxAI/MiniMax-M3)")
+        return open_local(path), []
+    if not looks_like_repo_id(str(source)):
+        raise ConvertError(f"SOURCE {source}: no such directory, and not a Hub repo id "
+                           "(like MiniMaxAI/MiniMax-M3)")
+    repo_id = str(source)
+    local, shards = fetch_small(repo_id, revision=revision, api=api)
+    pending = [s for s in shards if not (local / s).is_file()]
+    if not pending:
+        return open_local(local, repo_id=repo_id), []
+    headers = remote_headers(repo_id, local, shards, revision=revision, api=api)
+    return open_local(local, tensors=headers, repo_id=repo_id), pending
 
 
 def _check_output(output: Path, *, resume: bool, force: bool, dry_run: bool) -> Optional[dict]:
@@ -222,14 +241,24 @@ def _remove_written(output: Path, plan: Plan, created: bool):
             p.unlink(missing_ok=True)
 
 
-def _check_disk(output: Path, needed: int):
+def _check_disk(output: Path, needed: int, cache: Path, download: int):
+    """Room for the output, and for the shards still to download (on the same disk or not)."""
     probe = output
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed + DISK_RESERVE > free:
-        raise ConvertError(f"not enough disk space: the output needs {human(needed)}, "
-                           f"{probe} has {human(free)} free; free some space or write elsewhere")
+    wants = {probe.stat().st_dev: [probe, needed, "the output needs"]}
+    if download:
+        dev = cache.stat().st_dev
+        if dev in wants:
+            wants[dev][1] += download
+            wants[dev][2] = "the output and the download need"
+        else:
+            wants[dev] = [cache, download, "the download needs"]
+    for where, nbytes, what in wants.values():
+        free = shutil.disk_usage(where).free
+        if nbytes + DISK_RESERVE > free:
+            raise ConvertError(f"not enough disk space: {what} {human(nbytes)}, {where} has "
+                               f"{human(free)} free; free some space or write elsewhere")
 
 
 def _atomic_write(path: Path, text: str):

@@ -39,11 +39,10 @@ def _needed_shards(local: Path, files: List[str]) -> List[str]:
     return sorted(f for f in files if f.endswith(".safetensors"))
 
 
-def fetch(repo_id: str, *, revision: Optional[str] = None, api=None, weights: bool = True
-          ) -> Tuple[Path, Optional[Dict[str, TensorInfo]]]:
-    """Download config, index, tokenizer and chat files, then either the text shards
-    (`weights=True`) or only their headers (a dry run). Returns (local snapshot directory,
-    headers read remotely or None)."""
+def fetch_small(repo_id: str, *, revision: Optional[str] = None, api=None
+                ) -> Tuple[Path, List[str]]:
+    """Download config, index, tokenizer and chat files. Returns (local snapshot directory, the
+    shards that hold text tensors: vision-only shards are never fetched)."""
     api = api or default_api()
     try:
         files = api.list_repo_files(repo_id, revision=revision)
@@ -62,13 +61,16 @@ def fetch(repo_id: str, *, revision: Optional[str] = None, api=None, weights: bo
     if missing:
         raise ConvertError(f"{INDEX_FILE} of {repo_id} lists shard(s) the repo does not have, "
                            f"e.g. {missing[:3]}")
-    if weights:
-        for s in shards:
-            _download(api, repo_id, s, revision)
-        return local, None
-    if all((local / s).is_file() for s in shards):
-        return local, None  # already downloaded: read the real headers
-    return local, remote_headers(api, repo_id, revision, local, shards)
+    return local, shards
+
+
+def download_shards(repo_id: str, shards: List[str], *, revision: Optional[str] = None, api=None,
+                    log=print):
+    """Fetch the shards into the huggingface-hub cache; an interrupted download resumes."""
+    api = api or default_api()
+    for i, s in enumerate(shards):
+        log(f"downloading {s} ({i + 1}/{len(shards)}) from {repo_id}")
+        _download(api, repo_id, s, revision)
 
 
 def _download(api, repo_id: str, filename: str, revision: Optional[str]) -> str:
@@ -79,9 +81,11 @@ def _download(api, repo_id: str, filename: str, revision: Optional[str]) -> str:
                            f"{e}); run again to resume the download") from None
 
 
-def remote_headers(api, repo_id, revision, local: Path, shards: List[str]
-                   ) -> Dict[str, TensorInfo]:
-    """Tensor dtypes and shapes read from the shard headers on the Hub (HTTP range reads)."""
+def remote_headers(repo_id: str, local: Path, shards: List[str], *,
+                   revision: Optional[str] = None, api=None) -> Dict[str, TensorInfo]:
+    """Tensor dtypes and shapes read from the shard headers on the Hub (HTTP range reads), so
+    a conversion is planned and checked before hundreds of gigabytes are downloaded."""
+    api = api or default_api()
     try:
         meta = api.get_safetensors_metadata(repo_id, revision=revision)
     except Exception as e:

@@ -10,7 +10,7 @@ import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from m3mlx.weights import MTP_FILE
 
 from .errors import ConvertError
 from .recipes import ROLES, Spec
-from .safetensors_io import DTYPE_SIZE, FLOAT_NAMES, PlannedTensor, file_size
+from .safetensors_io import FLOAT_NAMES, PlannedTensor, file_size
 from .source import Source, SourceWeight
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
@@ -108,7 +108,7 @@ def _out_tensors(path: str, kind: str, spec: Spec, shape, lead: tuple, dtype: st
     return out
 
 
-def _effective(spec: Spec, cols: int, dtype: str) -> (Spec, str):
+def _effective(spec: Spec, cols: int, dtype: str) -> Tuple[Spec, str]:
     """The role's spec, or the float fallback when the tensor's width does not fit its groups."""
     if spec.quantized and cols % spec.group_size:
         return Spec("float", dtype=dtype), (f"kept {dtype}: {cols} columns are not a multiple "
@@ -301,6 +301,3 @@ def _duration(seconds: float) -> str:
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
-
-def dtype_bytes(name: str) -> int:
-    return DTYPE_SIZE[name]

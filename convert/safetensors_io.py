@@ -11,7 +11,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -224,7 +224,3 @@ def pwrite_all(fd: int, data, offset: int):
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
-
-def list_header_names(file: Path) -> List[str]:
-    tensors, _ = read_header(file)
-    return list(tensors)

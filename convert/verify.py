@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from m3mlx.config import ConfigError, ModelArgs
-from m3mlx.weights import EXPERT_PROJECTIONS  # noqa: F401  (layout names come from there)
 
 from .errors import ConvertError
 from .layout import text_weights

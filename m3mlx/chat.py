@@ -10,6 +10,7 @@ always computes exactly what a from-scratch run over the rendered conversation w
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .cache import load_prompt_cache, prompt_cache_bytes, save_prompt_cache
@@ -95,11 +96,18 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 class ChatSession:
     """A conversation with `model`, its KV cache kept between turns.
 
-    `send(message)` streams the reply; `add_tool_result(...)` answers the model's tool calls,
-    after which `send()` continues. `system`, `tools` and `thinking` ("enabled", "disabled",
-    "adaptive") may be changed between turns; the next reply re-prefills from the first token
-    they change. `index_bits=8` stores MSA index keys in 8 bits. Generation options (`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`,
-    `repetition_penalty`, `seed`, ...) default to M3's recommended sampling.
+        session = ChatSession(model, tokenizer, system="Be brief.", thinking="adaptive")
+        stream = session.send("Hello")
+        for delta in stream:
+            print(delta.reasoning or delta.content, end="")
+        reply = stream.reply  # content, reasoning, tool_calls, statistics
+
+    `add_tool_result(...)` answers the model's tool calls, after which `send()` continues.
+    `system`, `tools` and `thinking` ("enabled", "disabled", "adaptive") may be changed between
+    turns; the next reply re-prefills from the first token they change. `index_bits=8` stores
+    MSA index keys in 8 bits. Generation options (`max_tokens`, `temperature`, `top_p`,
+    `top_k`, `min_p`, `repetition_penalty`, `seed`, `prefill_step_size`, ...) default to M3's
+    recommended sampling.
     """
 
     def __init__(
@@ -184,9 +192,8 @@ class ChatSession:
         """
         if message is None:
             if not self.messages or self.messages[-1]["role"] == "assistant":
-                raise ValueError(
-                    "nothing to reply to: pass a message, or add tool results with add_tool_result()"
-                )
+                raise ValueError("nothing to reply to: pass a message, or add tool results "
+                                 "with add_tool_result()")
             new = []
         elif isinstance(message, str):
             new = [{"role": "user", "content": message}]
@@ -283,8 +290,12 @@ class ChatSession:
 
     # -- persistence -----------------------------------------------------------------------
 
-    def save(self, path: str):
-        """Write the conversation, settings and cache to one file (safetensors)."""
+    def save(self, path) -> Path:
+        """Write the conversation, settings and cache to one safetensors file; returns its path
+        (`.safetensors` is appended when missing)."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
         state = {
             "format": SESSION_FORMAT,
             "model": _model_signature(self.model, self.tokenizer),
@@ -296,18 +307,25 @@ class ChatSession:
             "tokens": self._tokens,
         }
         save_prompt_cache(str(path), self._cache, {"chat_session": json.dumps(state)})
+        return path
 
     @classmethod
-    def load(cls, path: str, model, tokenizer, **overrides) -> "ChatSession":
+    def load(cls, path, model, tokenizer, **overrides) -> "ChatSession":
         """Restore a session saved with `save`, to continue with the same model.
 
         `overrides` replace saved settings (system, tools, thinking, generation options).
         """
+        path = Path(path)
+        if not path.exists() and path.with_name(path.name + ".safetensors").exists():
+            path = path.with_name(path.name + ".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such session file")
         try:
             cache, metadata = load_prompt_cache(str(path), return_metadata=True)
             state = json.loads(metadata["chat_session"])
-            assert state["format"] == SESSION_FORMAT
-        except (KeyError, ValueError, AssertionError, TypeError) as e:
+            if state.get("format") != SESSION_FORMAT:
+                raise ValueError(f"format {state.get('format')!r}, expected {SESSION_FORMAT!r}")
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise ValueError(f"{path} is not a saved m3mlx chat session ({e})") from None
         if state["model"] != _model_signature(model, tokenizer):
             raise ValueError(

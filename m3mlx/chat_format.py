@@ -200,7 +200,10 @@ def _system_block(system: str, thinking: str, tools: List[Dict[str, Any]]) -> st
         declared = "".join(
             f"<tool>{json.dumps(t['function'], ensure_ascii=False)}</tool>\n" for t in tools
         )
-        text += f"\n\n{TOOLS_INTRO}\n\n<tools>\n{declared}</tools>\n\n{TOOLS_USAGE}\n\n{TOOLS_EXAMPLE}"
+        text += (
+            f"\n\n{TOOLS_INTRO}\n\n<tools>\n{declared}</tools>\n\n"
+            f"{TOOLS_USAGE}\n\n{TOOLS_EXAMPLE}"
+        )
     return text
 
 
@@ -472,7 +475,7 @@ class _Element:
 
 
 _TAG = re.compile(re.escape(NS) + r"<(/?)([^\s<>/]+)([^<>]*)>")
-_NAME_ATTR = re.compile(r"""^\s*name\s*=\s*(?:"([^"]*)"|'([^']*)')\s*$""")
+_NAME_ATTR = re.compile(r"""^\s*name\s*=\s*(?:"([^"]+)"|'([^']+)')\s*$""")
 
 
 def _parse_elements(body: str) -> List[_Element]:

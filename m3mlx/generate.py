@@ -1,6 +1,7 @@
 """Token generation: chunked prefill, sampling, streaming text with statistics."""
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
@@ -67,6 +68,21 @@ def make_repetition_penalty(penalty: float, context: int = 64) -> Callable[[List
         return logits
 
     return apply
+
+
+@contextmanager
+def wired_limit():
+    """On a Mac, wire up to the recommended working set so a model near the size of memory
+    is not paged out between steps; restore the previous limit afterwards."""
+    if not mx.metal.is_available():
+        yield
+        return
+    previous = mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(previous)
 
 
 def prefill(model: Model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_STEP,
@@ -160,24 +176,25 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
     tokens = generate_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
                              sampler=sampler, logits_processors=processors, seed=seed,
                              prefill_step_size=prefill_step_size, on_prefilled=prefilled)
-    for token in tokens:
-        n += 1
-        if token in eos:
-            text += detok.flush()
-            yield response(text[emitted:], token, "stop")
-            return
-        text += detok.add(token)
-        hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
-        if hit >= 0:
-            yield response(text[emitted:hit], token, "stop")
-            return
-        if n == max_tokens:
-            text += detok.flush()
-            yield response(text[emitted:], token, "length")
-            return
-        safe = len(text) - _held_back(text, stop_strings)
-        yield response(text[emitted:safe], token, None)
-        emitted = safe
+    with wired_limit():
+        for token in tokens:
+            n += 1
+            if token in eos:
+                text += detok.flush()
+                yield response(text[emitted:], token, "stop")
+                return
+            text += detok.add(token)
+            hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+            if hit >= 0:
+                yield response(text[emitted:hit], token, "stop")
+                return
+            if n == max_tokens:
+                text += detok.flush()
+                yield response(text[emitted:], token, "length")
+                return
+            safe = len(text) - _held_back(text, stop_strings)
+            yield response(text[emitted:safe], token, None)
+            emitted = safe
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Sequence[int]],

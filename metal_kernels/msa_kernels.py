@@ -192,8 +192,9 @@ def index_select_launch(scores, offset, block_size, topk) -> Launch:
 
 
 def index_topk(index_q, index_keys, offset, block_size, topk, index_scales=None,
-               run: Runner = metal_run):
+               run: Runner | None = None):
     """Block selection with the Metal kernels: int32 [B, H, L, topk], the twin's contract."""
+    run = run or metal_run
     B, H, L, D = index_q.shape
     if index_keys.ndim != 3 or index_keys.shape[0] != B or index_keys.shape[2] != D:
         raise ValueError(f"index_keys {index_keys.shape} does not match index_q {index_q.shape}")
@@ -280,8 +281,9 @@ def prefill_attention_launch(q, keys, values, selection, offset, scale, block_si
 
 
 def sparse_attention(q, keys, values, selection, offset, scale, block_size,
-                     run: Runner = metal_run):
+                     run: Runner | None = None):
     """Attention over the selected blocks with the Metal kernels: [B, H*G, L, Dv]."""
+    run = run or metal_run
     B, Hq, L, D = q.shape
     if keys.ndim != 4 or keys.shape[0] != B or keys.shape[3] != D or Hq % keys.shape[1]:
         raise ValueError(f"keys {keys.shape} do not match q {q.shape}")

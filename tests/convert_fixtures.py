@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from m3mlx.config import ModelArgs
-from m3mlx.demo import hf_config, write_demo_checkpoint
+from m3mlx.demo import hf_config, write_demo_checkpoint, write_tokenizer
 
 # Every projection a multiple of 128 wide, so every MLX group size applies to every tensor.
 QUANT_DIMS = dict(hidden_size=128, intermediate_size=128, shared_intermediate_size=128,
@@ -280,6 +280,7 @@ def big_checkpoint(path, *, num_hidden_layers: int = 11, shard_bytes: int = 400 
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     config = hf_config(args)
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(path)  # mlx-lm's converter wants one
     return path
 
 

@@ -59,13 +59,24 @@ class Terminal:
         self.output += data
         return data
 
-    def expect(self, text: str, timeout: float = 60) -> str:
-        """Wait for `text` after what was matched before; returns the output up to it."""
+    @property
+    def pending(self) -> str:
+        """Output not yet matched."""
+        return self.output[self.seen:]
+
+    def shows(self, text: str, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for `text` after what was matched before."""
         deadline = time.monotonic() + timeout
         while text not in self.output[self.seen:]:
             if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not shown; the terminal showed:\n{self.output[self.seen:]}")
-            self.read(0.2)
+                return False
+            self.read(0.05)
+        return True
+
+    def expect(self, text: str, timeout: float = 60) -> str:
+        """Wait for `text` after what was matched before; returns the output up to it."""
+        if not self.shows(text, timeout):
+            raise AssertionError(f"{text!r} not shown; the terminal showed:\n{self.pending}")
         end = self.output.index(text, self.seen) + len(text)
         before, self.seen = self.output[self.seen:end], end
         return before
@@ -75,7 +86,7 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while not ANSI.sub("", self.output[self.seen:]).strip():
             if time.monotonic() > deadline:
-                raise AssertionError(f"nothing printed; the terminal showed:\n{self.output[self.seen:]}")
+                raise AssertionError(f"nothing printed; the terminal showed:\n{self.pending}")
             self.read(0.05)
 
     def send(self, text: str):
@@ -90,7 +101,7 @@ class Terminal:
                 os.close(self.fd)
                 return os.waitstatus_to_exitcode(status)
         os.kill(self.pid, 9)
-        raise AssertionError(f"the chat did not exit; it showed:\n{self.output[self.seen:]}")
+        raise AssertionError(f"the chat did not exit; it showed:\n{self.pending}")
 
 
 def test_chat_in_a_terminal(chat_dir, tmp_path):
@@ -156,9 +167,12 @@ def test_ctrl_c_at_the_prompt_and_eof(chat_dir, tmp_path):
     term.expect(">>> ")
     term.send("half a line")
     term.expect("half a line")  # typed, then Ctrl-C clears it
-    # readline sees a signal only while it waits for a key: give it time to get back there.
-    time.sleep(0.5)
-    term.send("\x03")
+    # readline notices a signal only while it waits for a key; one that arrives while it is
+    # still busy with the last key is seen with the next: press again until it is seen.
+    for _ in range(10):
+        term.send("\x03")
+        if term.shows(">>> ", 1):
+            break
     term.expect(">>> ")
     term.send("/frobnicate\r")
     term.expect("unknown command /frobnicate")
@@ -184,7 +198,8 @@ def test_piped_lines_and_whole_input(chat_dir, tmp_path):
     assert "thinking: disabled" in lines.stderr and "\x1b[" not in lines.stdout
     model, tokenizer = m3mlx.load(chat_dir, dtype=mx.float32)
     session = ChatSession.load(saved, model, tokenizer)
-    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["First message", "Second"]
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert users == ["First message", "Second"]
 
     whole = run_piped(chat_dir, "One message\nover two lines\n", "--max-tokens", "8", "--input",
                       "whole", "--seed", "1")

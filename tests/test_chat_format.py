@@ -1,4 +1,5 @@
-"""Chat rendering: the built-in renderer and the shipped jinja template against m3-model.md 5.2-5.4."""
+"""Chat rendering: the built-in renderer and the shipped jinja template, against the format of
+m3-model.md sections 5.2-5.4."""
 
 import pytest
 
@@ -29,7 +30,9 @@ MODE_LINE = {
     "adaptive": "Current thinking mode: adaptive. You are encouraged to think for complex "
     "decision-making, multi-step reasoning, or when analyzing function/tool results.\n",
 }
-PROMPT_END = {"enabled": "]~b]ai\n<mm:think>", "disabled": "]~b]ai\n</mm:think>", "adaptive": "]~b]ai\n"}
+PROMPT_END = {
+    "enabled": "]~b]ai\n<mm:think>", "disabled": "]~b]ai\n</mm:think>", "adaptive": "]~b]ai\n"
+}
 
 WEATHER = {
     "name": "get_weather",
@@ -87,7 +90,8 @@ TOOL_CHAT_TEXT = (
     "]~b]user\nWeather in Boston, and the time?[e~[\n"
     "]~b]ai\n<mm:think>Two tools.</mm:think>Checking.\n"
     f"{NS}<tool_call>\n"
-    f'{NS}<invoke name="get_weather">{NS}<location>Boston{NS}</location>{NS}<units>celsius{NS}</units>{NS}</invoke>\n'
+    f'{NS}<invoke name="get_weather">{NS}<location>Boston{NS}</location>'
+    f"{NS}<units>celsius{NS}</units>{NS}</invoke>\n"
     f'{NS}<invoke name="clock">{NS}</invoke>\n'
     f"{NS}</tool_call>[e~[\n"
     ']~b]tool\n<response>{"temp": 21, "sky": "clear"}</response>\n<response>09:30</response>[e~[\n'
@@ -128,7 +132,8 @@ def test_system_prompt_and_no_generation_prompt():
     text = both(messages, thinking="adaptive")
     assert text == expected_prompt("adaptive", False, system="Be terse.")
     history = both(messages, thinking="disabled", add_generation_prompt=False)
-    assert history == expected_prompt("disabled", False, system="Be terse.")[: -len(PROMPT_END["disabled"])]
+    prompt = expected_prompt("disabled", False, system="Be terse.")
+    assert history == prompt.removesuffix(PROMPT_END["disabled"])
 
 
 def test_template_thinking_mode_undefined_is_adaptive():
@@ -154,8 +159,8 @@ def test_render_chat_picks_the_template():
         ([{"role": "user", "content": 3}], "must be a string"),
         ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}],
          "function name"),
-        ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
-         "not valid JSON"),
+        ([{"role": "assistant", "content": "",
+           "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}], "not valid JSON"),
         (["hello"], "must be a dict"),
     ],
 )
@@ -182,8 +187,9 @@ def test_bare_function_tools_equal_wrapped():
 
 
 def test_nested_arguments():
-    call = {"name": "f", "arguments": {"a": {"b": [1, {"c": True}], "d": None}, "e": 2.5, "g": [], "h": False}}
-    text = both([{"role": "assistant", "content": "", "tool_calls": [call]}], add_generation_prompt=False)
+    arguments = {"a": {"b": [1, {"c": True}], "d": None}, "e": 2.5, "g": [], "h": False}
+    message = {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": arguments}]}
+    text = both([message], add_generation_prompt=False)
     block = (
         f'{NS}<invoke name="f">{NS}<a>{NS}<b>{NS}<item>1{NS}</item>{NS}<item>{NS}<c>true{NS}</c>'
         f"{NS}</item>{NS}</b>{NS}</a>{NS}<e>2.5{NS}</e>{NS}<g>{NS}</g>{NS}<h>false{NS}</h>{NS}</invoke>\n"
@@ -191,7 +197,8 @@ def test_nested_arguments():
     assert f"]~b]ai\n</mm:think>{NS}<tool_call>\n{block}{NS}</tool_call>[e~[\n" in text
     # ... and the parser reads it back (g: an empty element is "" without a schema).
     reply = parse_reply(text.split("]~b]ai\n")[-1].removesuffix("[e~[\n"))
-    assert reply.tool_calls[0].arguments == {"a": {"b": [1, {"c": True}]}, "e": 2.5, "g": "", "h": False}
+    parsed = {"a": {"b": [1, {"c": True}]}, "e": 2.5, "g": "", "h": False}
+    assert reply.tool_calls[0].arguments == parsed
 
 
 # A reply as generated after the prompt's suffix, and its rendering in the next turn's history
@@ -211,7 +218,8 @@ ROUND_TRIPS = [
 def test_history_continues_the_prompt(mode, generated):
     prompt = both(CHAT, thinking=mode, tools=TOOLS)
     reply = parse_reply(generated, in_reasoning=prompt.endswith("<mm:think>"), tools=TOOLS)
-    history = both(CHAT + [reply.to_message()], thinking=mode, tools=TOOLS, add_generation_prompt=False)
+    history = both(CHAT + [reply.to_message()], thinking=mode, tools=TOOLS,
+                   add_generation_prompt=False)
     assert history == prompt + generated + "[e~[\n"
 
 

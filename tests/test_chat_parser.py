@@ -101,10 +101,10 @@ TOOL_CALLS = [
 
 # (output text, starts in reasoning, expected reply)
 CASES = {
-    "plain": ("Hello there, 2 < 3 and a]b[c.", False, ParsedReply("Hello there, 2 < 3 and a]b[c.", None, [])),
+    "plain": ("Hi, 2 < 3 and a]b[c.", False, ParsedReply("Hi, 2 < 3 and a]b[c.", None, [])),
     "enabled": ("step 1, step 2</mm:think>The answer is 4.", True,
                 ParsedReply("The answer is 4.", "step 1, step 2", [])),
-    "enabled_unclosed": ("still thinking <mm:think", True, ParsedReply("", "still thinking <mm:think", [])),
+    "enabled_unclosed": ("thinking <mm:think", True, ParsedReply("", "thinking <mm:think", [])),
     "adaptive_think": ("<mm:think>hmm</mm:think>Sure.", False, ParsedReply("Sure.", "hmm", [])),
     "stray_closer": ("</mm:think>Direct answer.", False, ParsedReply("Direct answer.", None, [])),
     "late_closer_is_content": ("Text </mm:think> more", False,
@@ -253,6 +253,7 @@ def test_structures_without_schema():
         (f"{OPEN}{NS}<invoke name=\"f\">{NS}<a>1{NS}</b>{NS}</invoke>{CLOSE}", "does not match"),
         (f"{OPEN}{NS}<invoke name=\"f\">{NS}<a>1{NS}</invoke>{CLOSE}", "does not match"),
         (f"{OPEN}{NS}<invoke>{tag('a', '1')}{NS}</invoke>{CLOSE}", "expected <invoke"),
+        (f"{OPEN}{NS}<invoke name=\"\">{NS}</invoke>{CLOSE}", "expected <invoke"),
         (f"{OPEN}{tag('a', '1')}{CLOSE}", "expected <invoke"),
         (f"{OPEN}chatter {invoke('f')}{CLOSE}", "outside any invoke"),
         (f"{OPEN}\n{CLOSE}", "no invoke"),

@@ -52,7 +52,8 @@ def from_scratch(session, model, tokenizer, **options):
     """Greedy tokens for the session's conversation (ending in a user turn), fresh cache."""
     prompt = session.tokenizer.encode(session.render())
     opts = {**GREEDY, **options}
-    return [r.token for r in stream_generate(model, tokenizer, prompt, prompt_cache=m3mlx.make_cache(model), **opts)]
+    cache = m3mlx.make_cache(model)
+    return [r.token for r in stream_generate(model, tokenizer, prompt, prompt_cache=cache, **opts)]
 
 
 def send(session, message=None, **options):
@@ -101,7 +102,8 @@ def test_history_rendered_differently_is_trimmed(canonical):
     model, tokenizer = canonical
     session = ChatSession(model, tokenizer, thinking="adaptive", **GREEDY)
     send(session, "Hello there")
-    prompt = tokenizer.encode(render_chat([{"role": "user", "content": "Hello there"}], thinking="adaptive"))
+    first_turn = [{"role": "user", "content": "Hello there"}]
+    prompt = tokenizer.encode(render_chat(first_turn, thinking="adaptive"))
     second = check_matches_scratch(session, model, tokenizer, "And now?")
     assert second.cached_tokens == len(prompt)
 
@@ -118,7 +120,8 @@ def test_changed_settings_reprefill_from_the_change(loaded, change):
     else:
         session.tools = [{"name": "clock", "parameters": {"type": "object", "properties": {}}}]
     reply = check_matches_scratch(session, model, tokenizer, "And now?")
-    old_system_turn = tokenizer.encode(render_chat([], thinking="enabled", add_generation_prompt=False))
+    old_system_turn = tokenizer.encode(
+        render_chat([], thinking="enabled", add_generation_prompt=False))
     assert 0 < reply.cached_tokens < len(old_system_turn)  # the change is in the system turn
 
 
@@ -159,7 +162,8 @@ def test_unstarted_or_empty_stream_leaves_no_turn(loaded):
 
 def test_tool_results_continue_the_turn(canonical):
     model, tokenizer = canonical
-    tools = [{"name": "clock", "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}]
+    params = {"type": "object", "properties": {"tz": {"type": "string"}}}
+    tools = [{"name": "clock", "parameters": params}]
     session = ChatSession(model, tokenizer, tools=tools, thinking="disabled", **GREEDY)
     with pytest.raises(ValueError, match="no tool call to answer"):
         session.add_tool_result("09:30")
@@ -194,7 +198,8 @@ def test_save_load_round_trip(loaded, tmp_path):
     session.save(path)
     restored = ChatSession.load(path, model, tokenizer)
     assert restored.messages == session.messages
-    assert (restored.system, restored.thinking, restored.options) == (session.system, session.thinking, session.options)
+    for name in ("system", "thinking", "options", "tools"):
+        assert getattr(restored, name) == getattr(session, name), name
     assert restored._tokens == session._tokens
     for a, b in zip(restored._cache, session._cache):
         assert a.offset == b.offset
@@ -210,10 +215,16 @@ def test_load_refuses_other_files_and_models(loaded, tmp_path, chat_dir):
     model, tokenizer = loaded
     cache_only = tmp_path / "cache.safetensors"
     m3mlx.save_prompt_cache(str(cache_only), m3mlx.make_cache(model))
-    with pytest.raises(ValueError, match="not a saved m3mlx chat session"):
-        ChatSession.load(cache_only, model, tokenizer)
-    path = tmp_path / "s.safetensors"
-    ChatSession(model, tokenizer).save(path)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("not safetensors")
+    for path in (cache_only, garbage):
+        with pytest.raises(ValueError, match="not a saved m3mlx chat session"):
+            ChatSession.load(path, model, tokenizer)
+    with pytest.raises(FileNotFoundError, match="no such session file"):
+        ChatSession.load(tmp_path / "missing.safetensors", model, tokenizer)
+    path = ChatSession(model, tokenizer).save(tmp_path / "s")
+    assert path == tmp_path / "s.safetensors"
+    assert ChatSession.load(tmp_path / "s", model, tokenizer).messages == []
     other_dir = write_demo_checkpoint(tmp_path / "other", dtype=mx.float32, num_hidden_layers=2,
                                       sparse_layers=[False, True], moe_layers=[False, True])
     other = m3mlx.load(other_dir, dtype=mx.float32)

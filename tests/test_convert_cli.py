@@ -208,3 +208,14 @@ def test_upload_from_the_command_line(fake_hub, src, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "default_api", lambda: NoUpload(fake_hub.root, fake_hub.cache))
     code, text = run(src, tmp_path / "out", "--resume", "--upload-repo", "me/m3")
     assert code == 1 and "403" in text and "complete on disk" in text
+
+
+def test_hub_disk_check_comes_before_the_download(fake_hub, tmp_path, monkeypatch):
+    from m3mlx.convert import converter
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(converter.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=200_000))
+    with pytest.raises(ConvertError, match="not enough disk space: the output and the download"):
+        convert("org/m3-mxfp8", tmp_path / "out", hub_api=fake_hub, **QUIET)
+    assert not any(f.endswith(".safetensors") for f in fake_hub.downloads)

@@ -1,7 +1,6 @@
 """Interrupt a conversion (Ctrl-C, or a hard kill mid-shard) and continue it with --resume: the
 result is byte-identical to an uninterrupted run, and finished shards are not written again."""
 
-import os
 import subprocess
 import sys
 import textwrap

@@ -33,8 +33,8 @@ SHAPES = [
     (2, 2, 3, 8, 12, 8, 4, 50, 21, 11),  # chunk after a cache, padded buffer, Dv != D
     (1, 1, 2, 8, 8, 8, 16, 20, 30, 0),  # fewer blocks than top-k
     (2, 2, 4, 8, 8, 8, 4, 203, 1, 5),  # decode, partial own block
-    (1, 2, 3, 40, 36, 33, 3, 100, 1, 3),  # decode; sizes not multiples of 32
-    (1, 1, 3, 40, 36, 33, 3, 100, 6, 3),  # prefill; sizes not multiples of 32
+    (1, 2, 3, 40, 36, 45, 3, 100, 1, 3),  # decode; sizes not multiples of 32, two chunks a block
+    (1, 1, 3, 40, 36, 45, 3, 100, 6, 3),  # prefill; the same
 ]
 
 
