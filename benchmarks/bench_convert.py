@@ -9,16 +9,18 @@ fresh process:
   python -m mlx_lm convert --hf-path SRC --mlx-path OUT -q --q-bits 4
 
 and reports wall time, throughput (MB of source per second) and peak resident memory (the
-kernel's high-water mark of each process, read at its exit). Not a test: these machines are
-noisy, read the ratios.
+kernel's high-water mark of each process, read at its exit). The source is read once first so
+no tool pays for a cold page cache, the tools take turns, and each figure is the median of
+--repeat runs. Not a test: these machines are noisy, read the ratios.
 
-    python benchmarks/bench_convert.py [--gb 2.2] [--dir /tmp/bench-convert] [--keep]
+    python benchmarks/bench_convert.py [--gb 2.2] [--repeat 3] [--dir /tmp/bench-convert]
 """
 
 import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +68,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gb", type=float, default=2.2, help="approximate checkpoint size")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per tool (median reported)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     args = p.parse_args()
 
@@ -84,16 +87,29 @@ def main():
     print(f"checkpoint: {source_bytes / 1e9:.2f} GB BF16 in {len(shards)} shards, "
           f"{layers} layers, {sys.platform}, {os.cpu_count()} CPUs\n")
 
-    results = [
-        run("m3mlx convert --recipe mlx-lm", "m3mlx",
-            [str(src), str(work / "m3mlx-mlxlm"), "--recipe", "mlx-lm", "--quiet"],
-            source_bytes, work / "m3mlx-mlxlm"),
-        run("m3mlx convert (recipe m3)", "m3mlx",
-            [str(src), str(work / "m3mlx-m3"), "--quiet"], source_bytes, work / "m3mlx-m3"),
-        run("mlx_lm convert -q --q-bits 4", "mlx_lm",
-            ["convert", "--hf-path", str(src), "--mlx-path", str(work / "mlx-lm"), "-q",
-             "--q-bits", "4"], source_bytes, work / "mlx-lm"),
+    for f in shards:  # warm the page cache for everyone
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    tools = [
+        ("m3mlx convert --recipe mlx-lm", "m3mlx",
+         [str(src), str(work / "m3mlx-mlxlm"), "--recipe", "mlx-lm", "--quiet"],
+         work / "m3mlx-mlxlm"),
+        ("m3mlx convert (recipe m3)", "m3mlx",
+         [str(src), str(work / "m3mlx-m3"), "--quiet"], work / "m3mlx-m3"),
+        ("mlx_lm convert -q --q-bits 4", "mlx_lm",
+         ["convert", "--hf-path", str(src), "--mlx-path", str(work / "mlx-lm"), "-q",
+          "--q-bits", "4"], work / "mlx-lm"),
     ]
+    runs = {name: [] for name, *_ in tools}
+    for _ in range(args.repeat):
+        for name, kind, argv, out in tools:
+            runs[name].append(run(name, kind, argv, source_bytes, out))
+    results = []
+    for name, rs in runs.items():
+        results.append({k: statistics.median(r[k] for r in rs) if k != "name" else name
+                        for k in rs[0]})
+    print(f"median of {args.repeat} runs each")
     print(f"{'tool':<32}{'seconds':>9}{'MB/s':>9}{'peak RSS MB':>13}{'output MB':>11}")
     for r in results:
         print(f"{r['name']:<32}{r['seconds']:>9.1f}{r['mb_s']:>9.1f}{r['peak_mb']:>13.0f}"

@@ -72,16 +72,20 @@ def stream_reply(console: Console, stream):
     style = console.style
     aside = not console.interactive  # when piped, reasoning goes to stderr
     in_reasoning = False
+    content_started = False
     try:
         for delta in stream:
             if delta.reasoning:
                 console.write(style.dim(console.shown(delta.reasoning)), err=aside)
                 in_reasoning = True
-            if delta.content:
+            # The answer's leading blank lines (usually after the reasoning) are not shown.
+            content = delta.content if content_started else delta.content.lstrip("\n")
+            if content:
                 if in_reasoning:
                     console.write("\n", err=aside)
                     in_reasoning = False
-                console.write(console.shown(delta.content))
+                console.write(console.shown(content))
+                content_started = True
             for call in delta.tool_calls:
                 arguments = json.dumps(call.arguments, ensure_ascii=False)
                 console.write(style.accent(f"\n[tool call] {call.name} {arguments}\n"))
@@ -287,19 +291,23 @@ def piped(state: ChatState, input_mode: str):
                    "are commands), or all of stdin is one message.")
 def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
          repetition_penalty, seed, prefill_step_size, index_bits, dtype, input_mode):
-    """Chat with the model at MODEL: streaming replies, dimmed reasoning, /help for commands.
+    """Chat with a model in the terminal: streaming replies, reasoning dimmed.
+
+    In the chat, /help lists the commands (/think, /system, /reset, /save, /load, /stats,
+    /quit). End a line with \\ to continue a message on the next line, or put \"\"\" alone on
+    the lines before and after a multi-line message. Ctrl-C stops a reply; Ctrl-D leaves.
 
     When stdin is not a terminal, messages are read from it (see --input) and only the
-    replies are written to stdout; reasoning goes to stderr.
+    replies are written to stdout; reasoning and command output go to stderr.
     """
     from m3mlx.chat import ChatSession
-    from m3mlx.cli.main import _load
+    from m3mlx.cli.main import load_or_fail
 
     is_tty = sys.stdin.isatty() and sys.stdout.isatty()
     console = Console(interactive=is_tty)
     if is_tty:
         console.write(console.style.dim(f"Loading {model_path} ...") + "\n")
-    model, tokenizer = _load(model_path, dtype)
+    model, tokenizer = load_or_fail(model_path, dtype)
     session = ChatSession(
         model, tokenizer, system=system, thinking=thinking,
         index_bits=8 if index_bits == "8" else None, max_tokens=max_tokens, temperature=temp,

@@ -46,7 +46,7 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
         prompt = sys.stdin.read()
     if not prompt:
         raise click.UsageError("the prompt is empty")
-    model, tokenizer = _load(model_path, dtype)
+    model, tokenizer = load_or_fail(model_path, dtype)
     cache = make_cache(model, index_bits=8 if index_bits == "8" else None)
     last = None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
@@ -60,7 +60,8 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
         click.echo(format_stats(last), err=True)
 
 
-def _load(model_path, dtype):
+def load_or_fail(model_path, dtype):
+    """(model, tokenizer), or a clean CLI error that says what is wrong."""
     from m3mlx import ConfigError, LoadError, load
 
     try:
@@ -107,8 +108,16 @@ def demo(directory, max_tokens):
         click.echo(last.text, nl=False)
     click.echo()
     click.echo(format_stats(last))
-    click.echo(f"\nNext: m3mlx generate --model {path} --prompt \"Hello\"")
+    click.echo(f"\nNext: m3mlx generate --model {path} --prompt \"Hello\"\n      m3mlx chat --model {path}")
 
+
+def _register_subcommands():
+    from .chat import chat
+
+    cli.add_command(chat)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     cli()

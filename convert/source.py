@@ -138,8 +138,9 @@ def quant_format(path: Path, config: dict) -> str:
     method = str(qc.get("quant_method", "")).lower()
     settings = qc.get("quantization", qc)
     algo = str(settings.get("quant_algo", "")).upper()
-    if method == "mxfp8" or (method == "fp8" and qc.get("scale_fmt") == "ue8m0"
-                             and list(qc.get("weight_block_size", [])) == [1, 32]):
+    # The scale tensors themselves are checked later: UE8M0 bytes, one per 1x32 block.
+    if method == "mxfp8" or (method == "fp8" and list(qc.get("weight_block_size", [])) == [1, 32]
+                             and qc.get("scale_fmt", "ue8m0") == "ue8m0"):
         return "mxfp8"
     if algo == "NVFP4" and method in ("modelopt", ""):
         group = settings.get("group_size", 16)
@@ -204,7 +205,10 @@ def inventory(path: Path, config: dict, args: ModelArgs, tensors: Dict[str, Tens
     hint = _shape_hint(args)
 
     companions = {"mxfp8": (".weight_scale_inv",),
-                  "nvfp4": (".weight_scale", ".weight_scale_2", ".input_scale")}.get(fmt, ())
+                  "nvfp4": (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale",
+                            ".v_scale")}.get(fmt, ())
+    # Activation and KV-cache scales: a weight-only conversion has no use for them.
+    unused = (".input_scale", ".k_scale", ".v_scale")
     dropped, unknown = [], []
     for name in tensors:
         if is_vision(name):
@@ -214,8 +218,8 @@ def inventory(path: Path, config: dict, args: ModelArgs, tensors: Dict[str, Tens
         else:
             base = next((name[: -len(c)] for c in companions if name.endswith(c)), None)
             if base is not None and f"{base}.weight" in by_name:
-                if name.endswith(".input_scale"):
-                    dropped.append(name)  # activation scale: weight-only conversion ignores it
+                if name.endswith(unused):
+                    dropped.append(name)
                 continue
             unknown.append(name)
     if unknown:

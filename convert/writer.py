@@ -10,6 +10,7 @@ renamed when complete; a small state file records finished shards so `--resume` 
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -44,30 +45,39 @@ def chunk_rows(cols: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * max(cols, 1)))
 
 
-def convert_rows(unit: Unit, src: SourceWeight, first: int, count: int, dtype: str
-                 ) -> List[np.ndarray]:
-    """Output bytes for rows [first, first + count) of one source weight, one array per output
-    tensor of the unit, in `unit.tensors` order."""
+def read_rows(unit: Unit, src: SourceWeight, first: int, count: int, dtype: str):
+    """The source side of rows [first, first + count): raw bytes to copy, bf16 bits to quantize
+    as they are, or float32 values. Runs ahead of `convert_rows` in a reader thread."""
     spec = unit.spec
     if unit.passthrough:
         if spec.quantized:  # mxfp8 -> mxfp8: e4m3 bytes become the uint32 words, exponents the scales
-            return [src.data.read(first, count), src.scale.read(first, count)]
-        return [src.data.read(first, count)]
+            return "copy", [src.data.read(first, count), src.scale.read(first, count)]
+        return "copy", [src.data.read(first, count)]
     if spec.quantized and src.fmt == "float" and src.data.dtype == "BF16" and (
             spec.mode != "affine" or dtype == "bfloat16"):
         # MLX quantizes bf16 input in float32 internally: the same bytes as quantizing the
         # float32 copy (the tests check this), without the copy, and faster.
-        x = mx.array(src.data.read(first, count).view(np.uint16)).view(mx.bfloat16)
-    else:
-        x = src.read_f32(first, count)
-        if not spec.quantized:
-            return [f32_to_dtype(x, FLOAT_NAMES[spec.dtype])]
-        x = mx.array(x)
+        return "bf16", src.data.read(first, count).view(np.uint16)
+    return "f32", src.read_f32(first, count)
+
+
+def convert_rows(unit: Unit, rows, dtype: str) -> List[np.ndarray]:
+    """Output bytes for what `read_rows` returned, one array per output tensor of the unit, in
+    `unit.tensors` order."""
+    kind, data = rows
+    spec = unit.spec
+    if kind == "copy":
+        return data
+    if not spec.quantized:
+        return [f32_to_dtype(data, FLOAT_NAMES[spec.dtype])]
+    x = mx.array(data).view(mx.bfloat16) if kind == "bf16" else mx.array(data)
     parts = mx.quantize(x, spec.group_size, spec.bits, mode=spec.mode)
     mx.eval(parts)
     out = [np.array(parts[0])]
     for p in parts[1:]:
-        if spec.mode == "affine":
+        if p.dtype == mx.bfloat16 and dtype == "bfloat16":
+            out.append(np.array(p.view(mx.uint16)))
+        elif spec.mode == "affine":
             out.append(f32_to_dtype(np.array(p.astype(mx.float32)), FLOAT_NAMES[dtype]))
         else:
             out.append(np.array(p))
@@ -110,25 +120,34 @@ class ShardFile:
         self.temp.unlink(missing_ok=True)
 
 
-def write_unit(shard: ShardFile, unit: Unit, dtype: str, on_bytes: Callable[[int], None]):
-    """Stream one unit into its shard: source by source (expert by expert), row chunk by chunk."""
-    for e, src in enumerate(unit.sources):
-        rows = src.rows
-        step = chunk_rows(src.cols)
-        # bytes per row and per expert slice of each output tensor
-        per_expert = [t.nbytes // len(unit.sources) for t in unit.tensors]
-        per_row = [b // rows for b in per_expert]
-        for first in range(0, rows, step):
-            count = min(step, rows - first)
-            parts = convert_rows(unit, src, first, count, dtype)
-            for t, data, slice_bytes, row_bytes in zip(unit.tensors, parts, per_expert, per_row):
-                if data.nbytes != count * row_bytes:
-                    raise AssertionError(f"{t.name}: produced {data.nbytes} bytes for {count} rows,"
-                                         f" planned {count * row_bytes}")
-                shard.write(t.name, e * slice_bytes + first * row_bytes, data)
-            on_bytes(src.nbytes * count // rows)
-            del parts
-        mx.clear_cache()
+def write_unit(shard: ShardFile, unit: Unit, dtype: str, on_bytes: Callable[[int], None],
+               reader: Optional[ThreadPoolExecutor] = None):
+    """Stream one unit into its shard: source by source (expert by expert), row chunk by chunk.
+    With a `reader`, the next chunk is read while this one is quantized and written."""
+    jobs = [(e, src, first, min(chunk_rows(src.cols), src.rows - first))
+            for e, src in enumerate(unit.sources)
+            for first in range(0, src.rows, chunk_rows(src.cols))]
+    n = len(unit.sources)
+    per_expert = [t.nbytes // n for t in unit.tensors]  # bytes of one expert's slice
+    pending = None
+    for i, (e, src, first, count) in enumerate(jobs):
+        if reader is None:
+            rows = read_rows(unit, src, first, count, dtype)
+        else:
+            rows = (pending or reader.submit(read_rows, unit, src, first, count, dtype)).result()
+            if i + 1 < len(jobs):
+                _, nsrc, nfirst, ncount = jobs[i + 1]
+                pending = reader.submit(read_rows, unit, nsrc, nfirst, ncount, dtype)
+        parts = convert_rows(unit, rows, dtype)
+        for t, data, slice_bytes in zip(unit.tensors, parts, per_expert):
+            row_bytes = slice_bytes // src.rows
+            if data.nbytes != count * row_bytes:
+                raise AssertionError(f"{t.name}: produced {data.nbytes} bytes for {count} rows, "
+                                     f"planned {count * row_bytes}")
+            shard.write(t.name, e * slice_bytes + first * row_bytes, data)
+        on_bytes(src.nbytes * count // src.rows)
+        del rows, parts
+    mx.clear_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,8 +199,9 @@ def write_shards(plan: Plan, output: Path, *, done: List[str], state: dict,
             continue
         shard = ShardFile(output, name, plan.files[name])
         try:
-            for unit in units_by_file[name]:
-                write_unit(shard, unit, plan.dtype, on_bytes)
+            with ThreadPoolExecutor(1, thread_name_prefix="m3mlx-read") as reader:
+                for unit in units_by_file[name]:
+                    write_unit(shard, unit, plan.dtype, on_bytes, reader)
             shard.finish()
         except BaseException:
             shard.abort()

@@ -237,7 +237,8 @@ class ChatSession:
                 "reset the session or start a shorter one"
             )
 
-    def _generate(self, stream: ChatStream, turns: int, new, prompt: str, ids: List[int], options):
+    def _generate(self, stream: ChatStream, turns: int, new: List[Dict[str, Any]], prompt: str,
+                  ids: List[int], options: Dict[str, Any]):
         if len(self.messages) != turns:
             raise RuntimeError("the conversation changed since this send(); call send() again")
         # At least one prompt token must be fed to get the next-token logits.

@@ -61,6 +61,11 @@ TOOLS_EXAMPLE = (
     f"{TOOL_CALL_END}"
 )
 
+# The tokenizer_config.json special tokens Hugging Face hands to chat templates.
+SPECIAL_TOKENS_MAP = {
+    "bos_token": BOD, "eos_token": END_OF_TURN, "unk_token": "]!d~[", "pad_token": "]!p~[",
+}
+
 # Generation-prompt suffix after "]~b]ai\n" for each thinking mode.
 PROMPT_SUFFIX = {"enabled": THINK_BEGIN, "disabled": THINK_END, "adaptive": ""}
 
@@ -407,7 +412,8 @@ def render_template(
 ) -> str:
     """Render a checkpoint's jinja chat template (Hugging Face conventions).
 
-    The thinking mode reaches the template as `thinking_mode`, M3's template variable.
+    The thinking mode reaches the template as `thinking_mode`, M3's template variable; M3's
+    special tokens as `bos_token`, `eos_token`, ... as Hugging Face passes them.
     """
     import jinja2
 
@@ -419,7 +425,7 @@ def render_template(
             tools=tools or None,
             thinking_mode=thinking,
             add_generation_prompt=add_generation_prompt,
-            **extra,
+            **{**SPECIAL_TOKENS_MAP, **extra},
         )
     except jinja2.TemplateError as e:
         raise TemplateError(f"chat template failed to render: {e}") from None
@@ -462,10 +468,6 @@ class ToolCall:
         return {"type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-class _Malformed(Exception):
-    pass
-
-
 @dataclass
 class _Element:
     tag: str
@@ -479,7 +481,8 @@ _NAME_ATTR = re.compile(r"""^\s*name\s*=\s*(?:"([^"]+)"|'([^']+)')\s*$""")
 
 
 def _parse_elements(body: str) -> List[_Element]:
-    """The top-level elements of a tool-call block body, namespaced tags only."""
+    """The top-level elements of a tool-call block body (namespaced tags only); ValueError
+    when the tags do not nest."""
     root = _Element("")
     stack = [root]
     pos = 0
@@ -490,7 +493,7 @@ def _parse_elements(body: str) -> List[_Element]:
         if closing:
             if len(stack) == 1 or stack[-1].tag != tag:
                 open_tag = stack[-1].tag if len(stack) > 1 else None
-                raise _Malformed(f"closing tag </{tag}> does not match <{open_tag}>")
+                raise ValueError(f"closing tag </{tag}> does not match <{open_tag}>")
             stack.pop()
         else:
             element = _Element(tag, attrs)
@@ -498,9 +501,9 @@ def _parse_elements(body: str) -> List[_Element]:
             stack.append(element)
     stack[-1].text.append(body[pos:])
     if len(stack) > 1:
-        raise _Malformed(f"tag <{stack[-1].tag}> is never closed")
+        raise ValueError(f"tag <{stack[-1].tag}> is never closed")
     if "".join(root.text).strip():
-        raise _Malformed("text outside any invoke")
+        raise ValueError("text outside any invoke")
     return root.children
 
 
@@ -631,29 +634,25 @@ def _object_value(element: _Element, schema: Dict[str, Any], where: str) -> Dict
     return out
 
 
-def parse_tool_block(body: str, tool_schemas: Optional[Dict[str, Any]] = None) -> List[ToolCall]:
+def parse_tool_block(body: str, schemas: Optional[Dict[str, Any]] = None) -> List[ToolCall]:
     """The calls in one tool-call block (the text between its opening and closing tags).
 
-    `tool_schemas` maps declared tool names to their `parameters` JSON schema; values are typed
-    by it. Raises `ValueError` when the block is not well-formed.
+    `schemas` maps declared tool names to their `parameters` JSON schema (see `tool_schemas`);
+    values are typed by it. Raises `ValueError` when the block is not well-formed.
     """
-    try:
-        elements = _parse_elements(body)
-    except _Malformed as e:
-        raise ValueError(str(e)) from None
     calls = []
-    for element in elements:
+    for element in _parse_elements(body):
         match = _NAME_ATTR.match(element.attrs) if element.tag == "invoke" else None
         if not match:
             raise ValueError(f'expected <invoke name="...">, got <{element.tag}{element.attrs}>')
         name = match.group(1) if match.group(1) is not None else match.group(2)
-        if tool_schemas is not None and name not in tool_schemas:
+        if schemas is not None and name not in schemas:
             warnings.warn(
                 f"the model called {name!r}, which is not a declared tool",
                 MalformedOutputWarning,
                 stacklevel=2,
             )
-        schema = (tool_schemas or {}).get(name) or {}
+        schema = (schemas or {}).get(name) or {}
         calls.append(ToolCall(name, _object_value(element, schema, "")))
     if not calls:
         raise ValueError("the block holds no invoke")

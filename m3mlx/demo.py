@@ -14,6 +14,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 
+from .chat_format import M3_CHAT_TEMPLATE
 from .config import ModelArgs
 
 SPECIAL_TOKENS = [
@@ -198,7 +199,8 @@ def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards
     (path / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id,
          "temperature": 1.0, "top_p": 0.95, "top_k": 40}, indent=2))
-    for name, text in (extra_files or {}).items():
+    files = {"chat_template.jinja": M3_CHAT_TEMPLATE, **(extra_files or {})}
+    for name, text in files.items():
         (path / name).write_text(text)
     return path
 

@@ -13,7 +13,8 @@ import pytest
 
 import m3mlx
 from m3mlx.chat import ChatSession
-from m3mlx.chat_format import M3_CHAT_TEMPLATE
+from m3mlx.chat_format import M3_CHAT_TEMPLATE, ReplyDelta, ToolCall
+from m3mlx.cli.chat import Console, stream_reply
 from m3mlx.demo import write_demo_checkpoint
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
@@ -31,7 +32,7 @@ def chat_dir(tmp_path_factory):
 
 
 def command(chat_dir, *extra):
-    return [sys.executable, "-m", "m3mlx.cli.chat", "--model", str(chat_dir), *ARGS, *extra]
+    return [sys.executable, "-m", "m3mlx.cli.main", "chat", "--model", str(chat_dir), *ARGS, *extra]
 
 
 class Terminal:
@@ -185,6 +186,49 @@ def test_ctrl_c_at_the_prompt_and_eof(chat_dir, tmp_path):
     assert term.wait() == 0
 
 
+class FakeStream:
+    def __init__(self, deltas):
+        self.deltas, self.reply, self.closed = iter(deltas), "the reply", False
+
+    def __iter__(self):
+        return self.deltas
+
+    def close(self):
+        self.closed = True
+
+
+DELTAS = [ReplyDelta(reasoning="Think."), ReplyDelta(content="\n\nAnswer\x1b[31m"),
+          ReplyDelta(tool_calls=[ToolCall("f", {"a": "é"})])]
+
+
+def test_reply_display_in_a_terminal(capsys, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert stream_reply(Console(interactive=True), FakeStream(DELTAS)) == "the reply"
+    out = capsys.readouterr().out
+    # dimmed reasoning; the answer without its leading blank lines and with the escape
+    # character defused; the tool call highlighted
+    assert out == ('\x1b[2mThink.\x1b[22m\nAnswer\ufffd[31m'
+                   '\x1b[36m\n[tool call] f {"a": "é"}\n\x1b[39m\n')
+
+
+def test_reply_display_piped(capsys):
+    stream_reply(Console(interactive=False), FakeStream(DELTAS))
+    captured = capsys.readouterr()
+    assert captured.err == "Think.\n"
+    assert captured.out == 'Answer\x1b[31m\n[tool call] f {"a": "é"}\n\n'
+
+
+def test_ctrl_c_while_printing_closes_the_stream(capsys):
+    def deltas():
+        yield ReplyDelta(content="Once upon")
+        raise KeyboardInterrupt
+
+    stream = FakeStream([])
+    stream.deltas = deltas()
+    stream_reply(Console(interactive=False), stream)
+    assert stream.closed and capsys.readouterr().out == "Once upon [interrupted]\n"
+
+
 def run_piped(chat_dir, stdin, *extra):
     return subprocess.run(command(chat_dir, *extra), input=stdin, capture_output=True, text=True,
                           timeout=120, check=True)
@@ -209,7 +253,7 @@ def test_piped_lines_and_whole_input(chat_dir, tmp_path):
 
 def test_bad_model_path_is_a_clear_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "m3mlx.cli.chat", "--model", str(tmp_path / "missing")],
+        [sys.executable, "-m", "m3mlx.cli.main", "chat", "--model", str(tmp_path / "missing")],
         input="", capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0 and "no such directory" in result.stderr

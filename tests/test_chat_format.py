@@ -237,3 +237,8 @@ def test_special_tokens_are_single_tokens(tmp_path):
     for s, i in ids.items():
         assert encoded.count(i) == text.count(s), s
     assert tok.eos_token_ids == [ids["[e~["]]
+
+
+def test_template_sees_special_tokens():
+    template = "{{ bos_token }}|{{ eos_token }}|{{ messages[0].content }}"
+    assert render_template(template, CHAT) == "]~!b[|[e~[|Hi"

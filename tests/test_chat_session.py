@@ -151,6 +151,42 @@ def test_interrupted_reply_is_kept_and_the_cache_stays_consistent(loaded):
     check_matches_scratch(session, model, tokenizer, "Go on", max_tokens=40)
 
 
+class InterruptedBetweenLayers:
+    """The model, but its n-th call raises KeyboardInterrupt after the first layer's cache took
+    the step and before the others did, as a Ctrl-C between two layers would."""
+
+    def __init__(self, model, n):
+        self.model, self.args, self.layers, self.n = model, model.args, model.layers, n
+
+    def __call__(self, inputs, cache=None):
+        self.n -= 1
+        logits = self.model(inputs, cache=cache)
+        if self.n == 0:
+            for c in cache[1:]:  # these layers never wrote the step
+                c.trim(inputs.shape[1])
+                c.keys[..., c.offset:, :] = 0
+                c.values[..., c.offset:, :] = 0
+            raise KeyboardInterrupt
+        return logits
+
+
+def test_hard_interrupt_leaves_a_consistent_cache(canonical):
+    model, tokenizer = canonical  # its replies re-encode exactly: the next turn reuses them
+    flaky = InterruptedBetweenLayers(model, n=3)  # the prefill, then the 2nd decode step
+    session = ChatSession(flaky, tokenizer, thinking="disabled", **GREEDY)
+    stream = session.send("Tell me a long story")
+    with pytest.raises(KeyboardInterrupt):
+        for _ in stream:
+            pass
+    assert stream.reply.finish_reason == "interrupted" and len(stream.reply.tokens) == 2
+    offsets = {c.offset for c in session._cache}
+    assert offsets == {session.context_used}
+    reply = check_matches_scratch(session, model, tokenizer, "Go on")
+    assert reply.cached_tokens == len(stream.reply.tokens) - 1 + len(
+        tokenizer.encode(render_chat([{"role": "user", "content": "Tell me a long story"}],
+                                     thinking="disabled")))
+
+
 def test_unstarted_or_empty_stream_leaves_no_turn(loaded):
     model, tokenizer = loaded
     session = ChatSession(model, tokenizer, **GREEDY)

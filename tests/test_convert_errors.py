@@ -13,7 +13,7 @@ import pytest
 from convert_fixtures import bf16_checkpoint, to_mxfp8, write_safetensors
 from m3mlx.convert import ConvertError, convert
 from m3mlx.convert import converter as converter_module
-from m3mlx.convert.source import SourceWeight
+from m3mlx.convert.safetensors_io import TensorInfo
 
 QUIET = dict(progress=False, log=lambda s: None)
 
@@ -239,16 +239,16 @@ def test_bad_options(src, tmp_path, kwargs, match):
 
 
 def test_failure_while_writing_leaves_nothing(src, tmp_path, monkeypatch):
-    real = SourceWeight.read_f32
+    real = TensorInfo.read
     calls = []
 
-    def flaky(self, first, count):
+    def flaky(self, first=0, count=None):
         calls.append(1)
         if len(calls) == 40:
             raise OSError("I/O error reading the source disk")
         return real(self, first, count)
 
-    monkeypatch.setattr(SourceWeight, "read_f32", flaky)
+    monkeypatch.setattr(TensorInfo, "read", flaky)
     out = tmp_path / "out"
     with pytest.raises(OSError):
         convert(src, out, max_shard_size=50_000, **QUIET)

@@ -79,11 +79,11 @@ KILL_SCRIPT = textwrap.dedent("""
     from m3mlx.convert import convert, writer
     real, units = writer.write_unit, []
 
-    def write_unit(shard, unit, dtype, on_bytes):
+    def write_unit(shard, unit, *args):
         units.append(unit.path)
         if len(units) == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup code runs: a power cut
-        real(shard, unit, dtype, on_bytes)
+        real(shard, unit, *args)
 
     writer.write_unit = write_unit
     convert(sys.argv[1], sys.argv[2], max_shard_size=int(sys.argv[4]), progress=False)

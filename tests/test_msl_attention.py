@@ -67,6 +67,7 @@ def test_half_precision(run, L, dtype):
 
 
 @pytest.mark.parametrize("L", [1, 7])
+@cases.harness_only
 def test_strided_views_are_read_through_their_strides(L):
     from msl import harness
 

@@ -1,7 +1,6 @@
 """The public MSA ops route to the Metal kernels: exercised here with the harness standing in
 for Metal (so the dispatch wiring is covered on Linux too)."""
 
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -10,8 +9,7 @@ from msl import cases, harness
 
 from m3mlx.metal_kernels import index_topk, msa, msa_kernels, msa_ops, sparse_attention
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the harness runs on Linux")
+pytestmark = cases.harness_only
 
 
 @pytest.fixture

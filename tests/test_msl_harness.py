@@ -1,15 +1,13 @@
 """The Metal-on-CPU harness itself: MLX's generated source, the emulated GPU, and its alarms."""
 
-import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl import harness
+from msl import cases, harness
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the harness runs on Linux")
+pytestmark = cases.harness_only
 
 
 @dataclass
@@ -212,3 +210,23 @@ def test_undefined_behaviour_is_a_sanitizer_error():
     src = "out[thread_position_in_grid.x] = x0[0] << 40;"
     with pytest.raises(harness.HarnessError, match="runtime error: shift exponent"):
         run1(src, [mx.ones(1, mx.int32)], (32,), out_dtype=mx.int32)
+
+
+def test_cpp_that_metal_lacks_is_refused():
+    with pytest.raises(harness.HarnessError, match="'double' is not available in Metal"):
+        run1("double d = x0[0]; out[0] = d;", [mx.ones(1)], (1,))
+
+
+@pytest.mark.parametrize("through_pointer,report", [
+    (False, "runtime error: index 32 out of bounds"),  # UBSan's bounds check sees the array
+    (True, "AddressSanitizer: heap-buffer-overflow"),  # a pointer into it: ASan
+])
+def test_threadgroup_memory_overflow_is_reported(through_pointer, report):
+    src = f"""
+    threadgroup float buf[32];
+    threadgroup float* p = buf;
+    {"p" if through_pointer else "buf"}[thread_index_in_threadgroup + 1] = x0[0];
+    out[thread_position_in_grid.x] = 0;
+    """
+    with pytest.raises(harness.HarnessError, match=report):
+        run1(src, [mx.ones(1)], (32,))

@@ -76,6 +76,7 @@ def test_half_precision_inputs(run, dtype):
     check(run, q, keys, 85, 8, 4)
 
 
+@cases.harness_only
 def test_strided_views_are_read_through_their_strides():
     # q as a [B, L, H, D] projection seen as [B, H, L, D]; keys inside a longer cache buffer.
     from msl import harness

@@ -2,7 +2,6 @@
 check that the harness catches each one, while the unmodified kernel passes the same case."""
 
 import dataclasses
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -11,8 +10,7 @@ from msl import cases, harness
 
 from m3mlx.metal_kernels import msa_kernels, msa_ops, quantize_index_keys
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the harness runs on Linux")
+pytestmark = cases.harness_only
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,392 @@
+"""The MoE decode kernels against their gather_qmm twin, under the Metal-on-CPU harness."""
+
+import sys
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from msl import cases, harness, lean
+
+from m3mlx.metal_kernels import moe
+from m3mlx.metal_kernels.moe import ExpertWeights, QuantizedWeight
+
+pytestmark = pytest.mark.skipif(not cases.RUNNERS, reason="neither Linux nor Metal")
+LINUX = sys.platform.startswith("linux")
+only_harness = pytest.mark.skipif(not LINUX, reason="the harness runs on Linux")
+
+FORMATS = {  # the formats the issue names: (mode, bits, group size)
+    "affine4": ("affine", 4, 64),
+    "affine8": ("affine", 8, 64),
+    "mxfp4": ("mxfp4", 4, 32),
+    "mxfp8": ("mxfp8", 8, 32),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# MLX's packing, as the kernels read it
+# ---------------------------------------------------------------------------------------------
+
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+
+
+def e4m3(q):
+    e, m = (q >> 3) & 15, (q & 7).astype(np.float32)
+    v = np.where(e == 0, m * 2.0**-9, (1 + m / 8) * 2.0 ** (e.astype(np.int32) - 7))
+    v = np.where((q & 0x7F) == 0x7F, np.nan, v)
+    return np.where(q & 0x80, -v, v).astype(np.float32)
+
+
+def dequantize_np(w_q, scales, biases, group_size, bits, mode):
+    """Our reading of mx.quantize's layout: codes LSB-first in uint32 words; affine s * q + b per
+    group; mxfp4 / mxfp8 E2M1 / E4M3 codes times an E8M0 scale 2^(s - 127) (255 gives inf)."""
+    words = np.asarray(w_q).astype(np.uint32)
+    shifts = np.arange(32 // bits, dtype=np.uint32) * bits
+    q = ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1)
+    per_group = lambda a: np.repeat(np.asarray(a), group_size, axis=-1)  # noqa: E731
+    if mode == "affine":
+        s = per_group(scales.astype(mx.float32))
+        return s * q.astype(np.float32) + per_group(biases.astype(mx.float32))
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.ldexp(np.float32(1), per_group(scales).astype(np.int32) - 127)
+        values = np.where(q & 8, -1, 1) * E2M1[q & 7] if bits == 4 else e4m3(q)
+        return (values * scale).astype(np.float32)
+
+
+def every_code(bits, mode, rows=8, cols=256):
+    """(w_q, scales, biases) whose rows run through every code, with scales that include the
+    E8M0 extremes (0 and 255) or negative affine scales."""
+    rng = np.random.default_rng(bits)
+    codes = np.resize(np.arange(1 << bits, dtype=np.uint32), (rows, cols))
+    codes = np.stack([np.roll(r, i) for i, r in enumerate(codes)])
+    per = 32 // bits
+    words = (codes.reshape(rows, -1, per) << (np.arange(per, dtype=np.uint32) * bits)).sum(
+        -1, dtype=np.uint32)
+    group = 64 if mode == "affine" else 32
+    if mode == "affine":
+        scales = rng.standard_normal((rows, cols // group)).astype(np.float32)
+        biases = rng.standard_normal((rows, cols // group)).astype(np.float32)
+        return mx.array(words), mx.array(scales), mx.array(biases)
+    scales = np.resize(np.array([0, 1, 100, 126, 127, 128, 160, 254, 255], np.uint8),
+                       (rows, cols // group))
+    return mx.array(words), mx.array(scales), None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_numpy_reading_of_the_packing_matches_mx_dequantize(fmt):
+    mode, bits, gs = FORMATS[fmt]
+    rng = np.random.default_rng(0)
+    w = mx.array(rng.standard_normal((3, 8, 256)).astype(np.float32) * 3)
+    w_q, scales, *biases = mx.quantize(w, gs, bits, mode=mode)
+    b = biases[0] if biases else None
+    want = mx.dequantize(w_q, scales, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
+    np.testing.assert_array_equal(dequantize_np(w_q, scales, b, gs, bits, mode), np.array(want))
+    w_q, scales, b = every_code(bits, mode)
+    want = mx.dequantize(w_q, scales, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
+    np.testing.assert_array_equal(dequantize_np(w_q, scales, b, gs, bits, mode), np.array(want))
+
+
+@dataclass
+class ProbeSpec:
+    name: str
+    input_names: tuple
+    output_names: tuple
+    source: str
+    header: str
+    ensure_row_contiguous: bool = True
+    atomic_outputs: bool = False
+
+
+DECODE_PROBE = ProbeSpec(
+    "moe_decode_probe",
+    ("a4_w", "a4_s", "a4_b", "a8_w", "a8_s", "a8_b", "m4_w", "m4_s", "m8_w", "m8_s", "dummy"),
+    ("out",),
+    """
+    // out[f, row, :]: row `row` of format f decoded by moe_dequant16, 16 values per thread.
+    const int k = thread_position_in_grid.x * MOE_CHUNK;
+    const size_t row = thread_position_in_grid.y;
+    const int f = thread_position_in_grid.z;
+    const int rows = threads_per_grid.y;
+    const int cols = threads_per_grid.x * MOE_CHUNK;
+    float v[MOE_CHUNK];
+    if (f == 0) moe_dequant16<MOE_AFFINE, 4, 64>(a4_w, a4_s, a4_b, row, cols, k, v);
+    if (f == 1) moe_dequant16<MOE_AFFINE, 8, 64>(a8_w, a8_s, a8_b, row, cols, k, v);
+    if (f == 2) moe_dequant16<MOE_MX, 4, 32>(m4_w, m4_s, dummy, row, cols, k, v);
+    if (f == 3) moe_dequant16<MOE_MX, 8, 32>(m8_w, m8_s, dummy, row, cols, k, v);
+    for (int i = 0; i < MOE_CHUNK; ++i) {
+      out[(size_t(f) * rows + row) * cols + k + i] = v[i];
+    }
+    """,
+    moe.GATE_UP.header,
+)
+
+
+@only_harness
+def test_kernel_decoders_match_mx_dequantize_on_every_code():
+    sets = [every_code(4, "affine"), every_code(8, "affine"), every_code(4, "mxfp4"),
+            every_code(8, "mxfp8")]
+    inputs = [*sets[0], *sets[1], *sets[2][:2], *sets[3][:2], mx.zeros((1,))]
+    launch = moe.Launch(inputs, [(4, 8, 256)], [mx.float32], (256 // 16, 8, 4), (16, 8, 1))
+    (got,) = harness.run(DECODE_PROBE, launch)
+    for f, (w_q, s, b) in enumerate(sets):
+        mode, bits, gs = list(FORMATS.values())[f]
+        want = mx.dequantize(w_q, s, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
+        np.testing.assert_array_equal(np.array(got[f]), np.array(want), err_msg=mode + str(bits))
+
+
+# ---------------------------------------------------------------------------------------------
+# The MoE block against the twin
+# ---------------------------------------------------------------------------------------------
+
+
+def random_experts(rng, fmt, E, D, F, scale=0.15) -> ExpertWeights:
+    """gate/up [E, F, D], down [E, D, F] (E None: the shared expert's plain matrices)."""
+    lead = () if E is None else (E,)
+
+    def q(shape, fan_in):
+        w = rng.standard_normal(lead + shape).astype(np.float32) * scale * (576 / fan_in) ** 0.5
+        return QuantizedWeight.quantize(mx.array(w), fmt[2], fmt[1], fmt[0])
+
+    return ExpertWeights(q((F, D), D), q((F, D), D), q((D, F), F))
+
+
+def routing(rng, T, K, E, pool=6, zeros=True):
+    """Expert ids [T, K] drawn from a small pool (tokens share experts; the last id E - 1 is
+    in it) and weights [T, K] like the router's, some of them zero."""
+    pool = np.concatenate([rng.choice(E - 1, pool - 1, replace=False), [E - 1]])
+    ids = np.stack([rng.choice(pool, K, replace=False) for _ in range(T)]).astype(np.uint32)
+    w = rng.random((T, K)).astype(np.float32)
+    w = 2.0 * w / w.sum(-1, keepdims=True)
+    if zeros:
+        w[0, 1] = 0.0  # one slot of the first token; its expert may still serve another token
+        if T >= 3:
+            w[T - 1] = 0.0  # a token whose routed experts all weigh nothing
+    return mx.array(ids), mx.array(w)
+
+
+def check(run, x, ids, rw, experts, shared, rtol=2e-5):
+    got = moe.moe_decode_kernels(x, ids, rw, experts, shared, run=run)
+    want = moe.moe_decode_ops(x, ids, rw, experts, shared)
+    assert got.dtype == want.dtype == x.dtype and got.shape == want.shape
+    tol = rtol * float(mx.abs(want.astype(mx.float32)).max())
+    cases.assert_close(got, want, atol=tol, rtol=rtol)
+    return got, want
+
+
+SMALL = dict(E=16, D=576, F=192, FS=128, K=4)  # D: one full and one partial 512-input step
+
+
+@pytest.mark.parametrize("run", cases.RUNNERS)
+@pytest.mark.parametrize("T", range(1, moe.MAX_TOKENS + 1))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matches_twin(run, fmt, T):
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(T)
+    experts = random_experts(rng, FORMATS[fmt], E, D, F)
+    shared = random_experts(rng, FORMATS[fmt], None, D, FS)
+    x = cases.normal(rng, (T, D))
+    ids, rw = routing(rng, T, K, E)
+    check(run, x, ids, rw, experts, shared)
+
+
+@pytest.mark.parametrize("run", cases.RUNNERS)
+def test_mixed_formats_and_int32_ids(run):
+    # mlx-lm's mixed recipes give down_proj more bits; the shared expert may differ again.
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(11)
+    gate_up = random_experts(rng, FORMATS["mxfp4"], E, D, F)
+    down = random_experts(rng, ("affine", 8, 32), E, D, F).down
+    experts = ExpertWeights(gate_up.gate, gate_up.up, down)
+    s = random_experts(rng, FORMATS["mxfp8"], None, D, FS)
+    shared = ExpertWeights(s.gate, s.up, random_experts(rng, ("affine", 4, 32), None, D, FS).down)
+    x = cases.normal(rng, (3, D))
+    ids, rw = routing(rng, 3, K, E)
+    check(run, x, ids.astype(mx.int32), rw, experts, shared)
+
+
+@pytest.mark.parametrize("run", cases.RUNNERS)
+def test_bfloat16_without_shared_expert(run):
+    E, D, F, _, K = SMALL.values()
+    rng = np.random.default_rng(12)
+
+    def cast(m, dtype):
+        return ExpertWeights(*(replace(q, scales=q.scales.astype(dtype),
+                                       biases=q.biases.astype(dtype)) for q in m))
+
+    experts = cast(random_experts(rng, ("affine", 4, 64), E, D, F), mx.bfloat16)
+    x = cases.normal(rng, (2, D), mx.bfloat16)
+    ids, rw = routing(rng, 2, K, E)
+    rw = rw.astype(mx.bfloat16)
+    got = moe.moe_decode_kernels(x, ids, rw, experts, None, run=run)
+    assert got.dtype == mx.bfloat16
+    # The kernel accumulates and keeps h in fp32, rounding only its output to bf16; the twin in
+    # bf16 rounds gate, up, h and every expert's output (measured 20x further off), so the
+    # reference is the twin in fp32 on the same bf16 values.
+    f32 = mx.float32
+    want = moe.moe_decode_ops(x.astype(f32), ids, rw.astype(f32), cast(experts, f32), None)
+    tol = 2.0**-8 * float(mx.abs(want).max())
+    cases.assert_close(got, want, atol=tol)
+
+
+@pytest.mark.parametrize("run", cases.RUNNERS)
+def test_out_of_range_ids_read_nothing(run):
+    # Not part of the contract (the twin's gather would fail), but memory-safe: such a slot
+    # contributes nothing, as if its weight were zero.
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(13)
+    experts = random_experts(rng, FORMATS["affine4"], E, D, F)
+    shared = random_experts(rng, FORMATS["affine4"], None, D, FS)
+    x = cases.normal(rng, (2, D))
+    ids, rw = routing(rng, 2, K, E, zeros=False)
+    bad = np.array(ids)
+    bad[1, 2] = E + 3
+    got = moe.moe_decode_kernels(x, mx.array(bad), rw, experts, shared, run=run)
+    bad[1, 2] = 0
+    w = np.array(rw)
+    w[1, 2] = 0
+    want = moe.moe_decode_ops(x, mx.array(bad), mx.array(w), experts, shared)
+    cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
+
+
+def test_unsupported_calls_take_the_twin():
+    rng = np.random.default_rng(14)
+    E, D, F, FS, K = SMALL.values()
+    experts = random_experts(rng, ("affine", 3, 64), E, D, F)
+    x = cases.normal(rng, (2, D))
+    ids, rw = routing(rng, 2, K, E)
+    assert not moe.moe_decode_supported(x, ids, rw, experts)
+    ok = random_experts(rng, FORMATS["mxfp8"], E, D, F)
+    assert moe.moe_decode_supported(x, ids, rw, ok)
+    assert not moe.moe_decode_supported(cases.normal(rng, (9, D)), ids, rw, ok)
+    with pytest.raises(ValueError, match="no Metal MoE kernel"):
+        moe.moe_decode_kernels(x, ids, rw, experts, run=harness.run)
+    got = moe.moe_decode(x, ids, rw, experts)
+    cases.assert_close(got, moe.moe_decode_ops(x, ids, rw, experts), atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# M3's geometry: hidden 6144, experts of width 3072, 128 of them, top-4, a shared expert
+# ---------------------------------------------------------------------------------------------
+
+
+def tiled(block, shape):
+    """`block` repeated to fill `shape`: random data at gigabyte sizes, cheaply. Blocks of a
+    prime length give every expert a different stretch of it."""
+    return np.resize(block, shape)
+
+
+def real_affine4(rng, lead, out, inp, scale):
+    """An affine 4-bit (group 64) projection from random codes: w = s * (q - 7.5 + noise)."""
+    groups = lead + (out, inp // 64)
+    words = tiled(rng.integers(0, 2**32, 1_000_003, dtype=np.uint32), lead + (out, inp // 8))
+    s = tiled((rng.random(100_003, np.float32) + 0.5) * scale, groups)
+    b = -s * tiled(7.5 + rng.standard_normal(100_019).astype(np.float32) * 0.1, groups)
+    return QuantizedWeight(words, s, b, 64, 4, "affine")
+
+
+def as_runner_input(q: QuantizedWeight, run) -> QuantizedWeight:
+    if run is harness.run:  # the lean runner reads numpy arrays in place
+        wrap = harness.View
+    else:
+        wrap = mx.array
+    return replace(q, weight=wrap(q.weight), scales=wrap(q.scales), biases=wrap(q.biases))
+
+
+def subset(q: QuantizedWeight, experts) -> QuantizedWeight:
+    pick = lambda a: mx.array(a[experts])  # noqa: E731
+    return replace(q, weight=pick(q.weight), scales=pick(q.scales), biases=pick(q.biases))
+
+
+@pytest.mark.parametrize("run", cases.RUNNERS)
+def test_real_geometry(run):
+    E, D, F, K, T = 128, 6144, 3072, 4, 1
+    rng = np.random.default_rng(15)
+    routed = [real_affine4(rng, (E,), F, D, 0.01), real_affine4(rng, (E,), F, D, 0.01),
+              real_affine4(rng, (E,), D, F, 0.004)]
+    shared = [real_affine4(rng, (), F, D, 0.01), real_affine4(rng, (), F, D, 0.01),
+              real_affine4(rng, (), D, F, 0.004)]
+    x = cases.normal(rng, (T, D))
+    ids = mx.array([[127, 0, 77, 31]], mx.uint32)  # both ends of the expert buffers
+    rw = mx.array([[0.9, 0.0, 0.6, 0.5]], mx.float32)  # expert 0 weighs nothing
+    kernel_run = lean.run if run is harness.run else run
+    got = moe.moe_decode_kernels(
+        x, ids, rw, ExpertWeights(*(as_runner_input(q, run) for q in routed)),
+        ExpertWeights(*(as_runner_input(q, run) for q in shared)), run=kernel_run)
+
+    # The twin on the four experts the routing names (gather_qmm with the ids remapped).
+    used = np.unique(np.array(ids))
+    remapped = mx.array(np.searchsorted(used, np.array(ids)).astype(np.uint32))
+    want = moe.moe_decode_ops(
+        x, remapped, rw, ExpertWeights(*(subset(q, used) for q in routed)),
+        ExpertWeights(*(replace(q, weight=mx.array(q.weight), scales=mx.array(q.scales),
+                                biases=mx.array(q.biases)) for q in shared)))
+    assert float(mx.abs(want).max()) > 1.0  # activations of a sensible size, clamps in play
+    check_tol = 2e-5 * float(mx.abs(want).max())
+    cases.assert_close(got, want, atol=check_tol, rtol=2e-5)
+
+
+@only_harness
+def test_lean_runner_writes_the_harness_format(tmp_path):
+    rng = np.random.default_rng(16)
+    E, D, F, FS, K = SMALL.values()
+    experts = random_experts(rng, FORMATS["affine8"], E, D, F)
+    shared = random_experts(rng, FORMATS["affine8"], None, D, FS)
+    x = cases.normal(rng, (2, D), mx.bfloat16)
+    ids, rw = routing(rng, 2, K, E)
+    launch = moe.gate_up_launch(x, ids, rw.astype(mx.bfloat16), experts, shared, 1.702, 7.0)
+    inputs = [harness._to_input(n, v, True) for n, v in zip(moe.GATE_UP.input_names,
+                                                             launch.inputs)]
+    lean.write_inputs(tmp_path / "in.bin", lean._inputs(moe.GATE_UP, launch), launch)
+    assert (tmp_path / "in.bin").read_bytes() == harness._encode(inputs, launch)
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness catches broken kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def mutant(spec, old, new):
+    source = spec.source
+    assert source.count(old) == 1, f"mutation site {old!r} not found once"
+    return ProbeSpec(spec.name + "_mutant", spec.input_names, spec.output_names,
+                     source.replace(old, new), spec.header)
+
+
+def mutation_case():
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(17)
+    experts = random_experts(rng, FORMATS["mxfp4"], E, D, F)
+    shared = random_experts(rng, FORMATS["mxfp4"], None, D, FS)
+    x = cases.normal(rng, (4, D))
+    ids, rw = routing(rng, 4, K, E, pool=5)
+    return x, ids, rw, experts, shared
+
+
+@only_harness
+def test_mutant_counting_a_repeated_expert_twice_is_caught():
+    # Phase 2 without the first-slot test: an expert named by several tokens is applied once
+    # per naming slot.
+    down = mutant(moe.DOWN, "if (!moe_first_slot(ids, j, E)) {", "if (int(ids[j]) >= E) {")
+    x, ids, rw, experts, shared = mutation_case()
+    assert len(np.unique(np.array(ids))) < ids.size  # the case repeats experts
+    check(harness.run, x, ids, rw, experts, shared)  # the real kernel passes
+
+    def run(spec, launch):
+        return harness.run(down if spec is moe.DOWN else spec, launch)
+
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        check(run, x, ids, rw, experts, shared)
+
+
+@only_harness
+def test_mutant_reading_past_the_shared_rows_is_caught():
+    # Phase 1 without the row bound: the shared expert (FS = 128 < F = 192 rows) reads rows
+    # past the end of its tensors.
+    gate_up = mutant(moe.GATE_UP, "row >= (is_shared ? FS : F)", "row >= F")
+    x, ids, rw, experts, shared = mutation_case()
+
+    def run(spec, launch):
+        return harness.run(gate_up if spec is moe.GATE_UP else spec, launch)
+
+    with pytest.raises(harness.HarnessError, match="AddressSanitizer: heap-buffer-overflow"):
+        moe.moe_decode_kernels(x, ids, rw, experts, shared, run=run)
