@@ -1,4 +1,4 @@
-"""`m3mlx convert` vs `mlx_lm convert` on the same multi-gigabyte BF16 checkpoint, same 4-bit target.
+"""`m3mlx convert` vs `mlx_lm convert`: one multi-gigabyte BF16 checkpoint, the same 4-bit target.
 
 Builds a random M3-shaped checkpoint of --gb gigabytes (default 2.2: 11 layers, 32 experts of
 1024x1024, 32k vocab, in ~400 MB shards), then converts it, one tool after the other, each in a
@@ -115,7 +115,8 @@ def main():
         print(f"{r['name']:<32}{r['seconds']:>9.1f}{r['mb_s']:>9.1f}{r['peak_mb']:>13.0f}"
               f"{r['out_mb']:>11.0f}")
     ours, theirs = results[0], results[2]
-    print(f"\nsame target (all 4-bit, router 8-bit): m3mlx is {theirs['seconds'] / ours['seconds']:.2f}x "
+    speed = theirs["seconds"] / ours["seconds"]
+    print(f"\nsame target (all 4-bit, router 8-bit): m3mlx is {speed:.2f}x "
           f"the speed of mlx-lm with {theirs['peak_mb'] / ours['peak_mb']:.1f}x less peak memory")
     json.dump(results, open(work / "results.json", "w"), indent=2)
     if not args.keep and not args.dir:

@@ -170,7 +170,8 @@ def _assign_files(units: List[Unit], limit: int) -> Dict[str, List[PlannedTensor
         n = len(shards)
         for i, shard in enumerate(shards):
             if key == "model":
-                name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                name = ("model.safetensors" if n == 1
+                        else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
             else:
                 name = MTP_FILE if n == 1 else f"mtp-{i + 1:05d}-of-{n:05d}.safetensors"
             files[name] = []
@@ -257,10 +258,10 @@ def describe(plan: Plan, *, seconds: Optional[float] = None) -> str:
         f", {len(src.dropped)} vision/unused tensors dropped)",
         f"recipe  {plan.recipe}, base {plan.base}, float dtype {plan.dtype}",
         "",
-        f"{'role':<16}{'tensors':>8}{'params':>14}  {'precision':<28}{'size':>12}{'bpw':>7}",
+        f"{'role':<16}{'tensors':>8}{'params':>17}  {'precision':<28}{'size':>12}{'bpw':>7}",
     ]
     for r in role_table(plan):
-        lines.append(f"{r['role']:<16}{r['tensors']:>8}{r['params']:>14,}  {r['precision']:<28}"
+        lines.append(f"{r['role']:<16}{r['tensors']:>8} {r['params']:>16,}  {r['precision']:<28}"
                      f"{human(r['bytes']):>12}{r['bpw']:>7.2f}")
         lines += [f"{'':<16}note: {n}" for n in r["notes"]]
     n_passthrough = sum(len(u.sources) for u in plan.units if u.passthrough and u.spec.quantized)

@@ -78,7 +78,8 @@ def read_header(file: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     """Parse and check one shard's header against the file; returns (tensors, metadata)."""
     file = Path(file)
     if not file.is_file():
-        raise ConvertError(f"{file} is missing; download it again (or pass the complete checkpoint)")
+        raise ConvertError(f"{file} is missing; download it again (or pass the complete "
+                           "checkpoint)")
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)

@@ -47,7 +47,8 @@ def _expect(out, path, kind, shape, lead, quant):
         return
     params = None
     if quant is not None:
-        params = quant.get(path, {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant})
+        default = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
+        params = quant.get(path, default)
     if not params:
         out[f"{path}.weight"] = (FLOAT_DTYPES, lead + tuple(shape))
         return

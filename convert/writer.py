@@ -50,7 +50,7 @@ def read_rows(unit: Unit, src: SourceWeight, first: int, count: int, dtype: str)
     as they are, or float32 values. Runs ahead of `convert_rows` in a reader thread."""
     spec = unit.spec
     if unit.passthrough:
-        if spec.quantized:  # mxfp8 -> mxfp8: e4m3 bytes become the uint32 words, exponents the scales
+        if spec.quantized:  # mxfp8 -> mxfp8: e4m3 bytes become the words, exponents the scales
             return "copy", [src.data.read(first, count), src.scale.read(first, count)]
         return "copy", [src.data.read(first, count)]
     if spec.quantized and src.fmt == "float" and src.data.dtype == "BF16" and (
@@ -120,24 +120,34 @@ class ShardFile:
         self.temp.unlink(missing_ok=True)
 
 
+def _read_ahead(unit: Unit, jobs, dtype: str, reader: Optional[ThreadPoolExecutor]):
+    """Yield (job, rows) in order; with a reader thread, the next job's rows are read while the
+    caller quantizes and writes this one (numpy and file reads release the GIL)."""
+
+    def read(job):
+        _, src, first, count = job
+        return read_rows(unit, src, first, count, dtype)
+
+    if reader is None:
+        for job in jobs:
+            yield job, read(job)
+        return
+    future = reader.submit(read, jobs[0]) if jobs else None
+    for i, job in enumerate(jobs):
+        rows = future.result()
+        if i + 1 < len(jobs):
+            future = reader.submit(read, jobs[i + 1])
+        yield job, rows
+
+
 def write_unit(shard: ShardFile, unit: Unit, dtype: str, on_bytes: Callable[[int], None],
                reader: Optional[ThreadPoolExecutor] = None):
-    """Stream one unit into its shard: source by source (expert by expert), row chunk by chunk.
-    With a `reader`, the next chunk is read while this one is quantized and written."""
+    """Stream one unit into its shard: source by source (expert by expert), row chunk by chunk."""
     jobs = [(e, src, first, min(chunk_rows(src.cols), src.rows - first))
             for e, src in enumerate(unit.sources)
             for first in range(0, src.rows, chunk_rows(src.cols))]
-    n = len(unit.sources)
-    per_expert = [t.nbytes // n for t in unit.tensors]  # bytes of one expert's slice
-    pending = None
-    for i, (e, src, first, count) in enumerate(jobs):
-        if reader is None:
-            rows = read_rows(unit, src, first, count, dtype)
-        else:
-            rows = (pending or reader.submit(read_rows, unit, src, first, count, dtype)).result()
-            if i + 1 < len(jobs):
-                _, nsrc, nfirst, ncount = jobs[i + 1]
-                pending = reader.submit(read_rows, unit, nsrc, nfirst, ncount, dtype)
+    per_expert = [t.nbytes // len(unit.sources) for t in unit.tensors]  # one expert's slice
+    for (e, src, first, count), rows in _read_ahead(unit, jobs, dtype, reader):
         parts = convert_rows(unit, rows, dtype)
         for t, data, slice_bytes in zip(unit.tensors, parts, per_expert):
             row_bytes = slice_bytes // src.rows
@@ -189,7 +199,8 @@ def shard_is_complete(output: Path, name: str, plan: Plan) -> bool:
 
 
 def write_shards(plan: Plan, output: Path, *, done: List[str], state: dict,
-                 on_bytes: Callable[[int], None], after_shard: Optional[Callable[[str], None]] = None):
+                 on_bytes: Callable[[int], None],
+                 after_shard: Optional[Callable[[str], None]] = None):
     """Write every planned file not in `done`, recording each in the state file as it lands."""
     units_by_file: Dict[str, List[Unit]] = {}
     for u in plan.units:

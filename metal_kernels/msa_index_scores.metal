@@ -50,7 +50,8 @@ if (tile_sees_block) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float key_scale = 1.0f;
     if (QUANT && lane < uint(n)) {
-      key_scale = scales[b * scales_strides[0] + (int64_t(j) * BLOCK + c0 + lane) * scales_strides[1]];
+      const int64_t key = int64_t(j) * BLOCK + c0 + lane;
+      key_scale = scales[b * scales_strides[0] + key * scales_strides[1]];
     }
     for (int i = 0; i < PER_SG; ++i) {
       const int p = sg + i * NSG;

@@ -169,7 +169,8 @@ def nvfp4_encode(w: np.ndarray):
     N, K = w.shape
     scale2 = np.float32(np.abs(w).max() / (6.0 * 448.0))
     blocks = w.reshape(N, K // 16, 16)
-    bscale = np.array(mx.to_fp8(mx.array((np.abs(blocks).max(-1) / 6.0 / scale2).astype(np.float32))))
+    block_max = (np.abs(blocks).max(-1) / 6.0 / scale2).astype(np.float32)
+    bscale = np.array(mx.to_fp8(mx.array(block_max)))
     dec = np.array(mx.from_fp8(mx.array(bscale), dtype=mx.float32)) * scale2
     x = np.where(dec[..., None] > 0, blocks / np.where(dec > 0, dec, 1)[..., None], 0)
     mag = np.searchsorted((E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2, np.abs(x))
@@ -312,11 +313,13 @@ def hf_text_tensors(args: ModelArgs):
                 yield f"{p}.block_sparse_moe.experts.{e}.w1.weight", "BF16", (F, H)
                 yield f"{p}.block_sparse_moe.experts.{e}.w2.weight", "BF16", (H, F)
                 yield f"{p}.block_sparse_moe.experts.{e}.w3.weight", "BF16", (F, H)
-            for proj, shape in (("gate_proj", (Fs, H)), ("up_proj", (Fs, H)), ("down_proj", (H, Fs))):
+            for proj, shape in (("gate_proj", (Fs, H)), ("up_proj", (Fs, H)),
+                                ("down_proj", (H, Fs))):
                 yield f"{p}.block_sparse_moe.shared_experts.{proj}.weight", "BF16", shape
         else:
             Fd = args.dense_intermediate_size
-            for proj, shape in (("gate_proj", (Fd, H)), ("up_proj", (Fd, H)), ("down_proj", (H, Fd))):
+            for proj, shape in (("gate_proj", (Fd, H)), ("up_proj", (Fd, H)),
+                                ("down_proj", (H, Fd))):
                 yield f"{p}.mlp.{proj}.weight", "BF16", shape
     yield "language_model.model.norm.weight", "BF16", (H,)
     yield "language_model.lm_head.weight", "BF16", (args.vocab_size, H)
@@ -326,7 +329,8 @@ def _stream_shard(file: Path, tensors: Iterable[Tuple[str, str, tuple]], data):
     header, offset = {}, 0
     for name, dtype, shape in tensors:
         nbytes = int(np.prod(shape)) * (4 if dtype == "F32" else 2)
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)

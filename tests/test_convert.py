@@ -131,7 +131,8 @@ def check_weights(out, src, passthrough=()) -> dict:
         deq = mx.dequantize(got[f"{path}.weight"], scales, got.get(f"{path}.biases"),
                             p["group_size"], p["bits"], mode=p["mode"], dtype=mx.float32)
         errors[p["mode"] + (str(p["bits"]) if p["mode"] == "affine" else "")].append(
-            (float(mx.sum((deq - mx.array(w)) ** 2).item()), float(np.sum(w.astype(np.float64) ** 2))))
+            (float(mx.sum((deq - mx.array(w)) ** 2).item()),
+             float(np.sum(w.astype(np.float64) ** 2))))
     return {k: (sum(a for a, _ in v) / sum(b for _, b in v)) ** 0.5 for k, v in errors.items()}
 
 
@@ -178,7 +179,8 @@ def test_default_recipe_keeps_sensitive_parts_precise(sources, reference, tmp_pa
     assert config["quantization_config"] == q
     w = load_dir(out)
     assert w["language_model.model.layers.1.block_sparse_moe.gate.weight"].dtype == mx.float32
-    assert w["language_model.model.layers.1.block_sparse_moe.e_score_correction_bias"].dtype == mx.float32
+    bias = "language_model.model.layers.1.block_sparse_moe.e_score_correction_bias"
+    assert w[bias].dtype == mx.float32
     assert w["language_model.model.layers.1.self_attn.index_k_proj.weight"].dtype == mx.bfloat16
     assert w["language_model.model.norm.weight"].dtype == mx.bfloat16
     check_weights(out, sources["bf16"])
@@ -261,7 +263,8 @@ def test_layout_config_and_side_files(sources, tmp_path):
     assert not any(n.endswith(".partial") or n.startswith(".m3mlx") for n in names)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(load_dir(out))
-    assert not any(k.startswith(("vision_tower", "multi_modal", "patch_merge")) for k in index["weight_map"])
+    assert not any(k.startswith(("vision_tower", "multi_modal", "patch_merge"))
+                   for k in index["weight_map"])
     assert not any(k.endswith((".input_scale", ".weight_scale_2")) for k in index["weight_map"])
 
 
@@ -273,7 +276,8 @@ def test_mtp_tensors_go_to_their_own_file(tmp_path):
     mtp = {k: f for k, f in index.items() if ".mtp." in k}
     assert mtp and set(mtp.values()) == {MTP_FILE}
     assert all(".mtp." not in k for k, f in index.items() if f.startswith("model"))
-    assert "language_model.model.mtp.layers.0.transformer_layer.block_sparse_moe.switch_mlp.gate_proj.weight" in mtp
+    mtp_layer = "language_model.model.mtp.layers.0.transformer_layer"
+    assert f"{mtp_layer}.block_sparse_moe.switch_mlp.gate_proj.weight" in mtp
     # mlx-lm's strict loader only globs model*.safetensors: it loads the conversion
     model, _ = mlx_lm_load_model(out)
     assert m3mlx.load_model(out).has_mtp

@@ -7,7 +7,7 @@ from msl import cases
 
 from m3mlx.metal_kernels import msa_kernels, msa_ops, quantize_index_keys
 
-pytestmark = pytest.mark.skipif(not cases.RUNNERS, reason="neither Linux nor Metal")
+pytestmark = pytest.mark.skipif(not cases.RUNNERS, reason="no kernel runner: harness or Metal")
 
 
 def check(run, q, keys, offset, block, topk, scales=None):

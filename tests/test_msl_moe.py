@@ -269,75 +269,80 @@ def test_unsupported_calls_take_the_twin():
 # ---------------------------------------------------------------------------------------------
 
 
-def tiled(block, shape):
-    """`block` repeated to fill `shape`: random data at gigabyte sizes, cheaply. Blocks of a
-    prime length give every expert a different stretch of it."""
-    return np.resize(block, shape)
+class Pool:
+    """Random data at gigabyte sizes, cheaply: a random block of prime length repeated, handed
+    out as views at different offsets, so that the tensors and the experts inside them all
+    hold different stretches of it."""
+
+    def __init__(self, block, size):
+        self.block, self.data, self.offset = block, np.resize(block, size + block.size), 0
+
+    def take(self, shape):
+        n = int(np.prod(shape))
+        self.offset = (self.offset + self.block.size // 5) % self.block.size
+        return self.data[self.offset:self.offset + n].reshape(shape)
 
 
-def real_affine4(rng, lead, out, inp, scale):
-    """An affine 4-bit (group 64) projection from random codes: w = s * (q - 7.5 + noise)."""
-    groups = lead + (out, inp // 64)
-    words = tiled(rng.integers(0, 2**32, 1_000_003, dtype=np.uint32), lead + (out, inp // 8))
-    s = tiled((rng.random(100_003, np.float32) + 0.5) * scale, groups)
-    b = -s * tiled(7.5 + rng.standard_normal(100_019).astype(np.float32) * 0.1, groups)
-    return QuantizedWeight(words, s, b, 64, 4, "affine")
+def real_mxfp4(words: Pool, scales: Pool, lead, out, inp) -> QuantizedWeight:
+    return QuantizedWeight(words.take(lead + (out, inp // 8)),
+                           scales.take(lead + (out, inp // 32)), None, 32, 4, "mxfp4")
 
 
-def as_runner_input(q: QuantizedWeight, run) -> QuantizedWeight:
-    if run is harness.run:  # the lean runner reads numpy arrays in place
-        wrap = harness.View
-    else:
-        wrap = mx.array
-    return replace(q, weight=wrap(q.weight), scales=wrap(q.scales), biases=wrap(q.biases))
-
-
-def subset(q: QuantizedWeight, experts) -> QuantizedWeight:
-    pick = lambda a: mx.array(a[experts])  # noqa: E731
-    return replace(q, weight=pick(q.weight), scales=pick(q.scales), biases=pick(q.biases))
+def to_mx(q: QuantizedWeight, wrap=mx.array, experts=None) -> QuantizedWeight:
+    pick = (lambda a: a) if experts is None else (lambda a: a[experts])  # noqa: E731
+    return replace(q, weight=wrap(pick(q.weight)), scales=wrap(pick(q.scales)))
 
 
 @pytest.mark.parametrize("run", cases.RUNNERS)
 def test_real_geometry(run):
     E, D, F, K, T = 128, 6144, 3072, 4, 1
     rng = np.random.default_rng(15)
-    routed = [real_affine4(rng, (E,), F, D, 0.01), real_affine4(rng, (E,), F, D, 0.01),
-              real_affine4(rng, (E,), D, F, 0.004)]
-    shared = [real_affine4(rng, (), F, D, 0.01), real_affine4(rng, (), F, D, 0.01),
-              real_affine4(rng, (), D, F, 0.004)]
+    n = E * F * D
+    words = Pool(rng.integers(0, 2**32, 1_000_003, dtype=np.uint32), n // 8)
+    # E8M0 scales 2^-7 .. 2^-5 on uniform E2M1 codes (rms 2.9): gate and up of rms ~3.6.
+    scales = Pool(rng.integers(120, 123, 100_003).astype(np.uint8), n // 32)
+    routed = [real_mxfp4(words, scales, (E,), F, D), real_mxfp4(words, scales, (E,), F, D),
+              real_mxfp4(words, scales, (E,), D, F)]
+    shared = [real_mxfp4(words, scales, (), F, D), real_mxfp4(words, scales, (), F, D),
+              real_mxfp4(words, scales, (), D, F)]
     x = cases.normal(rng, (T, D))
     ids = mx.array([[127, 0, 77, 31]], mx.uint32)  # both ends of the expert buffers
     rw = mx.array([[0.9, 0.0, 0.6, 0.5]], mx.float32)  # expert 0 weighs nothing
-    kernel_run = lean.run if run is harness.run else run
-    got = moe.moe_decode_kernels(
-        x, ids, rw, ExpertWeights(*(as_runner_input(q, run) for q in routed)),
-        ExpertWeights(*(as_runner_input(q, run) for q in shared)), run=kernel_run)
+    if run is harness.run:  # the lean runner: the harness, reading numpy arrays in place
+        run, wrap = lean.run, harness.View
+    else:
+        wrap = mx.array
+    got = moe.moe_decode_kernels(x, ids, rw, ExpertWeights(*(to_mx(q, wrap) for q in routed)),
+                                 ExpertWeights(*(to_mx(q, wrap) for q in shared)), run=run)
 
-    # The twin on the four experts the routing names (gather_qmm with the ids remapped).
+    # The twin on the experts the routing names (gather_qmm with the ids remapped).
     used = np.unique(np.array(ids))
     remapped = mx.array(np.searchsorted(used, np.array(ids)).astype(np.uint32))
-    want = moe.moe_decode_ops(
-        x, remapped, rw, ExpertWeights(*(subset(q, used) for q in routed)),
-        ExpertWeights(*(replace(q, weight=mx.array(q.weight), scales=mx.array(q.scales),
-                                biases=mx.array(q.biases)) for q in shared)))
-    assert float(mx.abs(want).max()) > 1.0  # activations of a sensible size, clamps in play
-    check_tol = 2e-5 * float(mx.abs(want).max())
-    cases.assert_close(got, want, atol=check_tol, rtol=2e-5)
+    want = moe.moe_decode_ops(x, remapped, rw,
+                              ExpertWeights(*(to_mx(q, experts=used) for q in routed)),
+                              ExpertWeights(*(to_mx(q) for q in shared)))
+    scale = float(mx.abs(want).max())
+    assert scale > 10.0  # activations of a sensible size, the clamps in play
+    cases.assert_close(got, want, atol=2e-5 * scale, rtol=2e-5)
 
 
 @only_harness
-def test_lean_runner_writes_the_harness_format(tmp_path):
+def test_lean_runner_is_the_harness(tmp_path):
+    # The real-geometry case's runner: the harness's input bytes, the harness's results.
     rng = np.random.default_rng(16)
     E, D, F, FS, K = SMALL.values()
-    experts = random_experts(rng, FORMATS["affine8"], E, D, F)
-    shared = random_experts(rng, FORMATS["affine8"], None, D, FS)
-    x = cases.normal(rng, (2, D), mx.bfloat16)
-    ids, rw = routing(rng, 2, K, E)
-    launch = moe.gate_up_launch(x, ids, rw.astype(mx.bfloat16), experts, shared, 1.702, 7.0)
+    experts = random_experts(rng, FORMATS["mxfp4"], E, D, F)
+    shared = random_experts(rng, FORMATS["mxfp4"], None, D, FS)
+    x = cases.normal(rng, (1, D))
+    ids, rw = routing(rng, 1, K, E)
+    launch = moe.gate_up_launch(x, ids, rw, experts, shared, 1.702, 7.0)
     inputs = [harness._to_input(n, v, True) for n, v in zip(moe.GATE_UP.input_names,
                                                              launch.inputs)]
     lean.write_inputs(tmp_path / "in.bin", lean._inputs(moe.GATE_UP, launch), launch)
     assert (tmp_path / "in.bin").read_bytes() == harness._encode(inputs, launch)
+    got = moe.moe_decode_kernels(x, ids, rw, experts, shared, run=lean.run)
+    want = moe.moe_decode_kernels(x, ids, rw, experts, shared, run=harness.run)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,13 @@
 2. rewrites `threadgroup` declarations into per-threadgroup shared allocations and appends a
    `main` that reads buffers, dispatches the grid like MLX (`dispatchThreads` with
    `min(threadgroup, grid)`) and writes the outputs;
-3. compiles that with g++ against `metal_compat.h` with AddressSanitizer and UBSan (cached by
-   source hash), runs it, and returns the outputs as MLX arrays.
+3. compiles that with g++ against `metal_compat.h` (which stands in for MLX's Metal prelude)
+   with AddressSanitizer and UBSan's integer checks, caches the executable by source hash
+   (`$M3MLX_MSL_CACHE`, default a per-user temp dir; the generated `.cpp` stays beside it),
+   runs it, and returns the outputs as MLX arrays.
 
-A kernel error (out-of-bounds access, barrier divergence, deadlock, ...) raises HarnessError.
+A kernel error (out-of-bounds access, barrier divergence, deadlock, ...) raises HarnessError,
+and so does C++ that Metal does not have (`double`, `std::`, `static`, ...).
 """
 
 from __future__ import annotations
@@ -328,14 +331,16 @@ def build(program: str) -> Path:
     exe = cache_dir() / f"k{key.hexdigest()[:24]}"
     if exe.exists():
         return exe
+    # The source stays next to the executable, so sanitizer reports point at a readable file.
+    src = exe.with_suffix(".cpp")
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        src = Path(tmp) / "kernel.cpp"
-        src.write_text(program)
+        (Path(tmp) / "k.cpp").write_text(program)
+        os.replace(Path(tmp) / "k.cpp", src)
         out = Path(tmp) / "kernel"
         proc = subprocess.run([COMPILER, *FLAGS, f"-I{HERE}", str(src), "-o", str(out)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise HarnessError(f"compiling the kernel failed:\n{proc.stderr[-6000:]}")
+            raise HarnessError(f"compiling {src} failed:\n{proc.stderr[-6000:]}")
         os.replace(out, exe)
     return exe
 
