@@ -1,6 +1,7 @@
 """The `m3mlx` command."""
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -86,21 +87,35 @@ def info(path):
 
 @cli.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
-              help="Where to write the demo model [default: ~/.cache/m3mlx/demo].")
+              help="Where to write the demo models [default: $M3MLX_HOME/demo or "
+                   "~/.cache/m3mlx/demo].")
 @click.option("--max-tokens", "-m", default=32, show_default=True, type=click.IntRange(1))
 def demo(directory, max_tokens):
-    """Build a tiny random M3-shaped model and run generation on it end to end."""
+    """Run the whole pipeline on a tiny random M3-shaped model.
+
+    Writes a checkpoint in the original Hugging Face layout, converts it to MLX 4-bit with the
+    default recipe, and generates from a prompt long enough to make MSA sparse.
+    """
     import mlx.core as mx
 
     from m3mlx import load
+    from m3mlx.convert import convert
     from m3mlx.demo import default_demo_dir, write_demo_checkpoint
     from m3mlx.generate import format_stats, stream_generate
     from m3mlx.info import describe, format_info
 
-    path = write_demo_checkpoint(directory or default_demo_dir())
-    click.echo(format_info(describe(path)))
-    click.echo("\nThe weights are random: expect gibberish, at real speed and with real MSA.\n")
-    model, tokenizer = load(path, dtype=mx.float32)
+    root = Path(directory) if directory else default_demo_dir()
+    # Widths that are multiples of 64, so that every matrix takes the 4-bit recipe.
+    source = write_demo_checkpoint(root / "hf", intermediate_size=64, shared_intermediate_size=64,
+                                   dense_intermediate_size=128)
+    click.echo(f"1. wrote a random M3-shaped checkpoint (Hugging Face layout) to {source}")
+    converted = root / "mlx-4bit"
+    click.echo(f"2. m3mlx convert {source} {converted} --force")
+    convert(source, converted, force=True, progress=False, log=lambda line: click.echo(f"   {line}"))
+    click.echo(f"3. m3mlx info {converted}")
+    click.echo(format_info(describe(converted)))
+    click.echo("\n4. generating (the weights are random: expect gibberish, with real MSA):\n")
+    model, tokenizer = load(converted, dtype=mx.float32)
     prompt = "The quick brown fox jumps over the lazy dog. " * 12  # past MSA's dense range
     last = None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, temperature=0.8,
@@ -108,13 +123,16 @@ def demo(directory, max_tokens):
         click.echo(last.text, nl=False)
     click.echo()
     click.echo(format_stats(last))
-    click.echo(f"\nNext: m3mlx generate --model {path} --prompt \"Hello\"\n      m3mlx chat --model {path}")
+    click.echo(f"\nNext: m3mlx generate --model {converted} --prompt \"Hello\"\n"
+               f"      m3mlx chat --model {converted}")
 
 
 def _register_subcommands():
     from .chat import chat
+    from .convert import convert
 
     cli.add_command(chat)
+    cli.add_command(convert)
 
 
 _register_subcommands()

@@ -62,10 +62,10 @@ def describe(path) -> dict:
         "mtp": model.has_mtp,
         "disk_bytes": sum(f.stat().st_size for f in weight_files(path)),
         "memory_bytes": memory,
-        "quantization": config.get("quantization") and {
-            k: v for k, v in config["quantization"].items() if not isinstance(v, dict)},
-        "quantization_overrides": sum(isinstance(v, dict) for v in
-                                      (config.get("quantization") or {}).values()),
+        "quantization": {k: v for k, v in (config.get("quantization") or {}).items()
+                         if k in ("group_size", "bits", "mode")},
+        "quantization_overrides": sum(k not in ("group_size", "bits", "mode")
+                                      for k in config.get("quantization") or {}),
     }
 
 
@@ -88,7 +88,7 @@ def format_info(info: dict) -> str:
         f"parameters: {_human(p['total'])} total, {_human(p['active'])} active per token",
         f"MTP module: {'present' if info['mtp'] else 'absent'}",
         f"on disk: {_human(info['disk_bytes'], 'B')}, in memory: {_human(info['memory_bytes'], 'B')}",
-        "quantization: " + (json.dumps(q) + f" (+{info['quantization_overrides']} per-layer overrides)"
-                            if q else "none"),
+        "quantization: " + (json.dumps(q) + f" (+{info['quantization_overrides']} per-module "
+                            "overrides)" if q else "none"),
     ]
     return "\n".join(lines)

@@ -6,7 +6,6 @@ memory: vision tensors dropped, experts stacked, MXFP8 weights taken as MLX mxfp
 
 import glob
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -87,7 +86,7 @@ def weight_files(path: Path) -> List[Path]:
         files = [path / n for n in names]
     else:
         files = [Path(f) for f in sorted(glob.glob(str(path / "model*.safetensors")))]
-    if (path / MTP_FILE).exists():
+    if (path / MTP_FILE).exists() and path / MTP_FILE not in files:
         files.append(path / MTP_FILE)
     if not files:
         raise LoadError(f"{path} has no model*.safetensors weights")
@@ -181,7 +180,3 @@ def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None):
     model = load_model(path, lazy=lazy, dtype=dtype)
     return model, Tokenizer.from_dir(path, eos_token_ids=model.args.eos_token_ids)
 
-
-def model_size(path) -> Dict[str, int]:
-    """Bytes on disk of a model directory's weight files."""
-    return {"disk_bytes": sum(os.path.getsize(f) for f in weight_files(Path(path)))}

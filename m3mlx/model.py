@@ -12,7 +12,8 @@ import mlx.nn as nn
 
 from .cache import LayerCache
 from .config import ModelArgs
-from .metal_kernels import index_topk, sparse_attention
+from .metal_kernels import (ExpertWeights, index_topk, moe_decode, moe_decode_supported,
+                            sparse_attention, use_metal)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -144,10 +145,25 @@ class MoE(nn.Module):
         weights = mx.take_along_axis(scores, experts, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
         weights = (weights * self.routed_scaling_factor).astype(x.dtype)
-        y = (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=1)
-        if "shared_experts" in self:
-            y = y + self.shared_experts(x)
+        y = self._metal_decode(x, experts, weights)
+        if y is None:
+            y = (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=1)
+            if "shared_experts" in self:
+                y = y + self.shared_experts(x)
         return y.reshape(shape)
+
+    def _metal_decode(self, x, experts, weights) -> Optional[mx.array]:
+        """The Metal MoE kernel's result for a few tokens over quantized experts, or None where
+        it does not apply (always off Metal): then the gather_qmm path runs."""
+        if not use_metal():
+            return None
+        routed = ExpertWeights.of(self.switch_mlp)
+        shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
+        if (routed is None or ("shared_experts" in self and shared is None)
+                or not moe_decode_supported(x, experts, weights, routed, shared)):
+            return None
+        return moe_decode(x, experts, weights, routed, shared, alpha=self.switch_mlp.alpha,
+                          limit=self.switch_mlp.limit, use_metal=True)
 
 
 class Attention(nn.Module):

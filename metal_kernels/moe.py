@@ -114,6 +114,14 @@ class ExpertWeights(NamedTuple):
     up: QuantizedWeight
     down: QuantizedWeight
 
+    @classmethod
+    def of(cls, mlp) -> Optional["ExpertWeights"]:
+        """From a module's gate_proj, up_proj and down_proj; None unless all are quantized."""
+        layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all("scales" in layer for layer in layers):
+            return None
+        return cls(*(QuantizedWeight.of(layer) for layer in layers))
+
 
 # ---------------------------------------------------------------------------------------------
 # The twin: mx.gather_qmm, as m3mlx.model.MoE computes decode
@@ -243,11 +251,13 @@ def down_launch(h, expert_ids, routing_weights, experts: ExpertWeights,
 
 def moe_decode_kernels(x, expert_ids, routing_weights, experts: ExpertWeights,
                        shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0,
-                       run: Runner = metal_run) -> mx.array:
-    """The MoE block with the Metal kernels (through `run`): [T, D] in x's dtype."""
+                       run: Optional[Runner] = None) -> mx.array:
+    """The MoE block with the Metal kernels, launched through `run` (default `metal_run`; the
+    test harness passes its own): [T, D] in x's dtype."""
     if not moe_decode_supported(x, expert_ids, routing_weights, experts, shared):
         raise ValueError("no Metal MoE kernel for these shapes, dtypes or quantization; use "
                          "the ops path")
+    run = run or metal_run
     (h,) = run(GATE_UP, gate_up_launch(x, expert_ids, routing_weights, experts, shared, alpha,
                                        limit))
     (out,) = run(DOWN, down_launch(h, expert_ids, routing_weights, experts, shared, x.dtype))

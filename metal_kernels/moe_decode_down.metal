@@ -7,8 +7,8 @@
 // shared expert, reading each expert's ROWS down rows once and applying them to every token
 // routed there with a non-zero weight. Lanes take 16 consecutive columns of the rows per step;
 // per token and row a lane keeps one partial sum across all experts, and one simd_sum per
-// (token, row) at the end finishes them. No atomics, no threadgroup memory: the result does not
-// depend on scheduling.
+// (token, row) at the end finishes them. No atomics: the result does not depend on scheduling.
+// Microscaling codes decode through tables in threadgroup memory, as in phase 1.
 //
 // Inputs: h [T, K * F + FS] float32 from phase 1; ids [T, K]; rw [T, K]; routed down_*
 // (weight uint32 [E, D, F * RBITS / 32], scales and biases [E, D, F / RGS]); shared sdown_*
@@ -26,6 +26,13 @@ const size_t HW = size_t(K) * F + FS;
 
 const int row = (threadgroup_position_in_grid.x * NSG + simdgroup_index_in_threadgroup) * ROWS;
 const int lane = thread_index_in_simdgroup;
+
+threadgroup float e2m1[16];
+threadgroup float e4m3[256];
+if (RMODE == MOE_MX || SMODE == MOE_MX) {
+  moe_fill_tables(e2m1, e4m3, thread_index_in_threadgroup, 32 * NSG);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
 if (row >= D) {
   return;
 }
@@ -47,7 +54,8 @@ for (int j = 0; j < T * K; ++j) {
     col[t] = first[t] * F;
   }
   moe_down_dots<RMODE, RBITS, RGS, MAXT, ROWS>(
-      h, HW, col, tw, F, mask, lane, size_t(e) * D + row, down_w, down_s, down_b, acc);
+      h, HW, col, tw, F, mask, lane, size_t(e) * D + row, RBITS == 4 ? e2m1 : e4m3, down_w,
+      down_s, down_b, acc);
 }
 if (HAS_SHARED) {
   for (int t = 0; t < MAXT; ++t) {
@@ -55,7 +63,8 @@ if (HAS_SHARED) {
     col[t] = K * F;
   }
   moe_down_dots<SMODE, SBITS, SGS, MAXT, ROWS>(
-      h, HW, col, tw, FS, (1u << T) - 1u, lane, row, sdown_w, sdown_s, sdown_b, acc);
+      h, HW, col, tw, FS, (1u << T) - 1u, lane, row, SBITS == 4 ? e2m1 : e4m3, sdown_w, sdown_s,
+      sdown_b, acc);
 }
 
 for (int t = 0; t < MAXT; ++t) {

@@ -9,7 +9,8 @@
 // has its gate and up rows read once per call. A lane takes 16 consecutive inputs of the row
 // per step (a simdgroup covers 512 inputs per step), decodes them from the gate and the up
 // tensor in the same pass, and accumulates one gate and one up dot product per token; a
-// simd_sum per token finishes them and lane 0 applies SwiGLU-OAI.
+// simd_sum per token finishes them and lane 0 applies SwiGLU-OAI. Microscaling codes decode
+// through tables in threadgroup memory (1.1 KB), filled before any threadgroup returns.
 //
 // Inputs: x [T, D] float; ids [T, K] expert ids; rw [T, K] routing weights; routed gate_* / up_*
 // (weight uint32 [E, F, D * RBITS / 32], scales and biases [E, F, D / RGS]); shared sgate_* /
@@ -34,6 +35,13 @@ const int row = threadgroup_position_in_grid.x * NSG + simdgroup_index_in_thread
 const int lane = thread_index_in_simdgroup;
 const bool is_shared = slot == T * K;
 
+threadgroup float e2m1[16];
+threadgroup float e4m3[256];
+if (RMODE == MOE_MX || SMODE == MOE_MX) {
+  moe_fill_tables(e2m1, e4m3, thread_index_in_threadgroup, 32 * NSG);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
 float tw[MAXT];
 int first[MAXT];
 uint mask = 0u;
@@ -56,11 +64,12 @@ for (int t = 0; t < MAXT; ++t) {
 }
 if (is_shared) {
   moe_gate_up_dots<SMODE, SBITS, SGS, MAXT>(
-      x, D, mask, lane, row, sgate_w, sgate_s, sgate_b, sup_w, sup_s, sup_b, g_acc, u_acc);
+      x, D, mask, lane, row, SBITS == 4 ? e2m1 : e4m3, sgate_w, sgate_s, sgate_b, sup_w, sup_s,
+      sup_b, g_acc, u_acc);
 } else {
   moe_gate_up_dots<RMODE, RBITS, RGS, MAXT>(
-      x, D, mask, lane, size_t(e) * F + row, gate_w, gate_s, gate_b, up_w, up_s, up_b, g_acc,
-      u_acc);
+      x, D, mask, lane, size_t(e) * F + row, RBITS == 4 ? e2m1 : e4m3, gate_w, gate_s, gate_b,
+      up_w, up_s, up_b, g_acc, u_acc);
 }
 
 for (int t = 0; t < MAXT; ++t) {

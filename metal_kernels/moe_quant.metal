@@ -39,84 +39,112 @@ inline float moe_e4m3(uint q) {
   return (q & 0x80u) ? -v : v;
 }
 
-// Weights [k, k + 16) of row `row` of a stacked [rows, in_dims] quantized matrix, as floats.
-// k is a multiple of 16 and GS of 16, so the 16 weights share one scale group. `biases` is
-// read only in affine mode.
+// Code -> value tables for the microscaling formats, in threadgroup memory (a lane's codes are
+// arbitrary, so a table read replaces the arithmetic decode; the E2M1 table fits 16 banks).
+// Every thread of the threadgroup calls this, then a threadgroup_barrier, before any returns.
+inline void moe_fill_tables(
+    threadgroup float* e2m1, threadgroup float* e4m3, uint tid, uint n_threads) {
+  for (uint i = tid; i < 256u; i += n_threads) {
+    e4m3[i] = moe_e4m3(i);
+    if (i < 16u) {
+      e2m1[i] = moe_e2m1(i);
+    }
+  }
+}
+
+// The codes of weights [k, k + 16) of row `row` of a stacked [rows, in_dims] quantized matrix
+// as floats c[i], and their group's scale and bias: w[k + i] = scale * c[i] + bias. Affine: c
+// is the integer code; microscaling: the E2M1 / E4M3 value from `table`, bias 0. k is a
+// multiple of 16 and GS of 16, so the 16 weights share one group. `biases` is read only in
+// affine mode, `table` only in microscaling mode.
 template <int MODE, int BITS, int GS, typename WPtr, typename SPtr, typename BPtr>
-inline void moe_dequant16(
-    WPtr w, SPtr scales, BPtr biases, size_t row, int in_dims, int k, thread float* out) {
+inline void moe_codes16(
+    WPtr w, SPtr scales, BPtr biases, threadgroup const float* table, size_t row, int in_dims,
+    int k, thread float* c, thread float& scale, thread float& bias) {
   constexpr int PER_WORD = 32 / BITS;
   constexpr uint MASK = (1u << BITS) - 1u;
   const size_t g = row * size_t(in_dims / GS) + k / GS;
   const float raw_scale = float(scales[g]);
-  const float scale = MODE == MOE_AFFINE ? raw_scale : moe_e8m0(uint(raw_scale));
-  const float bias = MODE == MOE_AFFINE ? float(biases[g]) : 0.0f;
+  scale = MODE == MOE_AFFINE ? raw_scale : moe_e8m0(uint(raw_scale));
+  bias = MODE == MOE_AFFINE ? float(biases[g]) : 0.0f;
   const size_t w0 = row * size_t(in_dims / PER_WORD) + k / PER_WORD;
   for (int j = 0; j < MOE_CHUNK / PER_WORD; ++j) {
     const uint word = w[w0 + j];
     for (int i = 0; i < PER_WORD; ++i) {
       const uint q = (word >> (i * BITS)) & MASK;
-      float v;
-      if (MODE == MOE_AFFINE) {
-        v = scale * float(q) + bias;
-      } else if (BITS == 4) {
-        v = moe_e2m1(q) * scale;
-      } else {
-        v = moe_e4m3(q) * scale;
-      }
-      out[j * PER_WORD + i] = v;
+      c[j * PER_WORD + i] = MODE == MOE_AFFINE ? float(q) : table[q];
     }
   }
 }
 
 // Phase 1 for one simdgroup: row `row` of a gate and an up matrix (same format, [rows, D]),
 // dotted with x[t] for every token t in `mask`. Each lane accumulates its share of the 2 * T
-// dot products into g_acc[t], u_acc[t]; the caller sums over the simdgroup.
+// dot products into g_acc[t], u_acc[t]; the caller sums over the simdgroup. Scales and biases
+// apply once per 16 weights: dot(w, x) = scale * dot(c, x) + bias * sum(x).
 template <int MODE, int BITS, int GS, int MAXT, typename XPtr, typename WPtr, typename SPtr,
           typename BPtr>
 inline void moe_gate_up_dots(
-    XPtr x, int D, uint mask, int lane, size_t row,
+    XPtr x, int D, uint mask, int lane, size_t row, threadgroup const float* table,
     WPtr gate_w, SPtr gate_s, BPtr gate_b, WPtr up_w, SPtr up_s, BPtr up_b,
     thread float* g_acc, thread float* u_acc) {
   for (int k = lane * MOE_CHUNK; k < D; k += MOE_STRIDE) {
-    float wg[MOE_CHUNK];
-    float wu[MOE_CHUNK];
-    moe_dequant16<MODE, BITS, GS>(gate_w, gate_s, gate_b, row, D, k, wg);
-    moe_dequant16<MODE, BITS, GS>(up_w, up_s, up_b, row, D, k, wu);
+    float cg[MOE_CHUNK];
+    float cu[MOE_CHUNK];
+    float sg, bg, su, bu;
+    moe_codes16<MODE, BITS, GS>(gate_w, gate_s, gate_b, table, row, D, k, cg, sg, bg);
+    moe_codes16<MODE, BITS, GS>(up_w, up_s, up_b, table, row, D, k, cu, su, bu);
     for (int t = 0; t < MAXT; ++t) {
       if (mask & (1u << t)) {
         const auto xt = x + size_t(t) * D + k;
+        float dg = 0.0f;
+        float du = 0.0f;
+        float xs = 0.0f;
         for (int i = 0; i < MOE_CHUNK; ++i) {
           const float xv = float(xt[i]);
-          g_acc[t] += wg[i] * xv;
-          u_acc[t] += wu[i] * xv;
+          dg += cg[i] * xv;
+          du += cu[i] * xv;
+          xs += MODE == MOE_AFFINE ? xv : 0.0f;
         }
+        g_acc[t] += sg * dg + bg * xs;
+        u_acc[t] += su * du + bu * xs;
       }
     }
   }
 }
 
 // Phase 2 for one simdgroup: ROWS consecutive rows from `row` of a down matrix ([rows, F]),
-// dotted with token t's activations h_t[0, F) (at h + t * hw + col[t]) scaled by its routing
-// weight tw[t], for every token in `mask`; accumulated per lane into acc[t * ROWS + r].
+// dotted with token t's activations h_t[0, F) (at h + t * hw + col[t]) and scaled by its
+// routing weight tw[t], for every token in `mask`; accumulated per lane into acc[t * ROWS + r].
 template <int MODE, int BITS, int GS, int MAXT, int ROWS, typename WPtr, typename SPtr,
           typename BPtr>
 inline void moe_down_dots(
     const device float* h, size_t hw, thread const int* col, thread const float* tw,
-    int F, uint mask, int lane, size_t row, WPtr w, SPtr s, BPtr b, thread float* acc) {
+    int F, uint mask, int lane, size_t row, threadgroup const float* table,
+    WPtr w, SPtr s, BPtr b, thread float* acc) {
   for (int k = lane * MOE_CHUNK; k < F; k += MOE_STRIDE) {
-    float wd[ROWS][MOE_CHUNK];
+    float c[ROWS][MOE_CHUNK];
+    float scale[ROWS];
+    float bias[ROWS];
     for (int r = 0; r < ROWS; ++r) {
-      moe_dequant16<MODE, BITS, GS>(w, s, b, row + r, F, k, wd[r]);
+      moe_codes16<MODE, BITS, GS>(w, s, b, table, row + r, F, k, c[r], scale[r], bias[r]);
     }
     for (int t = 0; t < MAXT; ++t) {
       if (mask & (1u << t)) {
         const device float* ht = h + size_t(t) * hw + col[t] + k;
+        float d[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+          d[r] = 0.0f;
+        }
+        float hs = 0.0f;
         for (int i = 0; i < MOE_CHUNK; ++i) {
-          const float a = tw[t] * ht[i];
+          const float hv = ht[i];
+          hs += MODE == MOE_AFFINE ? hv : 0.0f;
           for (int r = 0; r < ROWS; ++r) {
-            acc[t * ROWS + r] += wd[r][i] * a;
+            d[r] += c[r][i] * hv;
           }
+        }
+        for (int r = 0; r < ROWS; ++r) {
+          acc[t * ROWS + r] += tw[t] * (scale[r] * d[r] + bias[r] * hs);
         }
       }
     }

@@ -47,4 +47,6 @@ def test_console_script_demo_runs_end_to_end(tmp_path):
     r = subprocess.run([str(script), "demo", "--dir", str(tmp_path / "demo"), "-m", "4"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "Generation: 4 tokens" in r.stdout and (tmp_path / "demo" / "config.json").exists()
+    assert "Generation: 4 tokens" in r.stdout
+    assert (tmp_path / "demo" / "hf" / "config.json").exists()  # the Hugging Face checkpoint
+    assert '"bits": 4' in (tmp_path / "demo" / "mlx-4bit" / "config.json").read_text()

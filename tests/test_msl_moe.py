@@ -1,6 +1,5 @@
 """The MoE decode kernels against their gather_qmm twin, under the Metal-on-CPU harness."""
 
-import sys
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
@@ -11,9 +10,7 @@ from msl import cases, harness, lean
 from m3mlx.metal_kernels import moe
 from m3mlx.metal_kernels.moe import ExpertWeights, QuantizedWeight
 
-pytestmark = pytest.mark.skipif(not cases.RUNNERS, reason="neither Linux nor Metal")
-LINUX = sys.platform.startswith("linux")
-only_harness = pytest.mark.skipif(not LINUX, reason="the harness runs on Linux")
+only_harness = cases.harness_only
 
 FORMATS = {  # the formats the issue names: (mode, bits, group size)
     "affine4": ("affine", 4, 64),
@@ -262,6 +259,97 @@ def test_unsupported_calls_take_the_twin():
         moe.moe_decode_kernels(x, ids, rw, experts, run=harness.run)
     got = moe.moe_decode(x, ids, rw, experts)
     cases.assert_close(got, moe.moe_decode_ops(x, ids, rw, experts), atol=0)
+
+
+@only_harness
+def test_public_op_dispatches_like_the_msa_ops(monkeypatch):
+    # Metal "available", with the harness standing in for it: supported calls launch the two
+    # kernels, others and use_metal=False take the twin.
+    launched = []
+
+    def run(spec, launch):
+        launched.append(spec.name)
+        return harness.run(spec, launch)
+
+    monkeypatch.setattr(moe, "_use_metal", lambda requested: requested is not False)
+    monkeypatch.setattr(moe, "metal_run", run)
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(18)
+    experts = random_experts(rng, FORMATS["mxfp8"], E, D, F)
+    shared = random_experts(rng, FORMATS["mxfp8"], None, D, FS)
+    x = cases.normal(rng, (2, D))
+    ids, rw = routing(rng, 2, K, E)
+    got = moe.moe_decode(x, ids, rw, experts, shared)
+    assert launched == ["moe_decode_gate_up", "moe_decode_down"]
+    want = moe.moe_decode_ops(x, ids, rw, experts, shared)
+    cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
+    moe.moe_decode(x, ids, rw, experts, shared, use_metal=False)
+    moe.moe_decode(cases.normal(rng, (9, D)), mx.concatenate([ids] * 5)[:9],
+                   mx.concatenate([rw] * 5)[:9], experts, shared)
+    assert len(launched) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime's MoE layer
+# ---------------------------------------------------------------------------------------------
+
+
+def quantized_moe(fmt, seed=0):
+    import mlx.nn as nn
+
+    from m3mlx.config import ModelArgs
+    from m3mlx.model import MoE
+
+    E, D, F, FS, K = SMALL.values()
+    mx.random.seed(seed)
+    layer = MoE(ModelArgs(hidden_size=D, intermediate_size=F, shared_intermediate_size=FS,
+                          num_local_experts=E, num_experts_per_tok=K, num_hidden_layers=4))
+    layer.gate.weight = layer.gate.weight * 8  # decisive routing
+    layer.e_score_correction_bias = mx.random.normal((E,)) * 0.1
+    mode, bits, gs = fmt
+    nn.quantize(layer, gs, bits, mode=mode, class_predicate=lambda p, m: p != "gate")
+    return layer
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_twin_is_the_runtime_moe(T):
+    # Off Metal the layer runs its own gather_qmm code; the twin must be that computation.
+    layer = quantized_moe(FORMATS["affine4"])
+    x = cases.normal(np.random.default_rng(T), (T, SMALL["D"]))
+    scores = mx.sigmoid(layer.gate(x))
+    ids = mx.argpartition(-(scores + layer.e_score_correction_bias), kth=3, axis=-1)[:, :4]
+    w = mx.take_along_axis(scores, ids, axis=-1)
+    w = w / (w.sum(-1, keepdims=True) + 1e-20) * 2.0
+    want = moe.moe_decode_ops(x, ids, w, ExpertWeights.of(layer.switch_mlp),
+                              ExpertWeights.of(layer.shared_experts))
+    np.testing.assert_array_equal(np.array(layer(x)), np.array(want))
+
+
+@only_harness
+@pytest.mark.parametrize("T", [1, 5])
+def test_runtime_moe_takes_the_kernel_on_metal(monkeypatch, T):
+    # m3mlx.model.MoE as it runs on a Mac: Metal available, the kernels run (here under the
+    # harness) for up to 8 tokens, the gather_qmm path otherwise.
+    import m3mlx.model
+
+    layer = quantized_moe(FORMATS["mxfp8"], seed=T)
+    x = cases.normal(np.random.default_rng(T), (1, T, SMALL["D"]))
+    want = layer(x)
+    calls = []
+
+    def kernels(x, ids, rw, experts, shared, *, alpha, limit, use_metal):
+        calls.append(x.shape[0])
+        return moe.moe_decode_kernels(x, ids, rw, experts, shared, alpha, limit,
+                                      run=harness.run)
+
+    monkeypatch.setattr(m3mlx.model, "use_metal", lambda: True)
+    monkeypatch.setattr(m3mlx.model, "moe_decode", kernels)
+    got = layer(x)
+    assert calls == [T]
+    assert got.shape == want.shape
+    cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
+    layer(cases.normal(np.random.default_rng(0), (1, moe.MAX_TOKENS + 1, SMALL["D"])))
+    assert calls == [T]  # 9 tokens: the gather_qmm path
 
 
 # ---------------------------------------------------------------------------------------------

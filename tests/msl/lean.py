@@ -74,12 +74,19 @@ def write_inputs(path, inputs: list, launch) -> None:
 
 def program(spec, launch) -> tuple:
     """(kernel name, executable, inputs): the harness's program, reading through lean_io.h."""
+    if len(launch.inputs) != len(spec.input_names):
+        raise ValueError(f"{spec.name}: expected {len(spec.input_names)} inputs, "
+                         f"got {len(launch.inputs)}")
+    harness.check_metal_subset(spec)
     inputs = _inputs(spec, launch)
     template = list(launch.template or [])
     name, source = harness.mlx_source(spec, inputs, launch.output_dtypes, template)
     text = harness.harness_program(spec, name, source, inputs, launch.output_dtypes, template)
     io = (harness.HERE / "lean_io.h").read_text()
-    text = text.replace('#include "harness_io.h"', '#include "lean_io.h"')
+    include = '#include "harness_io.h"'
+    if text.count(include) != 1:
+        raise harness.HarnessError("the harness program changed shape; update tests/msl/lean.py")
+    text = text.replace(include, '#include "lean_io.h"')
     text = f"// lean_io.h {hashlib.sha256(io.encode()).hexdigest()[:16]}\n" + text
     return name, harness.build(text), inputs
 
