@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .options import generation_options, load_or_fail
+
 # /think arguments; the first three are what `--thinking` accepts.
 THINK_MODES = {"enabled": "enabled", "disabled": "disabled", "adaptive": "adaptive",
                "on": "enabled", "off": "disabled"}
@@ -263,28 +265,12 @@ def piped(state: ChatState, input_mode: str):
 
 
 @click.command()
-@click.option("--model", "model_path", required=True, help="Model directory or Hub repo id.")
+@generation_options(max_tokens=8192, temp=1.0, top_p=0.95, top_k=40,
+                    temp_help="Sampling temperature (M3's recommended 1.0); 0 is greedy.")
 @click.option("--system", default=None, help="System prompt [default: the chat template's].")
 @click.option("--thinking", type=click.Choice(["enabled", "disabled", "adaptive"]),
               default="adaptive", show_default=True,
               help="Thinking mode; switch it in the chat with /think on|off|adaptive.")
-@click.option("--max-tokens", "-m", default=8192, show_default=True, type=click.IntRange(1),
-              help="Most tokens per reply.")
-@click.option("--temp", default=1.0, show_default=True, type=click.FloatRange(0),
-              help="Sampling temperature (M3's recommended 1.0); 0 is greedy.")
-@click.option("--top-p", default=0.95, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=40, show_default=True, type=click.IntRange(0), help="0 is off.")
-@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--repetition-penalty", default=1.0, show_default=True,
-              type=click.FloatRange(0, min_open=True), help="1.0 is off.")
-@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
-@click.option("--prefill-step-size", default=2048, show_default=True, type=click.IntRange(1),
-              help="Prompt tokens per prefill chunk.")
-@click.option("--index-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
-              help="Storage of MSA index keys; 8 halves the long-context index scan.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default="auto", show_default=True, help="Activation dtype (float32 on CPU).")
 @click.option("--input", "input_mode", type=click.Choice(["lines", "whole"]), default="lines",
               show_default=True,
               help="When stdin is not a terminal: each line is a message (lines starting with / "
@@ -301,7 +287,6 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     replies are written to stdout; reasoning and command output go to stderr.
     """
     from m3mlx.chat import ChatSession
-    from m3mlx.cli.main import load_or_fail
 
     is_tty = sys.stdin.isatty() and sys.stdout.isatty()
     console = Console(interactive=is_tty)
@@ -310,7 +295,7 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     model, tokenizer = load_or_fail(model_path, dtype)
     session = ChatSession(
         model, tokenizer, system=system, thinking=thinking,
-        index_bits=8 if index_bits == "8" else None, max_tokens=max_tokens, temperature=temp,
+        index_bits=index_bits, max_tokens=max_tokens, temperature=temp,
         top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         prefill_step_size=prefill_step_size,
     )

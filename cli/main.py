@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from .options import generation_options, load_or_fail
+
 
 @click.group()
 @click.version_option(package_name="m3mlx")
@@ -12,35 +14,14 @@ def cli():
     """MiniMax-M3 on Apple silicon with MLX."""
 
 
-def _dtype(name):
-    import mlx.core as mx
-
-    return None if name == "auto" else getattr(mx, name)
-
-
 @cli.command()
-@click.option("--model", "model_path", required=True, help="Model directory or Hub repo id.")
+@generation_options(max_tokens=256, temp=0.0, top_p=1.0, top_k=0)
 @click.option("--prompt", "-p", required=True, help="Prompt text, or - to read it from stdin.")
-@click.option("--max-tokens", "-m", default=256, show_default=True, type=click.IntRange(0))
-@click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="Sampling temperature; 0 is greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="0 is off.")
-@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--repetition-penalty", default=1.0, show_default=True,
-              type=click.FloatRange(0, min_open=True), help="1.0 is off.")
-@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--prefill-step-size", default=2048, show_default=True, type=click.IntRange(1),
-              help="Prompt tokens per prefill chunk.")
-@click.option("--index-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
-              help="Storage of MSA index keys; 8 halves the long-context index scan.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default="auto", show_default=True, help="Activation dtype (float32 on CPU).")
 def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
              seed, stop, prefill_step_size, index_bits, dtype):
     """Continue a plain-text PROMPT, streaming to the terminal, then print statistics."""
-    from m3mlx import load, make_cache
+    from m3mlx import make_cache
     from m3mlx.generate import format_stats, stream_generate
 
     if prompt == "-":
@@ -48,7 +29,7 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
     if not prompt:
         raise click.UsageError("the prompt is empty")
     model, tokenizer = load_or_fail(model_path, dtype)
-    cache = make_cache(model, index_bits=8 if index_bits == "8" else None)
+    cache = make_cache(model, index_bits=index_bits)
     last = None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
                                 temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -59,16 +40,6 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
     click.echo()
     if last is not None:
         click.echo(format_stats(last), err=True)
-
-
-def load_or_fail(model_path, dtype):
-    """(model, tokenizer), or a clean CLI error that says what is wrong."""
-    from m3mlx import ConfigError, LoadError, load
-
-    try:
-        return load(model_path, dtype=_dtype(dtype))
-    except (LoadError, ConfigError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
 
 
 @cli.command()

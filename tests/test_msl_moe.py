@@ -99,19 +99,24 @@ DECODE_PROBE = ProbeSpec(
     ("a4_w", "a4_s", "a4_b", "a8_w", "a8_s", "a8_b", "m4_w", "m4_s", "m8_w", "m8_s", "dummy"),
     ("out",),
     """
-    // out[f, row, :]: row `row` of format f decoded by moe_dequant16, 16 values per thread.
+    // out[f, row, :]: row `row` of format f as moe_codes16 reads it, 16 weights per thread.
     const int k = thread_position_in_grid.x * MOE_CHUNK;
     const size_t row = thread_position_in_grid.y;
     const int f = thread_position_in_grid.z;
     const int rows = threads_per_grid.y;
     const int cols = threads_per_grid.x * MOE_CHUNK;
-    float v[MOE_CHUNK];
-    if (f == 0) moe_dequant16<MOE_AFFINE, 4, 64>(a4_w, a4_s, a4_b, row, cols, k, v);
-    if (f == 1) moe_dequant16<MOE_AFFINE, 8, 64>(a8_w, a8_s, a8_b, row, cols, k, v);
-    if (f == 2) moe_dequant16<MOE_MX, 4, 32>(m4_w, m4_s, dummy, row, cols, k, v);
-    if (f == 3) moe_dequant16<MOE_MX, 8, 32>(m8_w, m8_s, dummy, row, cols, k, v);
+    threadgroup float e2m1[16];
+    threadgroup float e4m3[256];
+    moe_fill_tables(e2m1, e4m3, thread_index_in_threadgroup, 128);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float c[MOE_CHUNK];
+    float scale, bias;
+    if (f == 0) moe_codes16<MOE_AFFINE, 4, 64>(a4_w, a4_s, a4_b, e2m1, row, cols, k, c, scale, bias);
+    if (f == 1) moe_codes16<MOE_AFFINE, 8, 64>(a8_w, a8_s, a8_b, e2m1, row, cols, k, c, scale, bias);
+    if (f == 2) moe_codes16<MOE_MX, 4, 32>(m4_w, m4_s, dummy, e2m1, row, cols, k, c, scale, bias);
+    if (f == 3) moe_codes16<MOE_MX, 8, 32>(m8_w, m8_s, dummy, e4m3, row, cols, k, c, scale, bias);
     for (int i = 0; i < MOE_CHUNK; ++i) {
-      out[(size_t(f) * rows + row) * cols + k + i] = v[i];
+      out[(size_t(f) * rows + row) * cols + k + i] = f < 2 ? scale * c[i] + bias : c[i] * scale;
     }
     """,
     moe.GATE_UP.header,
