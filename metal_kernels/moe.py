@@ -167,6 +167,9 @@ def _mlp_ok(m: ExpertWeights, stacked: bool, D: int) -> bool:
     gate, up, down = m
     if not all(_format_ok(q, stacked) for q in m) or gate.format != up.format:
         return False
+    if gate.scales.dtype != up.scales.dtype or (
+            gate.biases is not None and gate.biases.dtype != up.biases.dtype):
+        return False  # one pass reads both: the kernel takes them as one type
     lead = gate.weight.shape[:-2]
     F = gate.out_dims
     return (gate.weight.shape == up.weight.shape and gate.in_dims == D

@@ -84,7 +84,9 @@ def test_numpy_reading_of_the_packing_matches_mx_dequantize(fmt):
 
 
 @dataclass
-class ProbeSpec:
+class Spec:
+    """A kernel spec written in a test (the harness reads these fields)."""
+
     name: str
     input_names: tuple
     output_names: tuple
@@ -94,7 +96,7 @@ class ProbeSpec:
     atomic_outputs: bool = False
 
 
-DECODE_PROBE = ProbeSpec(
+DECODE_PROBE = Spec(
     "moe_decode_probe",
     ("a4_w", "a4_s", "a4_b", "a8_w", "a8_s", "a8_b", "m4_w", "m4_s", "m8_w", "m8_s", "dummy"),
     ("out",),
@@ -110,13 +112,13 @@ DECODE_PROBE = ProbeSpec(
     moe_fill_tables(e2m1, e4m3, thread_index_in_threadgroup, 128);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float c[MOE_CHUNK];
-    float scale, bias;
-    if (f == 0) moe_codes16<MOE_AFFINE, 4, 64>(a4_w, a4_s, a4_b, e2m1, row, cols, k, c, scale, bias);
-    if (f == 1) moe_codes16<MOE_AFFINE, 8, 64>(a8_w, a8_s, a8_b, e2m1, row, cols, k, c, scale, bias);
-    if (f == 2) moe_codes16<MOE_MX, 4, 32>(m4_w, m4_s, dummy, e2m1, row, cols, k, c, scale, bias);
-    if (f == 3) moe_codes16<MOE_MX, 8, 32>(m8_w, m8_s, dummy, e4m3, row, cols, k, c, scale, bias);
+    float s, b;
+    if (f == 0) moe_codes16<MOE_AFFINE, 4, 64>(a4_w, a4_s, a4_b, e2m1, row, cols, k, c, s, b);
+    if (f == 1) moe_codes16<MOE_AFFINE, 8, 64>(a8_w, a8_s, a8_b, e2m1, row, cols, k, c, s, b);
+    if (f == 2) moe_codes16<MOE_MX, 4, 32>(m4_w, m4_s, dummy, e2m1, row, cols, k, c, s, b);
+    if (f == 3) moe_codes16<MOE_MX, 8, 32>(m8_w, m8_s, dummy, e4m3, row, cols, k, c, s, b);
     for (int i = 0; i < MOE_CHUNK; ++i) {
-      out[(size_t(f) * rows + row) * cols + k + i] = f < 2 ? scale * c[i] + bias : c[i] * scale;
+      out[(size_t(f) * rows + row) * cols + k + i] = f < 2 ? s * c[i] + b : c[i] * s;
     }
     """,
     moe.GATE_UP.header,
@@ -204,6 +206,20 @@ def test_mixed_formats_and_int32_ids(run):
     x = cases.normal(rng, (3, D))
     ids, rw = routing(rng, 3, K, E)
     check(run, x, ids.astype(mx.int32), rw, experts, shared)
+
+
+@pytest.mark.parametrize("run", cases.RUNNERS)
+def test_affine_group_sizes_32_and_128(run):
+    E, D, F, FS, K = 16, 640, 256, 128, 4  # group 128 needs 128 | D and 128 | F
+    rng = np.random.default_rng(19)
+    gate_up = random_experts(rng, ("affine", 8, 128), E, D, F)
+    experts = ExpertWeights(gate_up.gate, gate_up.up,
+                            random_experts(rng, ("affine", 4, 128), E, D, F).down)
+    s = random_experts(rng, ("affine", 4, 32), None, D, FS)
+    shared = ExpertWeights(s.gate, s.up, random_experts(rng, ("affine", 8, 32), None, D, FS).down)
+    x = cases.normal(rng, (1, D))
+    ids, rw = routing(rng, 1, K, E)
+    check(run, x, ids, rw, experts, shared)
 
 
 @pytest.mark.parametrize("run", cases.RUNNERS)
@@ -446,7 +462,7 @@ def test_lean_runner_is_the_harness(tmp_path):
 def mutant(spec, old, new):
     source = spec.source
     assert source.count(old) == 1, f"mutation site {old!r} not found once"
-    return ProbeSpec(spec.name + "_mutant", spec.input_names, spec.output_names,
+    return Spec(spec.name + "_mutant", spec.input_names, spec.output_names,
                      source.replace(old, new), spec.header)
 
 
