@@ -23,7 +23,7 @@ from m3mlx.config import ConfigError, ModelArgs
 from m3mlx.weights import is_mtp, is_vision
 
 from .errors import ConvertError
-from .layout import Weight, text_weights
+from m3mlx.layout import Weight, text_weights
 from .safetensors_io import (
     E4M3, FLOAT_DTYPES, TensorInfo, e2m1_unpack, read_bytes, read_header, to_f32, ue8m0_to_f32,
 )

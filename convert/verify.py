@@ -13,7 +13,7 @@ from typing import Dict, Optional
 from m3mlx.config import ConfigError, ModelArgs
 
 from .errors import ConvertError
-from .layout import text_weights
+from m3mlx.layout import text_weights
 from .recipes import FP_MODES
 from .safetensors_io import FLOAT_DTYPES, read_header
 from .source import INDEX_FILE

@@ -16,6 +16,7 @@ import numpy as np
 
 from .chat_format import M3_CHAT_TEMPLATE
 from .config import ModelArgs
+from .layout import text_weights
 
 SPECIAL_TOKENS = [
     "]~!b[", "]~b]", "[e~[", "]!d~[", "]!p~[", "<mm:think>", "</mm:think>", "]<]minimax[>[",
@@ -68,72 +69,28 @@ def demo_args(**overrides) -> ModelArgs:
 
 def random_weights(args: ModelArgs, seed: int = 0, with_mtp: bool = False,
                    dtype=mx.bfloat16) -> Dict[str, mx.array]:
-    """Random tensors under the Hugging Face names of an M3 checkpoint."""
+    """Random tensors under the Hugging Face names of an M3 checkpoint (vision ones included).
+
+    Matrices are scaled by 1/sqrt(fan-in) so activations stay O(1); norms and the router bias
+    get small values around zero (norms scale by 1 + w). The router and its bias are fp32, as
+    in the release; everything else is `dtype`.
+    """
     rng = np.random.default_rng(seed)
-    H, D, Di = args.hidden_size, args.head_dim, args.index_head_dim
-
-    def linear(out, inp):
-        return rng.standard_normal((out, inp)).astype(np.float32) / np.sqrt(inp)
-
-    def norm(n):
-        return 0.1 * rng.standard_normal(n).astype(np.float32)
-
-    def layer(prefix, sparse, moe):
-        w = {
-            "input_layernorm.weight": norm(H),
-            "post_attention_layernorm.weight": norm(H),
-            "self_attn.q_proj.weight": linear(args.num_attention_heads * D, H),
-            "self_attn.k_proj.weight": linear(args.num_key_value_heads * D, H),
-            "self_attn.v_proj.weight": linear(args.num_key_value_heads * D, H),
-            "self_attn.o_proj.weight": linear(H, args.num_attention_heads * D),
-            "self_attn.q_norm.weight": norm(D),
-            "self_attn.k_norm.weight": norm(D),
-        }
-        if sparse:
-            w["self_attn.index_q_proj.weight"] = linear(args.index_n_heads * Di, H)
-            w["self_attn.index_k_proj.weight"] = linear(Di, H)
-            w["self_attn.index_q_norm.weight"] = norm(Di)
-            w["self_attn.index_k_norm.weight"] = norm(Di)
-        if moe:
-            F, Fs = args.intermediate_size, args.shared_intermediate_size
-            w["block_sparse_moe.gate.weight"] = linear(args.num_local_experts, H)
-            w["block_sparse_moe.e_score_correction_bias"] = (
-                0.1 * rng.standard_normal(args.num_local_experts).astype(np.float32))
-            for e in range(args.num_local_experts):
-                w[f"block_sparse_moe.experts.{e}.w1.weight"] = linear(F, H)
-                w[f"block_sparse_moe.experts.{e}.w3.weight"] = linear(F, H)
-                w[f"block_sparse_moe.experts.{e}.w2.weight"] = linear(H, F)
-            w["block_sparse_moe.shared_experts.gate_proj.weight"] = linear(Fs, H)
-            w["block_sparse_moe.shared_experts.up_proj.weight"] = linear(Fs, H)
-            w["block_sparse_moe.shared_experts.down_proj.weight"] = linear(H, Fs)
-        else:
-            Fd = args.dense_intermediate_size
-            w["mlp.gate_proj.weight"] = linear(Fd, H)
-            w["mlp.up_proj.weight"] = linear(Fd, H)
-            w["mlp.down_proj.weight"] = linear(H, Fd)
-        return {f"{prefix}.{k}": v for k, v in w.items()}
-
-    out = {
-        "language_model.model.embed_tokens.weight":
-            rng.standard_normal((args.vocab_size, H)).astype(np.float32),
-        "language_model.model.norm.weight": norm(H),
-        "language_model.lm_head.weight": linear(args.vocab_size, H),
-        "vision_tower.patch_embed.proj.weight": linear(16, 12),
-        "multi_modal_projector.linear_1.weight": linear(H, 16),
-        "patch_merge_mlp.linear.weight": linear(H, 4 * H),
-    }
-    for i, (sparse, moe) in enumerate(zip(args.sparse_layers, args.moe_layers)):
-        out.update(layer(f"language_model.model.layers.{i}", sparse, moe))
-    if with_mtp:
-        mtp = "language_model.model.mtp.layers.0"
-        out.update({
-            f"{mtp}.enorm.weight": norm(H), f"{mtp}.hnorm.weight": norm(H),
-            f"{mtp}.eh_proj.weight": linear(H, 2 * H), f"{mtp}.final_layernorm.weight": norm(H),
-        })
-        out.update(layer(f"{mtp}.transformer_layer", True, True))
-    fp32 = ("block_sparse_moe.gate.weight", "e_score_correction_bias")
-    return {k: mx.array(v) if k.endswith(fp32) else mx.array(v).astype(dtype)
-            for k, v in out.items()}
+    out = {}
+    vision = {"vision_tower.patch_embed.proj.weight": (16, 12),
+              "multi_modal_projector.linear_1.weight": (args.hidden_size, 16)}
+    for name, shape in vision.items():
+        out[name] = rng.standard_normal(shape).astype(np.float32)
+    layout = text_weights(args, mtp_layers=1 if with_mtp else 0)
+    for w in layout:
+        values = rng.standard_normal(w.shape).astype(np.float32)
+        if w.kind in ("linear", "expert"):
+            values /= np.sqrt(w.shape[-1])
+        elif w.kind == "vector":
+            values *= 0.1
+        out[w.name] = values
+    fp32 = {w.name for w in layout if w.fp32}
+    return {k: mx.array(v) if k in fp32 else mx.array(v).astype(dtype) for k, v in out.items()}
 
 
 def hf_config(args: ModelArgs, style: str = "raw") -> dict:

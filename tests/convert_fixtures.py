@@ -19,6 +19,7 @@ import numpy as np
 
 from m3mlx.config import ModelArgs
 from m3mlx.demo import hf_config, write_demo_checkpoint, write_tokenizer
+from m3mlx.layout import text_weights
 
 # Every projection a multiple of 128 wide, so every MLX group size applies to every tensor.
 QUANT_DIMS = dict(hidden_size=128, intermediate_size=128, shared_intermediate_size=128,
@@ -287,42 +288,8 @@ def big_checkpoint(path, *, num_hidden_layers: int = 11, shard_bytes: int = 400 
 
 def hf_text_tensors(args: ModelArgs):
     """(name, dtype, shape) of every text tensor, in the order of the release's names."""
-    H, D, E = args.hidden_size, args.head_dim, args.num_local_experts
-    yield "language_model.model.embed_tokens.weight", "BF16", (args.vocab_size, H)
-    for i, (sparse, moe) in enumerate(zip(args.sparse_layers, args.moe_layers)):
-        p = f"language_model.model.layers.{i}"
-        yield f"{p}.input_layernorm.weight", "BF16", (H,)
-        yield f"{p}.post_attention_layernorm.weight", "BF16", (H,)
-        yield f"{p}.self_attn.q_proj.weight", "BF16", (args.num_attention_heads * D, H)
-        yield f"{p}.self_attn.k_proj.weight", "BF16", (args.num_key_value_heads * D, H)
-        yield f"{p}.self_attn.v_proj.weight", "BF16", (args.num_key_value_heads * D, H)
-        yield f"{p}.self_attn.o_proj.weight", "BF16", (H, args.num_attention_heads * D)
-        yield f"{p}.self_attn.q_norm.weight", "BF16", (D,)
-        yield f"{p}.self_attn.k_norm.weight", "BF16", (D,)
-        if sparse:
-            Di = args.index_head_dim
-            yield f"{p}.self_attn.index_q_proj.weight", "BF16", (args.index_n_heads * Di, H)
-            yield f"{p}.self_attn.index_k_proj.weight", "BF16", (Di, H)
-            yield f"{p}.self_attn.index_q_norm.weight", "BF16", (Di,)
-            yield f"{p}.self_attn.index_k_norm.weight", "BF16", (Di,)
-        if moe:
-            F, Fs = args.intermediate_size, args.shared_intermediate_size
-            yield f"{p}.block_sparse_moe.gate.weight", "F32", (E, H)
-            yield f"{p}.block_sparse_moe.e_score_correction_bias", "F32", (E,)
-            for e in range(E):
-                yield f"{p}.block_sparse_moe.experts.{e}.w1.weight", "BF16", (F, H)
-                yield f"{p}.block_sparse_moe.experts.{e}.w2.weight", "BF16", (H, F)
-                yield f"{p}.block_sparse_moe.experts.{e}.w3.weight", "BF16", (F, H)
-            for proj, shape in (("gate_proj", (Fs, H)), ("up_proj", (Fs, H)),
-                                ("down_proj", (H, Fs))):
-                yield f"{p}.block_sparse_moe.shared_experts.{proj}.weight", "BF16", shape
-        else:
-            Fd = args.dense_intermediate_size
-            for proj, shape in (("gate_proj", (Fd, H)), ("up_proj", (Fd, H)),
-                                ("down_proj", (H, Fd))):
-                yield f"{p}.mlp.{proj}.weight", "BF16", shape
-    yield "language_model.model.norm.weight", "BF16", (H,)
-    yield "language_model.lm_head.weight", "BF16", (args.vocab_size, H)
+    for w in text_weights(args):
+        yield w.name, "F32" if w.fp32 else "BF16", w.shape
 
 
 def _stream_shard(file: Path, tensors: Iterable[Tuple[str, str, tuple]], data):

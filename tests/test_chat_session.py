@@ -170,8 +170,10 @@ class InterruptedBetweenLayers:
         return logits
 
 
-def test_hard_interrupt_leaves_a_consistent_cache(canonical):
-    model, tokenizer = canonical  # its replies re-encode exactly: the next turn reuses them
+def test_hard_interrupt_leaves_a_consistent_cache(loaded):
+    model, tokenizer = loaded
+    # Replies re-encode exactly (the next turn reuses them) and cannot end before the interrupt.
+    model = Restricted(model, [tokenizer.token_to_id(t) for t in CANONICAL if t != "[e~["])
     flaky = InterruptedBetweenLayers(model, n=3)  # the prefill, then the 2nd decode step
     session = ChatSession(flaky, tokenizer, thinking="disabled", **GREEDY)
     stream = session.send("Tell me a long story")

@@ -15,15 +15,7 @@ pytestmark = cases.harness_only
 @pytest.fixture
 def metal_is_the_harness(monkeypatch):
     """Pretend Metal is available, with every kernel launch going through the harness."""
-    launched = []
-
-    def run(spec, launch):
-        launched.append(spec.name)
-        return harness.run(spec, launch)
-
-    monkeypatch.setattr(msa, "_use_metal", lambda requested: requested is not False)
-    monkeypatch.setattr(msa_kernels, "metal_run", run)
-    return launched
+    return cases.metal_is_the_harness(monkeypatch, msa, msa_kernels)
 
 
 def test_public_ops_use_the_kernels(metal_is_the_harness):

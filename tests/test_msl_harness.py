@@ -1,35 +1,14 @@
 """The Metal-on-CPU harness itself: MLX's generated source, the emulated GPU, and its alarms."""
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from msl import cases, harness
+from msl.cases import Spec
+
+from m3mlx.metal_kernels.msa_kernels import Launch
 
 pytestmark = cases.harness_only
-
-
-@dataclass
-class Spec:
-    name: str
-    input_names: tuple
-    output_names: tuple
-    source: str
-    header: str = ""
-    ensure_row_contiguous: bool = True
-    atomic_outputs: bool = False
-
-
-@dataclass
-class Launch:
-    inputs: list
-    output_shapes: list
-    output_dtypes: list
-    grid: tuple
-    threadgroup: tuple
-    template: list = None
-    init_value: float = None
 
 
 def run1(source, inputs, out_shape, out_dtype=mx.float32, grid=None, threadgroup=(32, 1, 1),

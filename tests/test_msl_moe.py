@@ -1,11 +1,12 @@
 """The MoE decode kernels against their gather_qmm twin, under the Metal-on-CPU harness."""
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl import cases, harness, lean
+from msl import cases, harness
+from msl.cases import Spec
 
 from m3mlx.metal_kernels import moe
 from m3mlx.metal_kernels.moe import ExpertWeights, QuantizedWeight
@@ -81,19 +82,6 @@ def test_numpy_reading_of_the_packing_matches_mx_dequantize(fmt):
     w_q, scales, b = every_code(bits, mode)
     want = mx.dequantize(w_q, scales, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
     np.testing.assert_array_equal(dequantize_np(w_q, scales, b, gs, bits, mode), np.array(want))
-
-
-@dataclass
-class Spec:
-    """A kernel spec written in a test (the harness reads these fields)."""
-
-    name: str
-    input_names: tuple
-    output_names: tuple
-    source: str
-    header: str
-    ensure_row_contiguous: bool = True
-    atomic_outputs: bool = False
 
 
 DECODE_PROBE = Spec(
@@ -286,14 +274,7 @@ def test_unsupported_calls_take_the_twin():
 def test_public_op_dispatches_like_the_msa_ops(monkeypatch):
     # Metal "available", with the harness standing in for it: supported calls launch the two
     # kernels, others and use_metal=False take the twin.
-    launched = []
-
-    def run(spec, launch):
-        launched.append(spec.name)
-        return harness.run(spec, launch)
-
-    monkeypatch.setattr(moe, "_use_metal", lambda requested: requested is not False)
-    monkeypatch.setattr(moe, "metal_run", run)
+    launched = cases.metal_is_the_harness(monkeypatch, moe, moe)
     E, D, F, FS, K = SMALL.values()
     rng = np.random.default_rng(18)
     experts = random_experts(rng, FORMATS["mxfp8"], E, D, F)
@@ -417,10 +398,8 @@ def test_real_geometry(run):
     x = cases.normal(rng, (T, D))
     ids = mx.array([[127, 0, 77, 31]], mx.uint32)  # both ends of the expert buffers
     rw = mx.array([[0.9, 0.0, 0.6, 0.5]], mx.float32)  # expert 0 weighs nothing
-    if run is harness.run:  # the lean runner: the harness, reading numpy arrays in place
-        run, wrap = lean.run, harness.View
-    else:
-        wrap = mx.array
+    # Under the harness the weights stay numpy views, which it streams to the kernel in place.
+    wrap = harness.View if run is harness.run else mx.array
     got = moe.moe_decode_kernels(x, ids, rw, ExpertWeights(*(to_mx(q, wrap) for q in routed)),
                                  ExpertWeights(*(to_mx(q, wrap) for q in shared)), run=run)
 
@@ -433,25 +412,6 @@ def test_real_geometry(run):
     scale = float(mx.abs(want).max())
     assert scale > 10.0  # activations of a sensible size, the clamps in play
     cases.assert_close(got, want, atol=2e-5 * scale, rtol=2e-5)
-
-
-@only_harness
-def test_lean_runner_is_the_harness(tmp_path):
-    # The real-geometry case's runner: the harness's input bytes, the harness's results.
-    rng = np.random.default_rng(16)
-    E, D, F, FS, K = SMALL.values()
-    experts = random_experts(rng, FORMATS["mxfp4"], E, D, F)
-    shared = random_experts(rng, FORMATS["mxfp4"], None, D, FS)
-    x = cases.normal(rng, (1, D))
-    ids, rw = routing(rng, 1, K, E)
-    launch = moe.gate_up_launch(x, ids, rw, experts, shared, 1.702, 7.0)
-    inputs = [harness._to_input(n, v, True) for n, v in zip(moe.GATE_UP.input_names,
-                                                             launch.inputs)]
-    lean.write_inputs(tmp_path / "in.bin", lean._inputs(moe.GATE_UP, launch), launch)
-    assert (tmp_path / "in.bin").read_bytes() == harness._encode(inputs, launch)
-    got = moe.moe_decode_kernels(x, ids, rw, experts, shared, run=lean.run)
-    want = moe.moe_decode_kernels(x, ids, rw, experts, shared, run=harness.run)
-    np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +27,34 @@ if HARNESS:
     RUNNERS.append(pytest.param(harness.run, id="harness"))
 if mx.metal.is_available():
     RUNNERS.append(pytest.param(msa_kernels.metal_run, id="metal"))
+
+
+@dataclass
+class Spec:
+    """A kernel spec written in a test (the harness reads these fields)."""
+
+    name: str
+    input_names: tuple
+    output_names: tuple
+    source: str
+    header: str = ""
+    ensure_row_contiguous: bool = True
+    atomic_outputs: bool = False
+
+
+def metal_is_the_harness(monkeypatch, dispatch, kernels) -> list:
+    """Pretend Metal is available to the public ops in module `dispatch` (its `_use_metal`),
+    with every launch through `kernels.metal_run` going to the harness; the launched kernels'
+    names, in order."""
+    launched = []
+
+    def run(spec, launch):
+        launched.append(spec.name)
+        return harness.run(spec, launch)
+
+    monkeypatch.setattr(dispatch, "_use_metal", lambda requested: requested is not False)
+    monkeypatch.setattr(kernels, "metal_run", run)
+    return launched
 
 
 def normal(rng, shape, dtype=mx.float32) -> mx.array:

@@ -14,7 +14,8 @@
 3. compiles that with g++ against `metal_compat.h` (which stands in for MLX's Metal prelude)
    with AddressSanitizer and UBSan's integer checks, caches the executable by source hash
    (`$M3MLX_MSL_CACHE`, default a per-user temp dir; the generated `.cpp` stays beside it),
-   runs it, and returns the outputs as MLX arrays.
+   runs it with the inputs streamed to its stdin (see `write_inputs` for the format), and
+   returns the outputs as MLX arrays.
 
 A kernel error (out-of-bounds access, barrier divergence, deadlock, ...) raises HarnessError,
 and so does C++ that Metal does not have (`double`, `std::`, `static`, ...).
@@ -22,7 +23,7 @@ and so does C++ that Metal does not have (`double`, `std::`, `static`, ...).
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import hashlib
 import os
 import re
@@ -129,7 +130,7 @@ class _Input:
     dtype: mx.Dtype
     shape: tuple
     strides: tuple  # in elements
-    payload: bytes  # the bytes from the first to the last element the view reaches
+    payload: memoryview  # the bytes from the first to the last element the view reaches
 
     @property
     def ndim(self):
@@ -356,10 +357,11 @@ def _from_numpy(name, arr: np.ndarray, dtype) -> _Input:
         arr = np.asarray(order="C", a=arr)
     strides = tuple(s // item for s in arr.strides)
     if arr.size == 0:
-        return _Input(name, dtype, arr.shape, strides, b"")
+        return _Input(name, dtype, arr.shape, strides, memoryview(b""))
     reach = sum((n - 1) * s for n, s in zip(arr.shape, arr.strides)) + item
-    payload = ctypes.string_at(arr.__array_interface__["data"][0], reach)
-    return _Input(name, dtype, arr.shape, strides, payload)
+    # The array's own memory from its first to its last element, read in place (no copy).
+    span = np.lib.stride_tricks.as_strided(arr, (reach // item,), (item,), writeable=False)
+    return _Input(name, dtype, arr.shape, strides, memoryview(span.view(np.uint8)))
 
 
 def _to_input(name, value, row_contiguous: bool) -> _Input:
@@ -372,23 +374,29 @@ def _to_input(name, value, row_contiguous: bool) -> _Input:
         value = mx.array(value)  # python scalars become 0-d arrays, as in MLX
     dtype = value.dtype
     host = value.view(mx.uint16) if dtype == mx.bfloat16 else value
-    return _from_numpy(name, np.asarray(order="C", a=np.array(host)), dtype)
+    return _from_numpy(name, np.asarray(order="C", a=host), dtype)  # in place when contiguous
 
 
-def _encode(inputs: list[_Input], launch) -> bytes:
-    grid = tuple(int(g) for g in launch.grid)
-    tg = tuple(int(t) for t in launch.threadgroup)
-    parts = [struct.pack("<3I3I", *grid, *tg)]
+CHUNK = 1 << 26  # bytes per write
+
+
+def write_inputs(f, inputs: list[_Input], launch) -> None:
+    """The executable's input, written piece by piece to the binary file `f`: grid and
+    threadgroup (3 + 3 uint32); per input ndim (int32), payload bytes and element offset
+    (int64), shape (ndim int32), strides in elements (ndim int64) and the payload; per output
+    its bytes (int64), whether it has an initial value (int32) and that value (float64)."""
+    f.write(struct.pack("<3I3I", *(int(g) for g in launch.grid),
+                        *(int(t) for t in launch.threadgroup)))
     for x in inputs:
-        parts.append(struct.pack("<iqq", x.ndim, len(x.payload), 0))
-        parts.append(struct.pack(f"<{x.ndim}i", *x.shape))
-        parts.append(struct.pack(f"<{x.ndim}q", *x.strides))
-        parts.append(x.payload)
+        f.write(struct.pack("<iqq", x.ndim, len(x.payload), 0))
+        f.write(struct.pack(f"<{x.ndim}i", *x.shape))
+        f.write(struct.pack(f"<{x.ndim}q", *x.strides))
+        for start in range(0, len(x.payload), CHUNK):
+            f.write(x.payload[start:start + CHUNK])
     init = launch.init_value
     for shape, dtype in zip(launch.output_shapes, launch.output_dtypes):
         nbytes = int(np.prod(shape)) * np.dtype(NP_STORAGE[dtype]).itemsize
-        parts.append(struct.pack("<qid", nbytes, init is not None, init or 0.0))
-    return b"".join(parts)
+        f.write(struct.pack("<qid", nbytes, init is not None, init or 0.0))
 
 
 def _decode(raw: bytes, launch) -> list[mx.array]:
@@ -411,7 +419,8 @@ def _decode(raw: bytes, launch) -> list[mx.array]:
 
 
 def prepare(spec, launch):
-    """(executable, encoded inputs, kernel name) for this spec and launch."""
+    """(executable, inputs, kernel name) for this spec and launch; `write_inputs` writes the
+    inputs in the executable's format."""
     if len(launch.inputs) != len(spec.input_names):
         raise ValueError(f"{spec.name}: expected {len(spec.input_names)} inputs, "
                          f"got {len(launch.inputs)}")
@@ -421,19 +430,34 @@ def prepare(spec, launch):
     template = list(launch.template or [])
     name, source = mlx_source(spec, inputs, launch.output_dtypes, template)
     program = harness_program(spec, name, source, inputs, launch.output_dtypes, template)
-    return build(program), _encode(inputs, launch), name
+    return build(program), inputs, name
 
 
 def run(spec, launch, timeout=600) -> list[mx.array]:
-    """Run one launch of `spec` on the emulated grid; the outputs as MLX arrays."""
-    exe, payload, name = prepare(spec, launch)
+    """Run one launch of `spec` on the emulated grid; the outputs as MLX arrays.
+
+    The inputs stream to the executable through a pipe straight from the arrays' own memory
+    (MLX arrays, and numpy arrays in `View`s, are read in place), so gigabyte-sized inputs
+    cost no copies on the way."""
+    exe, inputs, name = prepare(spec, launch)
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
-        src.write_bytes(payload)
-        proc = subprocess.run([str(exe), str(src), str(dst)], capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, **RUN_ENV})
-        if proc.returncode != 0:
+        dst, log = Path(tmp) / "out.bin", Path(tmp) / "stderr.txt"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([str(exe), "/dev/stdin", str(dst)], stdin=subprocess.PIPE,
+                                    stderr=err, env={**os.environ, **RUN_ENV})
+            try:
+                # A broken pipe: the kernel died early, and its report is in the log.
+                with contextlib.suppress(BrokenPipeError):
+                    write_inputs(proc.stdin, inputs, launch)
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.close()
+                code = proc.wait(timeout=timeout)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        if code != 0:
+            report = log.read_text(errors="replace")
             raise HarnessError(
-                f"{name} failed under the harness (exit {proc.returncode}):\n"
-                f"{proc.stderr[-8000:]}")
+                f"{name} failed under the harness (exit {code}):\n{report[-8000:]}")
         return _decode(dst.read_bytes(), launch)

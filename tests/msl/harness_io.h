@@ -1,6 +1,7 @@
 // Buffers in and out of a harness executable (see harness.py for the file layout).
-// Every buffer is its own exact-size heap allocation, so AddressSanitizer flags any access
-// outside it; shape and stride vectors too.
+// The input is read sequentially (a pipe works: harness.py streams it to /dev/stdin) straight
+// into one exact-size heap allocation per buffer, so gigabyte-sized inputs cost their own size
+// once, and AddressSanitizer flags any access outside a buffer; shape and stride vectors too.
 #pragma once
 
 #include <cstdio>
@@ -8,7 +9,6 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
 namespace msl {
 
@@ -23,22 +23,19 @@ struct Array {
 
 class Reader {
  public:
-  explicit Reader(const char* path) {
-    FILE* f = std::fopen(path, "rb");
-    if (!f) fail("cannot open the input file");
-    std::fseek(f, 0, SEEK_END);
-    buf_.resize(static_cast<size_t>(std::ftell(f)));
-    std::fseek(f, 0, SEEK_SET);
-    if (std::fread(buf_.data(), 1, buf_.size(), f) != buf_.size()) fail("short input file");
-    std::fclose(f);
+  explicit Reader(const char* path) : f_(std::fopen(path, "rb")) {
+    if (!f_) fail("cannot open the input file");
+  }
+  ~Reader() { std::fclose(f_); }
+
+  void read(void* dst, size_t n) {
+    if (n && std::fread(dst, 1, n, f_) != n) fail("input file truncated");
   }
 
   template <typename V>
   V get() {
-    if (pos_ + sizeof(V) > buf_.size()) fail("input file truncated");
     V v;
-    std::memcpy(&v, buf_.data() + pos_, sizeof(V));
-    pos_ += sizeof(V);
+    read(&v, sizeof v);
     return v;
   }
 
@@ -58,9 +55,7 @@ class Reader {
     for (int i = 0; i < a.ndim; ++i) a.shape[i] = get<int32_t>();
     for (int i = 0; i < a.ndim; ++i) a.strides[i] = get<int64_t>();
     char* base = static_cast<char*>(std::malloc(a.bytes));
-    if (pos_ + a.bytes > buf_.size()) fail("input file truncated");
-    std::memcpy(base, buf_.data() + pos_, a.bytes);
-    pos_ += a.bytes;
+    read(base, a.bytes);
     a.data = reinterpret_cast<T*>(base) + offset;
     return a;
   }
@@ -85,8 +80,7 @@ class Reader {
   }
 
  private:
-  std::vector<char> buf_;
-  size_t pos_ = 0;
+  FILE* f_;
 };
 
 class Writer {

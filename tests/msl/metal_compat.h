@@ -760,16 +760,7 @@ using metal::max;
 using metal::min;
 using metal::rsqrt;
 }  // namespace fast
-namespace precise {
-using std::exp;
-using std::exp2;
-using std::log;
-using std::log2;
-using std::sqrt;
-using metal::max;
-using metal::min;
-using metal::rsqrt;
-}  // namespace precise
+namespace precise = fast;  // on a CPU both are the same functions
 
 }  // namespace metal
 

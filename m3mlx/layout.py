@@ -1,6 +1,7 @@
 """Every text tensor an M3 config implies, with its shape and role, in checkpoint order.
 
-This is the contract both sides of a conversion are checked against: the source's tensors must
+The demo checkpoint is generated from it, and it is the contract both sides of a conversion
+are checked against: the source's tensors must
 be exactly these (plus vision tensors, which are dropped, and the quantization companions of its
 format), and the output holds exactly these, with the routed experts stacked.
 """
@@ -8,8 +9,8 @@ format), and the output holds exactly these, with the routed experts stacked.
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from m3mlx.config import ModelArgs
-from m3mlx.weights import EXPERT_PROJECTIONS
+from .config import ModelArgs
+from .weights import EXPERT_PROJECTIONS
 
 PREFIX = "language_model."
 
@@ -28,6 +29,11 @@ class Weight:
     @property
     def quantizable(self) -> bool:
         return self.kind != "vector"
+
+    @property
+    def fp32(self) -> bool:
+        """Stored in float32 in the release (the router and its correction bias)."""
+        return self.role in ("router", "correction_bias")
 
 
 def _layer(prefix: str, args: ModelArgs, sparse: bool, moe: bool, mtp: bool) -> List[Weight]:
