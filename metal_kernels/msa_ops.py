@@ -129,11 +129,11 @@ def _attend_tile(q_rows, k_blocks, v_blocks, sel, row_base, positions, scale, bl
     scores = mx.where(keep[:, :, None, :], scores, -mx.inf)
     peak = scores.max(axis=(1, 3), keepdims=True)
     weights = mx.exp(scores - peak)
-    weights = weights / weights.sum(axis=(1, 3), keepdims=True)
+    total = weights.sum(axis=(1, 3))  # [R, G]; normalizing the small output is cheaper
     pairs = mx.arange(R * k, dtype=mx.uint32)
     weights = weights.astype(v_blocks.dtype).reshape(R * k, G, block_size)
-    out = _block_matmul(weights, v_blocks, pairs, rhs)
-    return out.reshape(R, k, G, -1).sum(axis=1)
+    out = _block_matmul(weights, v_blocks, pairs, rhs).reshape(R, k, G, -1).sum(axis=1)
+    return (out / total[..., None]).astype(v_blocks.dtype)
 
 
 def _as_blocks(x, block_size):
