@@ -5,7 +5,7 @@ for Metal (so the dispatch wiring is covered on Linux too)."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl import cases, harness
+from msl import cases
 
 from m3mlx.metal_kernels import index_topk, msa, msa_kernels, msa_ops, sparse_attention
 
