@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ChatReply", "ChatSession", "ChatStream", "M3_CHAT_TEMPLATE", "MalformedOutputWarning",
     "ToolCall", "parse_reply", "render_chat",
-    "ConfigError", "GenerationResponse", "LayerCache", "LoadError", "Model", "ModelArgs", "Tokenizer", "generate", "load",
+    "ConfigError", "GenerationResponse", "LayerCache", "LoadError", "Model", "ModelArgs",
+    "Tokenizer", "generate", "load",
     "load_model", "load_prompt_cache", "make_cache", "make_sampler", "save_prompt_cache",
     "stream_generate", "trim_prompt_cache",
 ]

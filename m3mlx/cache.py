@@ -70,11 +70,12 @@ class LayerCache:
     def state(self) -> Dict[str, mx.array]:
         if self.keys is None:
             return {}
-        out = {"keys": self.keys[..., : self.offset, :], "values": self.values[..., : self.offset, :]}
+        n = self.offset
+        out = {"keys": self.keys[..., :n, :], "values": self.values[..., :n, :]}
         if self.index_keys is not None:
-            out["index_keys"] = self.index_keys[:, : self.offset, :]
+            out["index_keys"] = self.index_keys[:, :n, :]
         if self.index_scales is not None:
-            out["index_scales"] = self.index_scales[:, : self.offset]
+            out["index_scales"] = self.index_scales[:, :n]
         return out
 
     @property
@@ -111,16 +112,14 @@ def _resized(buf, used, shape, axis, capacity, dtype):
     return fresh
 
 
-def cache_offset(cache: List[LayerCache]) -> int:
-    return cache[0].offset if cache else 0
-
-
 def trim_prompt_cache(cache: List[LayerCache], n: int) -> int:
     return min(c.trim(n) for c in cache) if cache else 0
 
 
-def save_prompt_cache(path: str, cache: List[LayerCache], metadata: Optional[Dict[str, str]] = None):
-    """Write every layer's cache (index keys included) and string metadata to one safetensors file."""
+def save_prompt_cache(path: str, cache: List[LayerCache],
+                      metadata: Optional[Dict[str, str]] = None):
+    """Write every layer's cache (index keys included) and string metadata to one safetensors
+    file, atomically."""
     arrays = {f"{i}.{name}": a for i, c in enumerate(cache) for name, a in c.state.items()}
     meta = {
         "m3mlx_cache": json.dumps([c.meta() for c in cache]),

@@ -39,14 +39,15 @@ def history_block_scores(index_q, index_keys, n_blocks, block_size, index_scales
         return mx.zeros((B, H, L, 0), mx.float32)
     q = index_q.astype(mx.float32)
     chunk = max(1, min(TILE_BYTES // (B * H * L * block_size * 4), MAX_TILE_KEYS // block_size))
+    tiled = n_blocks > chunk
     parts = []
     for start in range(0, n_blocks, chunk):
         stop = min(n_blocks, start + chunk)
-        k = index_keys[:, start * block_size : stop * block_size].astype(mx.float32)
-        s = q @ k[:, None].swapaxes(-1, -2)  # [B, H, L, keys]
+        keys = slice(start * block_size, stop * block_size)
+        s = q @ index_keys[:, keys].astype(mx.float32)[:, None].swapaxes(-1, -2)  # [B,H,L,keys]
         if index_scales is not None:
-            s = s * index_scales[:, None, None, start * block_size : stop * block_size]
-        parts.append(_settled(s.reshape(B, H, L, stop - start, block_size).max(axis=-1), n_blocks > chunk))
+            s = s * index_scales[:, None, None, keys]
+        parts.append(_settled(s.reshape(B, H, L, stop - start, block_size).max(axis=-1), tiled))
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
 
