@@ -232,10 +232,7 @@ def interactive(state: ChatState, banner: str):
             except EOFError:
                 state.console.write("\n")
                 break
-            if message.startswith("/"):
-                run_command(message.strip(), state)
-            elif message.strip():
-                state.reply_to(message)
+            handle(message, state)
     except Quit:
         pass
     finally:
@@ -247,6 +244,14 @@ def interactive(state: ChatState, banner: str):
                 pass
 
 
+def handle(message: str, state: ChatState):
+    """A line starting with / is a command; any other non-blank text is a message."""
+    if message.startswith("/"):
+        run_command(message.strip(), state)
+    elif message.strip():
+        state.reply_to(message)
+
+
 def piped(state: ChatState, input_mode: str):
     if input_mode == "whole":
         message = sys.stdin.read()
@@ -255,11 +260,7 @@ def piped(state: ChatState, input_mode: str):
         return
     try:
         for line in sys.stdin:
-            line = line.rstrip("\n")
-            if line.startswith("/"):
-                run_command(line.strip(), state)
-            elif line.strip():
-                state.reply_to(line)
+            handle(line.rstrip("\n"), state)
     except Quit:
         pass
 
