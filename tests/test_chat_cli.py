@@ -13,7 +13,7 @@ import pytest
 
 import m3mlx
 from m3mlx.chat import ChatSession
-from m3mlx.chat_format import M3_CHAT_TEMPLATE, ReplyDelta, ToolCall
+from m3mlx.chat_format import ReplyDelta, ToolCall
 from m3mlx.cli.chat import Console, stream_reply
 from m3mlx.demo import write_demo_checkpoint
 
@@ -25,10 +25,7 @@ ARGS = ["--temp", "0", "--max-tokens", "150", "--dtype", "float32"]
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
-    return write_demo_checkpoint(
-        tmp_path_factory.mktemp("cli"), dtype=mx.float32,
-        extra_files={"chat_template.jinja": M3_CHAT_TEMPLATE},
-    )
+    return write_demo_checkpoint(tmp_path_factory.mktemp("cli"), dtype=mx.float32)
 
 
 def command(chat_dir, *extra):

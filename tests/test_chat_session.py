@@ -18,10 +18,7 @@ CANONICAL = ["]!d~[", "]!p~[", "]<]image[>[", "]<]video[>[", "]<]start of image[
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
     """A demo checkpoint that ships the M3 chat template."""
-    return write_demo_checkpoint(
-        tmp_path_factory.mktemp("chat"), dtype=mx.float32,
-        extra_files={"chat_template.jinja": M3_CHAT_TEMPLATE},
-    )
+    return write_demo_checkpoint(tmp_path_factory.mktemp("chat"), dtype=mx.float32)
 
 
 @pytest.fixture(scope="module")
