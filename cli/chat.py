@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
+
 from .options import generation_options, load_or_fail
 
 # /think arguments; the first three are what `--thinking` accepts.
@@ -206,8 +208,7 @@ def read_message(prompt: str = ">>> ", more: str = "... ") -> str:
 
 
 def history_file() -> Path:
-    root = os.environ.get("M3MLX_HOME") or Path.home() / ".cache" / "m3mlx"
-    return Path(root) / "chat_history"
+    return home_dir() / "chat_history"
 
 
 def interactive(state: ChatState, banner: str):
@@ -266,7 +267,7 @@ def piped(state: ChatState, input_mode: str):
 
 
 @click.command()
-@generation_options(max_tokens=8192, temp=1.0, top_p=0.95, top_k=40,
+@generation_options(max_tokens=CHAT_MAX_TOKENS, sampling=RECOMMENDED_SAMPLING,
                     temp_help="Sampling temperature (M3's recommended 1.0); 0 is greedy.")
 @click.option("--system", default=None, help="System prompt [default: the chat template's].")
 @click.option("--thinking", type=click.Choice(["enabled", "disabled", "adaptive"]),

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from m3mlx.defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING
+
 from .options import generation_options, load_or_fail
 
 
@@ -15,7 +17,7 @@ def cli():
 
 
 @cli.command()
-@generation_options(max_tokens=256, temp=0.0, top_p=1.0, top_k=0)
+@generation_options(max_tokens=GENERATE_MAX_TOKENS, sampling=GREEDY_SAMPLING)
 @click.option("--prompt", "-p", required=True, help="Prompt text, or - to read it from stdin.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,

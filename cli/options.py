@@ -2,10 +2,14 @@
 
 import click
 
+from m3mlx.defaults import PREFILL_STEP
 
-def generation_options(*, max_tokens: int, temp: float, top_p: float, top_k: int,
+
+def generation_options(*, max_tokens: int, sampling: dict,
                        temp_help: str = "Sampling temperature; 0 is greedy."):
-    """--model plus sampling and runtime options, with per-command defaults."""
+    """--model plus sampling and runtime options, with per-command defaults (`sampling`:
+    temperature, top_p, top_k, from m3mlx.defaults)."""
+    temp, top_p, top_k = sampling["temperature"], sampling["top_p"], sampling["top_k"]
     options = [
         click.option("--model", "model_path", required=True,
                      help="Model directory or Hub repo id."),
@@ -22,7 +26,7 @@ def generation_options(*, max_tokens: int, temp: float, top_p: float, top_k: int
         click.option("--repetition-penalty", default=1.0, show_default=True,
                      type=click.FloatRange(0, min_open=True), help="1.0 is off."),
         click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
-        click.option("--prefill-step-size", default=2048, show_default=True,
+        click.option("--prefill-step-size", default=PREFILL_STEP, show_default=True,
                      type=click.IntRange(1), help="Prompt tokens per prefill chunk."),
         click.option("--index-bits", type=click.Choice(["16", "8"]), default="16",
                      show_default=True, callback=lambda ctx, param, v: 8 if v == "8" else None,

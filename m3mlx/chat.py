@@ -25,15 +25,14 @@ from .chat_format import (
     render_chat,
     tool_result_text,
 )
+from .defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING
 from .generate import stream_generate
 from .model import make_cache
 
 # M3's recommended sampling (model card); temperature 0 makes replies greedy.
 DEFAULT_OPTIONS = {
-    "max_tokens": 8192,
-    "temperature": 1.0,
-    "top_p": 0.95,
-    "top_k": 40,
+    "max_tokens": CHAT_MAX_TOKENS,
+    **RECOMMENDED_SAMPLING,
     "min_p": 0.0,
     "repetition_penalty": 1.0,
     "seed": None,

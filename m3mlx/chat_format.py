@@ -18,14 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-NS = "]<]minimax[>["
-BOD = "]~!b["
-ROLE = "]~b]"
-END_OF_TURN = "[e~["
-THINK_BEGIN = "<mm:think>"
-THINK_END = "</mm:think>"
-TOOL_CALL_BEGIN = NS + "<tool_call>"
-TOOL_CALL_END = NS + "</tool_call>"
+from .tokens import (BOD, END_OF_TURN, NS, ROLE, SPECIAL_TOKENS_MAP, THINK_BEGIN, THINK_END,
+                     TOOL_CALL_BEGIN, TOOL_CALL_END)
 
 THINKING_MODES = ("enabled", "disabled", "adaptive")
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -60,11 +54,6 @@ TOOLS_EXAMPLE = (
     f'{NS}<invoke name="tool-name-2">{NS}<param-1>value-1{NS}</param-1>{NS}</invoke>\n'
     f"{TOOL_CALL_END}"
 )
-
-# The tokenizer_config.json special tokens Hugging Face hands to chat templates.
-SPECIAL_TOKENS_MAP = {
-    "bos_token": BOD, "eos_token": END_OF_TURN, "unk_token": "]!d~[", "pad_token": "]!p~[",
-}
 
 # Generation-prompt suffix after "]~b]ai\n" for each thinking mode.
 PROMPT_SUFFIX = {"enabled": THINK_BEGIN, "disabled": THINK_END, "adaptive": ""}

@@ -7,7 +7,6 @@ path, it does not speak. `m3mlx demo` and the tests build on it.
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -16,13 +15,10 @@ import numpy as np
 
 from .chat_format import M3_CHAT_TEMPLATE
 from .config import ModelArgs
+from .defaults import RECOMMENDED_SAMPLING, home_dir
 from .layout import text_weights
+from .tokens import BOD, END_OF_TURN, SPECIAL_TOKENS
 
-SPECIAL_TOKENS = [
-    "]~!b[", "]~b]", "[e~[", "]!d~[", "]!p~[", "<mm:think>", "</mm:think>", "]<]minimax[>[",
-    "]<]image[>[", "]<]video[>[", "]<]start of image[>[", "]<]end of image[>[",
-]
-BOS, EOS = "]~!b[", "[e~["
 
 # Small enough for a CPU, shaped like M3: a dense first layer, then MSA + MoE layers,
 # GQA groups, partial RoPE, one index head per KV head. MSA goes sparse past 4 x 16 = 64 tokens.
@@ -54,7 +50,7 @@ def train_tokenizer(vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS * 20, trainer)
@@ -122,7 +118,7 @@ def write_tokenizer(path: Path, tokenizer=None) -> "object":
     tok = tokenizer or train_tokenizer()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "add_bos_token": False}, indent=2))
+        {"bos_token": BOD, "eos_token": END_OF_TURN, "add_bos_token": False}, indent=2))
     return tok
 
 
@@ -134,8 +130,8 @@ def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards
     path.mkdir(parents=True, exist_ok=True)
     tok = write_tokenizer(path)
     overrides.setdefault("vocab_size", tok.get_vocab_size())
-    overrides.setdefault("bos_token_id", tok.token_to_id(BOS))
-    overrides.setdefault("eos_token_id", tok.token_to_id(EOS))
+    overrides.setdefault("bos_token_id", tok.token_to_id(BOD))
+    overrides.setdefault("eos_token_id", tok.token_to_id(END_OF_TURN))
     args = demo_args(**overrides)
     if with_mtp:
         args.num_mtp_modules = 1
@@ -155,7 +151,7 @@ def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards
     (path / "config.json").write_text(json.dumps(hf_config(args, config_style), indent=2))
     (path / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id,
-         "temperature": 1.0, "top_p": 0.95, "top_k": 40}, indent=2))
+         **RECOMMENDED_SAMPLING}, indent=2))
     files = {"chat_template.jinja": M3_CHAT_TEMPLATE, **(extra_files or {})}
     for name, text in files.items():
         (path / name).write_text(text)
@@ -163,5 +159,4 @@ def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards
 
 
 def default_demo_dir() -> Path:
-    root = os.environ.get("M3MLX_HOME") or Path.home() / ".cache" / "m3mlx"
-    return Path(root) / "demo"
+    return home_dir() / "demo"

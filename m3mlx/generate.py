@@ -7,10 +7,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
+from .defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING, PREFILL_STEP
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
-
-DEFAULT_PREFILL_STEP = 2048
 
 
 @dataclass
@@ -85,7 +84,7 @@ def wired_limit():
         mx.set_wired_limit(previous)
 
 
-def prefill(model: Model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_STEP,
+def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
             progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
     """Run all tokens through the model in chunks; returns the last position's logits [V]."""
     if step < 1:
@@ -99,9 +98,10 @@ def prefill(model: Model, tokens: mx.array, cache, step: int = DEFAULT_PREFILL_S
     return logits
 
 
-def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None, max_tokens: int = 256,
+def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
+                    max_tokens: int = GENERATE_MAX_TOKENS,
                     sampler=None, logits_processors=(), seed: Optional[int] = None,
-                    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+                    prefill_step_size: int = PREFILL_STEP,
                     on_prefilled: Optional[Callable[[], None]] = None) -> Iterator[int]:
     """Yield up to max_tokens sampled tokens after the prompt, continuing `cache` if given."""
     if not len(prompt):
@@ -137,11 +137,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Sequence[int]], *,
-                    max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                    top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                    max_tokens: int = GENERATE_MAX_TOKENS,
+                    temperature: float = GREEDY_SAMPLING["temperature"],
+                    top_p: float = GREEDY_SAMPLING["top_p"], top_k: int = GREEDY_SAMPLING["top_k"],
+                    min_p: float = 0.0, repetition_penalty: float = 1.0,
                     repetition_context_size: int = 64, seed: Optional[int] = None,
                     stop_strings: Sequence[str] = (), prompt_cache=None,
-                    prefill_step_size: int = DEFAULT_PREFILL_STEP) -> Iterator[GenerationResponse]:
+                    prefill_step_size: int = PREFILL_STEP) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text or token ids) as GenerationResponses.
 
     With `prompt_cache` the prompt continues what the cache holds: only its tokens are prefilled.

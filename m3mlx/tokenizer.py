@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-END_OF_TURN = "[e~["
+from .tokens import END_OF_TURN
 
 
 class Tokenizer:
