@@ -289,18 +289,22 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     replies are written to stdout; reasoning and command output go to stderr.
     """
     from m3mlx.chat import ChatSession
+    from m3mlx.chat_format import TemplateError
 
     is_tty = sys.stdin.isatty() and sys.stdout.isatty()
     console = Console(interactive=is_tty)
     if is_tty:
         console.write(console.style.dim(f"Loading {model_path} ...") + "\n")
     model, tokenizer = load_or_fail(model_path, dtype)
-    session = ChatSession(
-        model, tokenizer, system=system, thinking=thinking,
-        index_bits=index_bits, max_tokens=max_tokens, temperature=temp,
-        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        prefill_step_size=prefill_step_size,
-    )
+    try:
+        session = ChatSession(
+            model, tokenizer, system=system, thinking=thinking,
+            index_bits=index_bits, max_tokens=max_tokens, temperature=temp,
+            top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+            seed=seed, prefill_step_size=prefill_step_size,
+        )
+    except TemplateError as e:
+        raise click.ClickException(str(e)) from None
     state = ChatState(console, session)
     if is_tty:
         interactive(state, f"m3mlx chat: {model_path} (thinking {thinking}). /help for "

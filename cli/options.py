@@ -49,8 +49,9 @@ def load_or_fail(model_path, dtype):
     import mlx.core as mx
 
     from m3mlx import ConfigError, LoadError, load
+    from m3mlx.chat_format import TemplateError
 
     try:
         return load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype))
-    except (LoadError, ConfigError, FileNotFoundError) as e:
+    except (LoadError, ConfigError, FileNotFoundError, TemplateError) as e:
         raise click.ClickException(str(e)) from e

@@ -14,20 +14,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .cache import load_prompt_cache, prompt_cache_bytes, save_prompt_cache
-from .chat_format import (
-    THINK_BEGIN,
-    ParsedReply,
-    ReplyDelta,
-    ReplyParser,
-    ToolCall,
-    check_thinking_mode,
-    normalize_tools,
-    render_chat,
-    tool_result_text,
-)
+from .chat_format import render_chat
+from .chat_messages import check_thinking_mode, normalize_tools, tool_result_text
 from .defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING
 from .generate import stream_generate
 from .model import make_cache
+from .reply_parser import ParsedReply, ReplyDelta, ReplyParser, ToolCall
+from .tokens import THINK_BEGIN
 
 # M3's recommended sampling (model card); temperature 0 makes replies greedy.
 DEFAULT_OPTIONS = {
@@ -126,13 +119,17 @@ class ChatSession:
         self.system = system
         self.tools = tools
         self.thinking = thinking
-        # The checkpoint's template when it ships one, else the built-in renderer.
+        # The checkpoint's template when it ships one, else m3mlx's M3 template.
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.chat_template_name = None if chat_template else \
+            getattr(tokenizer, "chat_template_file", None)
         self.options = {**DEFAULT_OPTIONS, **_checked_options(options)}
         self.messages: List[Dict[str, Any]] = []
         self.last_reply: Optional[ChatReply] = None
         self._cache = make_cache(model, index_bits=index_bits)
         self._tokens: List[int] = []  # exactly the tokens the cache holds
+        # A template that cannot render a conversation fails now, with a message naming it.
+        self._render([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
 
     # -- settings --------------------------------------------------------------------------
 
@@ -180,6 +177,7 @@ class ChatSession:
             thinking=self.thinking,
             add_generation_prompt=add_generation_prompt,
             template=self.chat_template,
+            template_name=self.chat_template_name,
         )
 
     def send(self, message: Optional[str] = None, **options) -> ChatStream:

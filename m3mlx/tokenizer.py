@@ -1,21 +1,23 @@
 """M3's tokenizer: `tokenizer.json` through `tokenizers`, special tokens kept as single tokens."""
 
-import json
 from pathlib import Path
 from typing import Iterable, List, Optional
 
+from .chat_format import read_chat_template
 from .tokens import END_OF_TURN
 
 
 class Tokenizer:
-    def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), chat_template: Optional[str] = None):
+    def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), chat_template=None,
+                 chat_template_file: Optional[str] = None):
         self._tok = tokenizer
         eos = list(eos_token_ids)
         end = tokenizer.token_to_id(END_OF_TURN)
         if end is not None and end not in eos:
             eos.append(end)
         self.eos_token_ids = eos
-        self.chat_template = chat_template
+        self.chat_template = chat_template  # a template, a {name: template} dict, or None
+        self.chat_template_file = chat_template_file  # where it came from, for messages
 
     @classmethod
     def from_dir(cls, path, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
@@ -26,11 +28,11 @@ class Tokenizer:
         if not file.exists():
             raise FileNotFoundError(
                 f"{path} has no tokenizer.json; copy it from the original checkpoint")
-        template = path / "chat_template.jinja"
-        text = template.read_text() if template.exists() else None
-        if text is None and (path / "tokenizer_config.json").exists():
-            text = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-        return cls(HFTokenizer.from_file(str(file)), eos_token_ids, text)
+        template = read_chat_template(path)
+        origin = path / ("chat_template.jinja" if (path / "chat_template.jinja").exists()
+                         else "tokenizer_config.json")
+        return cls(HFTokenizer.from_file(str(file)), eos_token_ids, template,
+                   str(origin) if template is not None else None)
 
     @property
     def vocab_size(self) -> int:
