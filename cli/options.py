@@ -1,8 +1,22 @@
 """What the `generate` and `chat` commands share: model loading and generation options."""
 
+import re
+
 import click
 
 from m3mlx.defaults import PREFILL_STEP
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5G', '1048576' -> bytes (binary units, as mlx-lm's 5 GB limit)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
+    unit = (m[2] or "").lower().rstrip("b").rstrip("i")
+    return int(float(m[1]) * _UNITS[unit])
 
 
 def generation_options(*, max_tokens: int, sampling: dict,

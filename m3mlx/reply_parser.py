@@ -715,6 +715,11 @@ class ReplyParser:
         return self._record(delta)
 
     @property
+    def in_reasoning(self) -> bool:
+        """The text fed last was inside the reasoning block."""
+        return self._state == _REASONING
+
+    @property
     def reply(self) -> ParsedReply:
         """Everything parsed so far (complete after `finish`)."""
         reasoning = None if self._reasoning is None else "".join(self._reasoning)

@@ -46,6 +46,10 @@ class TemplateError(ValueError):
     """A chat template that cannot be compiled or rendered."""
 
 
+class TemplateRefusal(TemplateError):
+    """The template itself refused the conversation (its `raise_exception`)."""
+
+
 class _Exceeded(Exception):
     """A render went over its budget (internal: becomes a TemplateError)."""
 
@@ -209,7 +213,7 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 def _raise_exception(message):
-    raise TemplateError(f"refused the conversation: {message}")
+    raise TemplateRefusal(f"refused the conversation: {message}")
 
 
 def _strftime_now(fmt):
@@ -382,7 +386,7 @@ def render(source: str, variables: Dict[str, Any], *, name: str = "the chat temp
             pieces.append(piece)
         return "".join(pieces)
     except TemplateError as e:
-        raise TemplateError(f"{name} {e}") from None
+        raise type(e)(f"{name} {e}") from None
     except _Exceeded as e:
         raise TemplateError(f"{name} {e}") from None
     except RecursionError:

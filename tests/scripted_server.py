@@ -1,0 +1,71 @@
+"""`m3mlx serve` with the model's output scripted, for tests that need known M3 replies.
+
+    python tests/scripted_server.py SCRIPTS.json m3mlx-serve-options...
+
+SCRIPTS.json maps a marker to a reply text: when the prompt part a request feeds contains
+`[script:NAME]`, the model emits the tokens of that reply, then the end-of-turn token. The
+model still runs on every token (its caches fill as usual); only the last position's logits
+are replaced. Everything else is the real `m3mlx serve`: loading, the server, the engine,
+the reply parser and the API events.
+"""
+
+import json
+import re
+import sys
+
+import mlx.core as mx
+
+import m3mlx.cli.options as options
+from m3mlx.cli.serve import serve
+
+MARKER = re.compile(r"\[script:([\w-]+)\]")
+
+
+class Scripted:
+    """The model, with the logits of its last position forced to a scripted reply."""
+
+    def __init__(self, model, tokenizer, scripts):
+        self.model, self.args, self.layers = model, model.args, model.layers
+        self.tokenizer = tokenizer
+        self.scripts = {name: tokenizer.encode(text) + [tokenizer.eos_token_ids[0]]
+                        for name, text in scripts.items()}
+        self.reply, self.position, self.forced = None, 0, None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, inputs, cache=None):
+        logits = self.model(inputs, cache=cache)
+        fed = inputs.reshape(-1).tolist()
+        if len(fed) == 1 and fed[0] == self.forced:  # the scripted token just sampled
+            self.position += 1
+        else:  # a new prompt: pick its script
+            found = MARKER.findall(self.tokenizer.decode(fed))
+            self.reply = self.scripts.get(found[-1]) if found else None
+            self.position = 0
+        if self.reply is None or self.position >= len(self.reply):
+            self.forced = None
+            return logits
+        self.forced = self.reply[self.position]
+        vocab = logits.shape[-1]
+        last = mx.where(mx.arange(vocab) == self.forced, 0.0, -1e9).astype(logits.dtype)
+        return mx.concatenate([logits[:, :-1], last[None, None]], axis=1)
+
+
+def main():
+    scripts = json.loads(open(sys.argv[1]).read())
+    load = options.load_or_fail
+
+    def scripted_load(model_path, dtype):
+        model, tokenizer = load(model_path, dtype)
+        return Scripted(model, tokenizer, scripts), tokenizer
+
+    options.load_or_fail = scripted_load
+    import m3mlx.cli.serve as serve_module
+
+    serve_module.load_or_fail = scripted_load
+    serve.main(sys.argv[2:], prog_name="m3mlx serve", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()
