@@ -32,7 +32,7 @@ def _size(ctx, param, value):
               help="Thinking mode when a request does not choose one.")
 @click.option("--cache-size", default="16GB", show_default=True, callback=_size,
               help="Memory for the prefix cache (least recently used prefixes go first); "
-                   "0 turns the prefix cache off.")
+                   "0 turns caching off: every prompt is computed in full.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where the prefix cache persists across restarts [default: "
                    "$M3MLX_HOME/prompt-cache or ~/.cache/m3mlx/prompt-cache].")

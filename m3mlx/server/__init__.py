@@ -43,6 +43,7 @@ def build_service(model, tokenizer, *, model_dir: Path, names: List[str],
         prefix = PrefixCache(meta, cache_size, directory, cache_disk_size, log=log)
     engine = Engine(model, tokenizer, prefix_cache=prefix, index_bits=index_bits,
                     prefill_step_size=prefill_step_size, log=log)
+    engine.ready.wait()
     return Service(engine=engine, tokenizer=tokenizer, model_names=names, sampling=sampling,
                    max_tokens=max_tokens, thinking=thinking, api_key=api_key, max_body=max_body,
                    log=log)

@@ -73,9 +73,11 @@ class Job:
             except RuntimeError:  # the event loop is gone (server shutting down)
                 self.cancelled = True
 
-    async def events(self, timeout: Optional[float] = None):
+    async def events(self, timeout: Optional[float] = None, gather: float = 0.01):
         """Batches of events, as they come, until "done" or "error"; an empty batch when
-        `timeout` seconds pass without any."""
+        `timeout` seconds pass without any. After each batch the reader lets `gather` seconds
+        of tokens collect, so a fast model costs one wake-up and one write per interval, not
+        per token (the first token still goes out at once)."""
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -89,6 +91,7 @@ class Job:
             yield batch
             if any(e[0] in ("done", "error") for e in batch):
                 return
+            await asyncio.sleep(gather)
 
 
 @dataclass
@@ -123,12 +126,13 @@ class Engine:
         self.log = log
         self.context = getattr(model.args, "max_position_embeddings", None)
         self._queue: "queue.Queue[Optional[Job]]" = queue.Queue(maxsize=max_queue)
-        self._live = make_cache(model, index_bits=index_bits)
+        self._live: list = []  # the cache of the conversation served last
         self._live_tokens: List[int] = []  # exactly what the live cache holds
         self._waiting = 0
         self._ids = itertools.count(1)
         self._ns = tokenizer.token_to_id(NS)
         self._eos = list(tokenizer.eos_token_ids)
+        self.ready = threading.Event()  # set once the worker has warmed the model up
         self._thread = threading.Thread(target=self._run, name="m3mlx-generation", daemon=True)
         self._thread.start()
 
@@ -149,7 +153,19 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    def _warm_up(self):
+        """One short prefill and decode: the first request then pays no start-up costs."""
+        ids = (self.tokenizer.encode("Hello there. " * 16) or [0])[:64]
+        cache = make_cache(self.model, index_bits=self.index_bits)
+        for _ in stream_generate(self.model, self.tokenizer, ids, prompt_cache=cache,
+                                 max_tokens=2, prefill_step_size=self.prefill_step_size):
+            pass
+
     def _run(self):
+        try:
+            self._warm_up()
+        finally:
+            self.ready.set()
         while True:
             job = self._queue.get()
             if job is None:
@@ -167,9 +183,15 @@ class Engine:
     # -- one request ---------------------------------------------------------------------------
 
     def _reuse(self, ids: List[int]) -> int:
-        """Make the live cache hold the longest cached prefix of `ids`; returns its length."""
+        """Make the live cache hold the longest cached prefix of `ids`; returns its length.
+        Without a prefix cache nothing is reused: every prompt is computed in full."""
+        if self.prefix_cache is None or not self._live:
+            self._live = make_cache(self.model, index_bits=self.index_bits)
+            self._live_tokens = []
+        if self.prefix_cache is None:
+            return 0
         live = common_prefix(self._live_tokens, ids)
-        stored = self.prefix_cache.match(ids) if self.prefix_cache else 0
+        stored = self.prefix_cache.match(ids)
         if stored > live:
             self._live = self.prefix_cache.restore(ids, stored)
             self._live_tokens = list(ids[:stored])
@@ -269,9 +291,12 @@ class Engine:
                 finish = "cancelled"
             finally:
                 responses.close()
-                self._sync(ids + generated)
-                if self.prefix_cache is not None and finish != "cancelled":
-                    self.prefix_cache.insert(self._live_tokens, self._live)
+                if self.prefix_cache is None:
+                    self._live, self._live_tokens = [], []  # nothing is kept
+                else:
+                    self._sync(ids + generated)
+                    if finish != "cancelled":
+                        self.prefix_cache.insert(self._live_tokens, self._live)
         for warning in caught:
             self.log(f"request {job.label}: {warning.message}")
         elapsed = time.perf_counter() - started
