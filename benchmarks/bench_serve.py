@@ -180,12 +180,16 @@ def overhead(model_dir, args):
             served.append((per_token, n))
     finally:
         server.stop()
-    print(f"\nstreaming: {local[0][1]} tokens per run (server: {served[0][1]}), "
-          f"{args.repeat} alternating runs")
-    for label, pick in (("median", statistics.median), ("best", min)):
-        a, b = pick(t for t, _ in local), pick(t for t, _ in served)
-        print(f"{label}: in-process stream_generate {a * 1000:.3f} ms/token, through the "
-              f"server {b * 1000:.3f} ms/token: overhead {(b - a) / a:+.1%} (target < 5%)")
+    assert {n for _, n in local} == {n for _, n in served}, "the two decoded different tokens"
+    a = statistics.median(t for t, _ in local)
+    b = statistics.median(t for t, _ in served)
+    # Load on a shared machine drifts: compare each server run with the in-process run just
+    # before it, and take the median of those ratios.
+    paired = statistics.median(s / l for (s, _), (l, _) in zip(served, local))
+    print(f"\nstreaming: {local[0][1]} tokens per run, {args.repeat} alternating runs")
+    print(f"median: in-process stream_generate {a * 1000:.3f} ms/token, through the server "
+          f"{b * 1000:.3f} ms/token; median of paired ratios: overhead {paired - 1:+.1%} "
+          "(target < 5%)")
 
 
 def main():
@@ -194,7 +198,7 @@ def main():
     parser.add_argument("--system-tokens", type=int, default=12000)
     parser.add_argument("--turn-tokens", type=int, default=500)
     parser.add_argument("--decode-tokens", type=int, default=400)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--skip-ttft", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("M3MLX_HOME", tempfile.mkdtemp(prefix="m3mlx-bench-home-"))

@@ -34,9 +34,10 @@ M3_CHAT_TEMPLATE = builtin_template()
 def read_chat_template(directory) -> Optional[Template]:
     """The chat template a checkpoint directory ships, or None.
 
-    `chat_template.jinja` wins over tokenizer_config.json's `chat_template`, which may be a
-    string or Hugging Face's list of named templates. The template is compiled here, so a
-    broken one is reported when the model loads, naming its file.
+    The first found of: `chat_template.jinja`; `chat_template.json` (a processor's
+    {"chat_template": ...}); tokenizer_config.json's `chat_template`, which may be a string or
+    Hugging Face's list of named templates. The template is compiled here, so a broken one is
+    reported when the model loads, naming its file.
     """
     directory = Path(directory)
     file = directory / "chat_template.jinja"
@@ -48,8 +49,11 @@ def read_chat_template(directory) -> Optional[Template]:
                                 f"offset {e.start}); save it as UTF-8") from None
         compile_template(text, str(file))
         return text
-    config = directory / "tokenizer_config.json"
-    if not config.exists():
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        config = directory / name
+        if config.exists():
+            break
+    else:
         return None
     try:
         template = json.loads(config.read_bytes().decode("utf-8")).get("chat_template")

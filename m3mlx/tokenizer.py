@@ -29,8 +29,8 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"{path} has no tokenizer.json; copy it from the original checkpoint")
         template = read_chat_template(path)
-        origin = path / ("chat_template.jinja" if (path / "chat_template.jinja").exists()
-                         else "tokenizer_config.json")
+        origin = next((path / n for n in ("chat_template.jinja", "chat_template.json",
+                                          "tokenizer_config.json") if (path / n).exists()), None)
         return cls(HFTokenizer.from_file(str(file)), eos_token_ids, template,
                    str(origin) if template is not None else None)
 

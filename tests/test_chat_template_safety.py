@@ -101,6 +101,14 @@ def test_list_of_named_templates(tmp_path):
     assert render_chat(CHAT, template=template, tools=[{"name": "clock"}]) == "tools:clock"
 
 
+def test_processor_chat_template_json(tmp_path):
+    path = write_checkpoint(tmp_path, {"chat_template.json": json.dumps(
+        {"chat_template": "json:{{ messages[0].content }}"})})
+    _, tokenizer = m3mlx.load(path, dtype=mx.float32)
+    assert render_chat(CHAT, template=tokenizer.chat_template) == "json:Hi"
+    assert tokenizer.chat_template_file == str(path / "chat_template.json")
+
+
 @pytest.mark.parametrize("value, message", [
     ([{"name": "tool_use", "template": "x"}], "none named 'default'"),
     ([{"name": "default"}], "entry 0 must be"),

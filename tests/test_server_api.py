@@ -172,11 +172,14 @@ def test_stop_strings(oai, claude, demo_model):
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
 
 
-def test_seed_makes_sampling_reproducible(oai):
+def test_seed_makes_sampling_reproducible(oai, demo_model):
     def sample(seed):
         return oai.chat.completions.create(model=NAME, messages=CHAT, temperature=1.0,
                                            seed=seed).choices[0].message.content
     assert sample(7) == sample(7)
+    # top_p 0 keeps only the most likely token: the greedy reply, whatever the temperature.
+    greedy = oai.chat.completions.create(model=NAME, messages=CHAT, temperature=1.5, top_p=0)
+    assert greedy.choices[0].message.content == reference(demo_model, CHAT)[1].content
 
 
 def raw(server, path, body, *, key=KEY, headers=None):
@@ -201,6 +204,13 @@ BAD_REQUESTS = [
      '], "temperature": NaN}', 400, "temperature:", "temperature"),
     ("/v1/chat/completions", {**OK, "max_tokens": -5}, 400, "max_tokens:", "max_tokens"),
     ("/v1/chat/completions", {**OK, "top_p": 7}, 400, "top_p:", "top_p"),
+    ("/v1/chat/completions", {**OK, "min_p": 1}, 400, "min_p:", "min_p"),
+    ("/v1/chat/completions", {**OK, "seed": -1}, 400, "seed:", "seed"),
+    ("/v1/chat/completions", {**OK, "top_logprobs": 50, "logprobs": True}, 400,
+     "top_logprobs:", "top_logprobs"),
+    ("/v1/chat/completions", {**OK, "stream": "yes"}, 400, "stream:", "stream"),
+    ("/v1/chat/completions", {**OK, "repetition_penalty": 0}, 400, "repetition_penalty:",
+     "repetition_penalty"),
     ("/v1/chat/completions", {**OK, "n": 3}, 400, "n:", "n"),
     ("/v1/chat/completions", {**OK, "messages": []}, 400, "messages:", "messages"),
     ("/v1/chat/completions", {**OK, "messages": [{"role": "wizard", "content": "x"}]}, 400,

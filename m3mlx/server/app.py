@@ -33,6 +33,7 @@ from .engine import Engine, Job
 from .requests import Conversation, RequestError
 
 KEEPALIVE_SECONDS = 15.0
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
                     404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
                     503: "overloaded_error", 500: "api_error"}
@@ -62,13 +63,14 @@ class Service:
             raise RequestError(f"model {name!r} not found; this server serves "
                                f"{self.model_names[0]!r}", "model", 404)
 
-    def sampling_for(self, request, keys=("temperature", "top_p", "top_k", "min_p",
-                                          "repetition_penalty", "seed")) -> Dict[str, Any]:
+    def sampling_for(self, request, keys=SAMPLING_KEYS) -> Dict[str, Any]:
         out = dict(self.sampling)
         for key in keys:
             value = getattr(request, key, None)
             if value is not None:
                 out[key] = value
+        if out.get("top_p") == 0:  # nothing but the most likely token: greedy
+            out["temperature"], out["top_p"] = 0.0, 1.0
         return out
 
     def budget(self, prompt_tokens: int, requested: Optional[int]) -> int:
@@ -236,6 +238,8 @@ async def respond(request: Request, service: Service, job: Job, reply: events.Re
                 out += reply.start(event[1], event[2])
             elif kind == "prefill":
                 out.append(events.comment(f"prefill {event[1]}/{event[2]}"))
+                if anthropic:  # an event, not only a comment: clients' idle timers see it
+                    out.append(events.sse({"type": "ping"}, "ping"))
             elif kind == "delta":
                 out += reply.delta(*event[1:])
             elif kind == "done":
@@ -251,7 +255,8 @@ async def respond(request: Request, service: Service, job: Job, reply: events.Re
                     yield events.comment(f"queued: {ahead} ahead")
                 async for batch in job.events(KEEPALIVE_SECONDS):
                     if not batch:
-                        yield events.comment("keep-alive")
+                        yield events.comment("keep-alive") + (
+                            events.sse({"type": "ping"}, "ping") if anthropic else "")
                         continue
                     out, error = handle(batch)
                     if error is not None:
@@ -329,37 +334,40 @@ def create_app(service: Service) -> FastAPI:
         service.check_model(name)
         return model_card(name, _is_anthropic(request))
 
-    async def prompt(convo: Conversation) -> Tuple[List[int], bool]:
-        return await asyncio.to_thread(service.render, convo)
+    async def accept(request: Request, schema, anthropic: bool = False):
+        """The request's JSON and its validated body, for a model this server serves."""
+        payload = await read_json(request, service)
+        body = validate(schema, payload, anthropic)
+        service.check_model(body.model)
+        return payload, body
 
-    def chat_job(ids, in_reasoning, convo: Conversation, sampling, max_tokens, stop,
-                 top_logprobs=None) -> Job:
-        return Job(ids=ids, max_tokens=max_tokens, sampling=sampling, stop=stop, chat=True,
-                   in_reasoning=in_reasoning, tools=convo.tools, tool_choice=convo.tool_choice,
-                   top_logprobs=top_logprobs)
+    async def chat_job(convo: Conversation, body, max_tokens: Optional[int], stop: List[str],
+                       sampling_keys=None, top_logprobs=None) -> Job:
+        """A job for a conversation: its prompt rendered off the event loop."""
+        ids, in_reasoning = await asyncio.to_thread(service.render, convo)
+        sampling = service.sampling_for(body, sampling_keys or SAMPLING_KEYS)
+        return Job(ids=ids, max_tokens=service.budget(len(ids), max_tokens), sampling=sampling,
+                   stop=stop, chat=True, in_reasoning=in_reasoning, tools=convo.tools,
+                   tool_choice=convo.tool_choice, top_logprobs=top_logprobs)
+
+    def usage_wanted(body) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = validate(schemas.ChatCompletionRequest, await read_json(request, service), False)
-        service.check_model(body.model)
-        convo = requests.from_chat_completion(body)
-        ids, in_reasoning = await prompt(convo)
+        _, body = await accept(request, schemas.ChatCompletionRequest)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        job = chat_job(ids, in_reasoning, convo, service.sampling_for(body),
-                       service.budget(len(ids), limit),
-                       requests.stop_list(body.stop), top)
-        reply = events.ChatCompletion(
-            body.model, include_usage=bool(body.stream_options and
-                                           body.stream_options.include_usage),
-            logprobs=body.logprobs, decode=service.decode)
+        job = await chat_job(requests.from_chat_completion(body), body, limit,
+                             requests.stop_list(body.stop),
+                             top_logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        reply = events.ChatCompletion(body.model, include_usage=usage_wanted(body),
+                                      logprobs=body.logprobs, decode=service.decode)
         return await respond(request, service, job, reply, body.stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = validate(schemas.CompletionRequest, await read_json(request, service), False)
-        service.check_model(body.model)
+        _, body = await accept(request, schemas.CompletionRequest)
         text, ids = requests.prompt_of(body.prompt)
         if ids is None:
             if not text:
@@ -372,42 +380,30 @@ def create_app(service: Service) -> FastAPI:
                   sampling=service.sampling_for(body), stop=requests.stop_list(body.stop),
                   chat=False, top_logprobs=body.logprobs)
         echo = (text if text is not None else service.tokenizer.decode(ids)) if body.echo else ""
-        reply = events.TextCompletion(
-            body.model, include_usage=bool(body.stream_options and
-                                           body.stream_options.include_usage),
-            logprobs=body.logprobs, echo=echo, decode=service.decode)
+        reply = events.TextCompletion(body.model, include_usage=usage_wanted(body),
+                                      logprobs=body.logprobs, echo=echo, decode=service.decode)
         return await respond(request, service, job, reply, body.stream)
 
     @app.post("/v1/responses")
     async def responses(request: Request):
-        payload = await read_json(request, service)
-        body = validate(schemas.ResponsesRequest, payload, False)
-        service.check_model(body.model)
-        convo = requests.from_responses(body)
-        ids, in_reasoning = await prompt(convo)
-        job = chat_job(ids, in_reasoning, convo, service.sampling_for(body),
-                       service.budget(len(ids), body.max_output_tokens), [])
+        payload, body = await accept(request, schemas.ResponsesRequest)
+        job = await chat_job(requests.from_responses(body), body, body.max_output_tokens, [])
         reply = events.Response(body.model, payload, decode=service.decode)
         return await respond(request, service, job, reply, body.stream)
 
     @app.post("/v1/messages")
     async def messages(request: Request):
-        body = validate(schemas.MessagesRequest, await read_json(request, service), True)
-        service.check_model(body.model)
-        convo = requests.from_anthropic(body)
-        ids, in_reasoning = await prompt(convo)
-        job = chat_job(ids, in_reasoning, convo,
-                       service.sampling_for(body, ("temperature", "top_p", "top_k")),
-                       service.budget(len(ids), body.max_tokens),
-                       requests.stop_list(body.stop_sequences, "stop_sequences"))
+        _, body = await accept(request, schemas.MessagesRequest, anthropic=True)
+        job = await chat_job(requests.from_anthropic(body), body, body.max_tokens,
+                             requests.stop_list(body.stop_sequences, "stop_sequences"),
+                             sampling_keys=("temperature", "top_p", "top_k"))
         return await respond(request, service, job, events.AnthropicMessage(body.model),
                              body.stream)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):
-        body = validate(schemas.CountTokensRequest, await read_json(request, service), True)
-        service.check_model(body.model)
-        ids, _ = await prompt(requests.from_anthropic(body))
+        _, body = await accept(request, schemas.CountTokensRequest, anthropic=True)
+        ids, _ = await asyncio.to_thread(service.render, requests.from_anthropic(body))
         return {"input_tokens": len(ids)}
 
     return app

@@ -26,6 +26,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import mlx.core as mx
 
+from ..chat import common_prefix_length
 from ..generate import stream_generate
 from ..model import make_cache
 from ..reply_parser import MalformedOutputWarning, ReplyParser, ToolCall
@@ -106,15 +107,6 @@ class Outcome:
     generation_tps: float
 
 
-def common_prefix(a: List[int], b: List[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class Engine:
     def __init__(self, model, tokenizer, *, prefix_cache: Optional[PrefixCache] = None,
                  index_bits: Optional[int] = None, prefill_step_size: int = 2048,
@@ -190,7 +182,7 @@ class Engine:
             self._live_tokens = []
         if self.prefix_cache is None:
             return 0
-        live = common_prefix(self._live_tokens, ids)
+        live = common_prefix_length(self._live_tokens, ids)
         stored = self.prefix_cache.match(ids)
         if stored > live:
             self._live = self.prefix_cache.restore(ids, stored)

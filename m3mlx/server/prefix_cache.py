@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..cache import LayerCache
+from ..chat import common_prefix_length
 
 # The position axis of each array a LayerCache holds (see LayerCache.state).
 SEQUENCE_AXIS = {"keys": 2, "values": 2, "index_keys": 1, "index_scales": 1}
@@ -64,15 +65,6 @@ class _Node:
         self.on_disk = False
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class PrefixCache:
     def __init__(self, layer_meta: List[dict], max_bytes: int, directory=None,
                  max_disk_bytes: Optional[int] = None, log=None):
@@ -98,7 +90,7 @@ class PrefixCache:
             child = node.children.get(ids[pos])
             if child is None:
                 return
-            n = _common(child.tokens, ids[pos:])
+            n = common_prefix_length(child.tokens, ids[pos:])
             yield child, n
             if n < len(child.tokens):
                 return
@@ -160,7 +152,7 @@ class PrefixCache:
             child = node.children.get(ids[pos])
             if child is None:
                 break
-            matched = _common(child.tokens, ids[pos:n])
+            matched = common_prefix_length(child.tokens, ids[pos:n])
             child.used = now
             if matched < len(child.tokens):
                 child = self._split(child, matched)

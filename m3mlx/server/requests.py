@@ -55,10 +55,6 @@ def strip_billing_header(text: str) -> str:
     return BILLING_HEADER.sub("", text)
 
 
-def _instructions(text: str) -> str:
-    return strip_billing_header(text)
-
-
 def _json_object(text: Any, where: str) -> Dict[str, Any]:
     if isinstance(text, dict):
         return text
@@ -156,7 +152,7 @@ def from_chat_completion(request) -> Conversation:
         where = f"messages[{i}]"
         role = message.role
         if role in ("system", "developer"):
-            text = _instructions(_text(message.content, f"{where}.content"))
+            text = strip_billing_header(_text(message.content, f"{where}.content"))
             # Instructions after the conversation began are given as a user turn.
             leading = all(m["role"] in ("system", "developer") for m in messages)
             messages.append({"role": role if leading else "user", "content": text})
@@ -208,7 +204,7 @@ def from_responses(request) -> Conversation:
     tools = [_function_tool(t, f"tools[{i}]", flat=True) for i, t in enumerate(request.tools or [])]
     messages: List[Dict[str, Any]] = []
     if request.instructions:
-        messages.append({"role": "system", "content": _instructions(request.instructions)})
+        messages.append({"role": "system", "content": strip_billing_header(request.instructions)})
     items = [{"type": "message", "role": "user", "content": request.input}] \
         if isinstance(request.input, str) else request.input
     pending_reasoning: Optional[str] = None
@@ -235,7 +231,7 @@ def from_responses(request) -> Conversation:
             if role in ("system", "developer"):
                 leading = all(m["role"] in ("system", "developer") for m in messages)
                 messages.append({"role": role if leading else "user",
-                                 "content": _instructions(text)})
+                                 "content": strip_billing_header(text)})
             elif role == "user":
                 messages.append({"role": "user", "content": text})
             elif role == "assistant":
@@ -310,13 +306,13 @@ def _system_text(system: Any) -> Optional[str]:
     if system is None:
         return None
     if isinstance(system, str):
-        return _instructions(system)
+        return strip_billing_header(system)
     blocks = []
     for i, block in enumerate(system):
         if not isinstance(block, dict) or block.get("type") != "text" or \
                 not isinstance(block.get("text"), str):
             raise RequestError(f"system.{i} must be a text block", f"system.{i}")
-        text = _instructions(block["text"])
+        text = strip_billing_header(block["text"])
         if text.strip():
             blocks.append(text)
     return "\n\n".join(blocks)
@@ -360,7 +356,13 @@ def from_anthropic(request) -> Conversation:
     for i, message in enumerate(request.messages):
         where = f"messages.{i}"
         blocks = _anthropic_blocks(message.content, where)
-        if message.role == "user":
+        if message.role == "system":
+            text = strip_billing_header("".join(
+                str(b.get("text", "")) for b in blocks if b.get("type") == "text"))
+            leading = all(m["role"] == "system" for m in messages)
+            # Instructions after the conversation began are given as a user turn.
+            messages.append({"role": "system" if leading else "user", "content": text})
+        elif message.role == "user":
             text: List[str] = []
             for j, block in enumerate(blocks):
                 kind = block["type"]

@@ -19,7 +19,8 @@ TopLogprobs = Field(default=None, ge=0, le=20)
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, str_max_length=1 << 30)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False,
+                              str_max_length=1 << 30)
 
 
 class Sampling(Request):
@@ -29,7 +30,7 @@ class Sampling(Request):
     temperature: Optional[float] = Temperature
     top_p: Optional[float] = Probability
     top_k: Optional[int] = Field(default=None, ge=0)
-    min_p: Optional[float] = Probability
+    min_p: Optional[float] = Field(default=None, ge=0, lt=1)
     repetition_penalty: Optional[float] = Field(default=None, gt=0, le=10)
     seed: Optional[int] = Seed
 
@@ -109,7 +110,7 @@ class ResponsesRequest(Sampling):
 
 
 class AnthropicMessage(Request):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # Claude Code sends system messages too
     content: Union[str, List[Json]]
 
 
