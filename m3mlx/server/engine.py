@@ -285,10 +285,9 @@ class Engine:
                 responses.close()
                 if self.prefix_cache is None:
                     self._live, self._live_tokens = [], []  # nothing is kept
-                else:
+                else:  # what was computed is kept, also for a client that went away
                     self._sync(ids + generated)
-                    if finish != "cancelled":
-                        self.prefix_cache.insert(self._live_tokens, self._live)
+                    self.prefix_cache.insert(self._live_tokens, self._live)
         for warning in caught:
             self.log(f"request {job.label}: {warning.message}")
         elapsed = time.perf_counter() - started
