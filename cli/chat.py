@@ -13,7 +13,7 @@ import click
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 from m3mlx.errors import InputError
 
-from .errors import describe
+from .errors import Command, describe
 from .options import PrefillMeter, decode_input, generation_options, load_model, read_stdin
 
 # /think arguments; the first three are what `--thinking` accepts.
@@ -306,7 +306,7 @@ def piped(state: ChatState, input_mode: str):
         raise click.exceptions.Exit(1)
 
 
-@click.command()
+@click.command(cls=Command)
 @generation_options(max_tokens=CHAT_MAX_TOKENS, sampling=RECOMMENDED_SAMPLING,
                     temp_help="Sampling temperature (M3's recommended 1.0); 0 is greedy.")
 @click.option("--system", default=None, help="System prompt [default: the chat template's].")

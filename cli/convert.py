@@ -8,6 +8,8 @@ from m3mlx.convert import RECIPES, ROLES
 from m3mlx.convert import convert as run_convert
 from m3mlx.convert.recipes import MODES, parse_role_overrides
 
+from .errors import Command
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -24,7 +26,7 @@ def parse_size(text: str) -> int:
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 
 
-@click.command("convert", context_settings={"help_option_names": ["-h", "--help"],
+@click.command("convert", cls=Command, context_settings={"help_option_names": ["-h", "--help"],
                                             "max_content_width": 100})
 @click.argument("source")
 @click.argument("output_dir", type=click.Path(file_okay=False))

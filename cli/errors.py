@@ -111,8 +111,19 @@ def error_boundary():
         raise click.exceptions.Exit(EXIT_BUG) from None
 
 
+class Command(click.Command):
+    """A command that runs inside the boundary also when invoked on its own (tests, scripts)."""
+
+    def invoke(self, ctx):
+        with error_boundary():
+            return super().invoke(ctx)
+
+
 class Group(click.Group):
-    """A click group whose subcommands, whoever adds them, all run inside the boundary."""
+    """The `m3mlx` group: every subcommand, whoever adds it and however it was declared, runs
+    inside the boundary; `@cli.command()` declares boundary Commands."""
+
+    command_class = Command
 
     def invoke(self, ctx):
         with error_boundary():

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from m3mlx.files import atomic_write
 from m3mlx.weights import is_vision
 
 from .errors import ConvertError
@@ -115,9 +116,7 @@ def write_model_card(output: Path, base_model: Optional[str], summary: str):
               + ".", "", summary, "",
               "Loads with `m3mlx.load(path)` and with mlx-lm (`mlx_lm.load(path)`); the vision "
               "tower is not included.", ""]
-    tmp = output / "README.md.partial"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(output / "README.md")
+    atomic_write(output / "README.md", "\n".join(lines))
 
 
 def upload(output: Path, repo_id: str, *, api=None, log=print) -> str:

@@ -134,9 +134,7 @@ def model_signature(model) -> str:
     of its norm weights (rounded to bfloat16, so the same model loaded in another dtype
     matches; norms are never quantized)."""
     digest = hashlib.sha256(json.dumps(asdict(model.args), sort_keys=True, default=str).encode())
-    norms = [layer.input_layernorm.weight for layer in model.layers]
-    norms.append(model.language_model.model.norm.weight)
-    for w in norms:
+    for w in (layer.input_layernorm.weight for layer in model.layers):
         digest.update(np.array(w.astype(mx.bfloat16).view(mx.uint16)).tobytes())
     return digest.hexdigest()[:32]
 

@@ -381,9 +381,11 @@ def _checked_state(state: Any, model, tokenizer) -> Dict[str, Any]:
     if state.get("format") != SESSION_FORMAT:
         raise ValueError(f"format {state.get('format')!r}, expected {SESSION_FORMAT!r} (saved "
                          "by another version of m3mlx?)")
-    if set(state) != SESSION_KEYS:
-        missing, extra = sorted(SESSION_KEYS - set(state)), sorted(set(state) - SESSION_KEYS)
-        raise ValueError(f"the saved state lacks {missing} or has unknown {extra}")
+    missing, extra = sorted(SESSION_KEYS - set(state)), sorted(set(state) - SESSION_KEYS)
+    if missing:
+        raise ValueError(f"the saved state lacks {', '.join(missing)}")
+    if extra:
+        raise ValueError(f"the saved state has unknown fields {', '.join(extra)}")
     if state["model"] != _model_identity(model, tokenizer):
         raise ValueError("it was saved with another model; load it with that model")
     system = state["system"]

@@ -41,9 +41,11 @@ class Range:
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a number"
+        low, high = (str(self.kind(b)) if self.kind is int else f"{b:g}"
+                     for b in (self.low, self.high or 0))
         if self.high is None:
-            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
-        return (f"{what} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        return (f"{what} in {'(' if self.low_open else '['}{low}, {high}"
                 f"{')' if self.high_open else ']'}")
 
     def check(self, name: str, value: Any):
