@@ -175,10 +175,10 @@ def convert(
             "same command with --resume to continue")
         raise
     except OSError as e:  # the disk filled up, a disk went away: keep what is finished
-        if fresh and not done:
+        kept = bool(done) or not fresh
+        if not kept:
             _remove_written(output, plan, created)
-            raise
-        raise ConvertError(_write_failure(e, output, plan, done, side)) from None
+        raise ConvertError(_write_failure(e, output, plan, done, side, kept)) from None
     except BaseException:
         if fresh:  # a fresh run that failed: leave nothing behind
             _remove_written(output, plan, created)
@@ -327,23 +327,29 @@ def _check_disk(output: Path, needed: int, cache: Path, download: int, log):
             f"on {where}")
 
 
-def _write_failure(e: OSError, output: Path, plan: Plan, done: List[str], side: List[Path]) -> str:
-    """What to tell the user when writing stopped on an OSError; finished shards are kept."""
-    kept = (f"{len(done)} of {len(plan.files)} files are written and kept in {output} (the "
-            "file being written was removed)")
+def _write_failure(e: OSError, output: Path, plan: Plan, done: List[str], side: List[Path],
+                   kept: bool) -> str:
+    """What to tell the user when writing stopped on an OSError (the file being written is
+    removed; finished ones are kept when `kept`)."""
+    if kept:
+        state = (f"{len(done)} of {len(plan.files)} files are written and kept in {output} "
+                 "(the file being written was removed)")
+        again = "run the same command with --resume"
+    else:
+        state = f"nothing was finished, and nothing is left in {output}"
+        again = "run the command again"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         remaining = sum(b for f, b in plan.file_bytes.items() if f not in done) + sum(
             p.stat().st_size for p in side)
         free = shutil.disk_usage(_nearest_existing(output)).free
         reserve = disk_reserve(remaining)
         missing = max(remaining + reserve - free, 0)
-        return (f"the disk filled up: {kept}. The rest needs {human(remaining)} plus a reserve "
+        return (f"the disk filled up: {state}. The rest needs {human(remaining)} plus a reserve "
                 f"of {human(reserve)}, and {human(free)} is free: free at least {human(missing)}, "
-                "then run the same command with --resume")
+                f"then {again}")
     what = e.strerror or str(e)
     where = f" ({e.filename})" if e.filename else ""
-    return (f"writing the conversion failed: {what}{where}; {kept}. Fix that, then run the same "
-            "command with --resume")
+    return f"writing the conversion failed: {what}{where}; {state}. Fix that, then {again}"
 
 
 def output_config(plan: Plan, fingerprint: str, source_files: dict) -> dict:

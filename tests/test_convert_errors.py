@@ -255,7 +255,8 @@ def test_read_error_before_any_shard_is_finished_leaves_nothing(src, tmp_path, m
 
     monkeypatch.setattr(TensorInfo, "read", flaky)
     out = tmp_path / "out"
-    with pytest.raises(OSError):
+    with pytest.raises(ConvertError, match=r"writing the conversion failed: Input/output error; "
+                                           "nothing was finished, and nothing is left in"):
         convert(src, out, **QUIET)
     assert len(calls) == 3 and not out.exists()
 
