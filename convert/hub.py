@@ -35,8 +35,13 @@ def _needed_shards(local: Path, files: List[str]) -> List[str]:
     """Shards holding at least one text tensor (vision-only shards are never fetched)."""
     index = local / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({f for name, f in weight_map.items() if not is_vision(name)})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return sorted({f for name, f in weight_map.items() if not is_vision(name)
+                           and f.endswith(".safetensors")})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConvertError(f"{INDEX_FILE} of the Hub repo is not a JSON object with a "
+                               "weight_map of tensor names to shard files") from None
     return sorted(f for f in files if f.endswith(".safetensors"))
 
 

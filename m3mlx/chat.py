@@ -129,7 +129,7 @@ class ChatSession:
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.system = system
+        self.system = None if system is None else check_text(system, "the system prompt")
         self.tools = tools
         self.thinking = thinking
         # The checkpoint's template when it ships one, else the built-in renderer.

@@ -170,3 +170,13 @@ def test_sigint_while_generating_exits_130(demo_dir):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED
     assert err.decode().strip() == "interrupted"
+
+
+def test_chat_whole_input_that_is_not_utf8(demo_dir):
+    r = run("chat", "--model", demo_dir, "--input", "whole", "--dtype", "float32",
+            input=b"ok\n\xc3\x28 broken\n")
+    assert one_error(r) == ("Error: the message on stdin is not UTF-8 text (byte 0xc3 at offset "
+                            "3); convert it to UTF-8 first, e.g. with iconv")
+    r = run("chat", "--model", demo_dir, "--system", "caf\udce9", "--dtype", "float32",
+            input="hi\n")
+    assert one_error(r).startswith("Error: the system prompt is not valid UTF-8 text")

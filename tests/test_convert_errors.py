@@ -243,17 +243,23 @@ def test_bad_options(src, tmp_path, kwargs, match):
     fails(src, tmp_path, match, **kwargs)
 
 
-def test_read_error_before_any_shard_is_finished_leaves_nothing(src, tmp_path, monkeypatch):
+def failing_reads(monkeypatch, at: int) -> list:
+    """Source reads fail with EIO from the `at`-th on; returns the list of calls."""
     real = TensorInfo.read
     calls = []
 
     def flaky(self, first=0, count=None):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == at:
             raise OSError(errno.EIO, "Input/output error")
         return real(self, first, count)
 
     monkeypatch.setattr(TensorInfo, "read", flaky)
+    return calls
+
+
+def test_read_error_before_any_shard_is_finished_leaves_nothing(src, tmp_path, monkeypatch):
+    calls = failing_reads(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(ConvertError, match=r"writing the conversion failed: Input/output error; "
                                            "nothing was finished, and nothing is left in"):
@@ -264,16 +270,7 @@ def test_read_error_before_any_shard_is_finished_leaves_nothing(src, tmp_path, m
 def test_read_error_mid_conversion_keeps_finished_shards_for_resume(src, tmp_path, monkeypatch):
     """Hours of work are not thrown away for one I/O error: the finished shards stay, the
     message says how many and what to do, and --resume finishes the job."""
-    real = TensorInfo.read
-    calls = []
-
-    def flaky(self, first=0, count=None):
-        calls.append(1)
-        if len(calls) == 40:
-            raise OSError(errno.EIO, "Input/output error")
-        return real(self, first, count)
-
-    monkeypatch.setattr(TensorInfo, "read", flaky)
+    failing_reads(monkeypatch, 40)
     out = tmp_path / "out"
     with pytest.raises(ConvertError) as info:
         convert(src, out, max_shard_size=50_000, **QUIET)
@@ -283,7 +280,7 @@ def test_read_error_mid_conversion_keeps_finished_shards_for_resume(src, tmp_pat
     assert not list(out.glob("*.partial")) and not (out / "config.json").exists()
     kept = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert kept
-    monkeypatch.setattr(TensorInfo, "read", real)
+    monkeypatch.undo()
     lines = []
     convert(src, out, max_shard_size=50_000, resume=True, log=lines.append, progress=False)
     assert any(f"resuming: {len(kept)} of" in line for line in lines)

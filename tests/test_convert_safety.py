@@ -310,3 +310,17 @@ def test_links_in_the_source_leading_outside_are_not_copied(sources, tmp_path):
     assert (out / "chat_template.jinja").read_text() == (src / "real_template.txt").read_text()
     assert not [p for p in out.iterdir() if p.is_symlink()]
     assert all("ssh key" not in p.read_text(errors="replace") for p in out.iterdir())
+
+
+@pytest.mark.parametrize("index,message", [
+    ("[1, 2]", "is not a JSON object"),
+    ("{not json", "is not valid JSON"),
+    ('{"weight_map": {"a": "../../etc/passwd"}}', "shard file names in the same directory"),
+])
+def test_a_damaged_finished_output_is_not_called_complete(sources, tmp_path, index, message):
+    a, _ = sources
+    out = tmp_path / "out"
+    convert(a, out, **QUIET)
+    (out / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ConvertError, match=message):
+        convert(a, out, resume=True, **QUIET)
