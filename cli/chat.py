@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
+from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
-from m3mlx.errors import InputError
 
 from .errors import Command, describe
 from .options import PrefillMeter, decode_input, generation_options, load_model, read_stdin

@@ -1,5 +1,5 @@
 """What the `generate` and `chat` commands share: model loading, generation options (their
-ranges are the Python API's, from m3mlx.generate.OPTION_RANGES), stdin text and the prefill
+ranges are the Python API's, from m3mlx.checks.OPTION_RANGES), stdin text and the prefill
 progress line."""
 
 import math
@@ -9,10 +9,9 @@ from typing import Optional
 
 import click
 
+from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
 from m3mlx.convert.plan import duration
 from m3mlx.defaults import PREFILL_STEP
-from m3mlx.errors import InputError
-from m3mlx.generate import OPTION_RANGES, check_stop_strings
 
 
 class _FiniteFloatRange(click.FloatRange):

@@ -26,12 +26,12 @@ from .errors import ConvertError
 from .hub import (
     download_shards, fetch_small, looks_like_repo_id, remote_headers, upload, write_model_card,
 )
+from .identity import difference, source_identity
 from .plan import MAX_SHARD_BYTES, Plan, build_plan, describe, estimate_seconds, human
 from .progress import Progress
 from .recipes import DEFAULT_RECIPE, base_spec, role_specs
 from .safetensors_io import FLOAT_NAMES
 from .source import INDEX_FILE, Source, open_local
-from .identity import difference, source_identity
 from .verify import CONVERSION_KEY, verify
 from .writer import (
     PARTIAL, STATE_FILE, read_state, shard_is_complete, write_shards, write_state,
@@ -112,22 +112,22 @@ def convert(
         return ConvertResult(plan, output, written=False)
 
     fingerprint = plan.fingerprint()
-    sources = _source_files(src)
+    side = copyable_side_files(src, log)
+    identity = source_identity(_source_files(src, side))
     done = []
     if state is not None:  # --resume on an existing directory
         if state.get("complete"):
-            return _already_complete(plan, output, fingerprint, sources, upload_repo, hub_api,
+            return _already_complete(plan, output, fingerprint, identity, upload_repo, hub_api,
                                      log)
         if state.get("fingerprint") != fingerprint:
             raise ConvertError(
                 f"{output} holds an interrupted conversion made with other options or another "
                 "source; run it again with the same command, or use --force to start over")
-        _check_same_source(output, state.get("source_files"), sources, partial=bool(pending))
+        _check_same_source(output, state.get("source_files"), identity, partial=bool(pending))
         done = [f for f in state.get("done", []) if f in plan.files
                 and shard_is_complete(output, f, plan)]
 
     # 4. disk space (what --force deletes counts as free), the download, then the first write
-    side = copyable_side_files(src, log)
     needed = sum(b for f, b in plan.file_bytes.items() if f not in done) + sum(
         p.stat().st_size for p in side)
     if force and output.exists():
@@ -143,10 +143,9 @@ def convert(
         if plan.fingerprint() != fingerprint:
             raise ConvertError(f"the shards downloaded from {src.repo_id} do not match the "
                                "headers the Hub reported for them; run the command again")
-        sources = _source_files(src)
+        identity = source_identity(_source_files(src, side))
         if state is not None:
-            _check_same_source(output, state.get("source_files"), sources)
-    identity = source_identity(sources)
+            _check_same_source(output, state.get("source_files"), identity)
     if force and output.exists():
         _clear_output(output)
     fresh, created = not done and state is None, not output.exists()
@@ -193,22 +192,21 @@ def convert(
     return ConvertResult(plan, output, written=True, seconds=seconds, verified=verified)
 
 
-def _source_files(src: Source) -> List[Path]:
+def _source_files(src: Source, side: List[Path]) -> List[Path]:
     """The source files the output depends on that are on this machine (a Hub source's shards
     are not until they are downloaded)."""
     shards = {t.file for w in src.weights for t in (w.data, w.scale, w.scale2) if t is not None}
-    files = [src.path / "config.json", src.path / "hf_quant_config.json", *shards,
-             *src.side_files]
+    files = [src.path / "config.json", src.path / "hf_quant_config.json", *shards, *side]
     return [f for f in files if f.is_file()]
 
 
-def _check_same_source(output: Path, recorded: Optional[dict], sources: List[Path],
+def _check_same_source(output: Path, recorded: Optional[dict], identity: dict,
                        partial: bool = False):
     if not isinstance(recorded, dict):
         raise ConvertError(f"{output} does not record which source files it was converted from "
                            "(made by an older m3mlx?), so resuming it could mix two models; "
                            "use --force to convert again")
-    different = difference(recorded, source_identity(sources), partial=partial)
+    different = difference(recorded, identity, partial=partial)
     if different:
         raise ConvertError(f"{output} was converted from another source: {different}. Resume "
                            "with the source it was made from, or use --force to start over")
@@ -419,7 +417,7 @@ def describe_short(plan: Plan) -> str:
             f"{8 * plan.out_bytes / plan.params:.2f} bits per weight.")
 
 
-def _already_complete(plan, output, fingerprint, sources, upload_repo, api, log
+def _already_complete(plan, output, fingerprint, identity, upload_repo, api, log
                       ) -> ConvertResult:
     try:
         config = json.loads((output / "config.json").read_text())
@@ -431,7 +429,7 @@ def _already_complete(plan, output, fingerprint, sources, upload_repo, api, log
         raise ConvertError(f"{output} holds a finished conversion made with other options or "
                            "another source; use --force to replace it")
     # A Hub source's shards may not be downloaded: what is here is compared.
-    _check_same_source(output, record.get("source_files"), sources,
+    _check_same_source(output, record.get("source_files"), identity,
                        partial=plan.source.repo_id is not None)
     verified = verify(output)
     log(f"{output} is already complete ({verified['tensors']} tensors verified)")

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .errors import InputError
+from .checks import InputError
 from .files import atomic_file
 from .metal_kernels import quantize_index_keys
 

@@ -28,9 +28,9 @@ from .chat_format import (
     render_chat,
     tool_result_text,
 )
+from .checks import OPTION_RANGES, InputError, check_option, check_text
 from .defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING
-from .errors import InputError, check_text
-from .generate import OPTION_RANGES, check_option, context_limit, stream_generate
+from .generate import context_limit, stream_generate
 from .model import make_cache
 
 # M3's recommended sampling (model card); temperature 0 makes replies greedy.

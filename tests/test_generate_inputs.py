@@ -4,12 +4,12 @@ same token forever, or fail deep inside MLX), and the context length is enforced
 
 import math
 
-import mlx.core as mx
 import pytest
 
 import m3mlx
-from m3mlx.errors import InputError
-from m3mlx.generate import OPTION_RANGES, make_repetition_penalty, make_sampler
+from m3mlx.checks import InputError
+from m3mlx.checks import OPTION_RANGES
+from m3mlx.generate import make_repetition_penalty, make_sampler
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 NAN = math.nan
