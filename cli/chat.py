@@ -14,7 +14,7 @@ from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 
 from .errors import Command, describe
-from .options import PrefillMeter, decode_input, generation_options, load_model, read_stdin
+from .options import PrefillMeter, decode_input, generation_options, load_or_fail, read_stdin
 
 # /think arguments; the first three are what `--thinking` accepts.
 THINK_MODES = {"enabled": "enabled", "disabled": "disabled", "adaptive": "adaptive",
@@ -334,7 +334,7 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     console = Console(interactive=is_tty)
     if is_tty:
         console.write(console.style.dim(f"Loading {model_path} ...") + "\n")
-    model, tokenizer = load_model(model_path, dtype)
+    model, tokenizer = load_or_fail(model_path, dtype)
     session = ChatSession(
         model, tokenizer, system=system, thinking=thinking,
         index_bits=index_bits, max_tokens=max_tokens, temperature=temp,

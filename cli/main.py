@@ -7,7 +7,7 @@ import click
 from m3mlx.defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING
 
 from .errors import DEBUG_ENV, Group
-from .options import PrefillMeter, generation_options, load_model, read_stdin, stop_option
+from .options import PrefillMeter, generation_options, load_or_fail, read_stdin, stop_option
 
 
 @click.group(cls=Group, epilog=f"Errors are one line; set {DEBUG_ENV}=1 to see tracebacks.")
@@ -33,7 +33,7 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
         prompt = read_stdin("the prompt on stdin")
     if not prompt:
         raise click.UsageError("the prompt is empty")
-    model, tokenizer = load_model(model_path, dtype)
+    model, tokenizer = load_or_fail(model_path, dtype)
     cache = make_cache(model, index_bits=index_bits)
     meter = PrefillMeter()
     last = None

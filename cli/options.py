@@ -82,8 +82,8 @@ def stop_option(command):
                         help="Stop string (repeatable, not empty).")(command)
 
 
-def load_model(model_path: str, dtype: str):
-    """(model, tokenizer); failures are the error boundary's to report."""
+def load_or_fail(model_path: str, dtype: str):
+    """(model, tokenizer); a failure is reported by the error boundary as one line."""
     import mlx.core as mx
 
     from m3mlx import load
