@@ -2,8 +2,9 @@
 
 Expected failures (bad input of any kind: every exception class m3mlx defines, file-system
 errors, out of memory, text that is not UTF-8) become one line on stderr and exit status 1.
-Ctrl-C exits with 130, at any point, start-up included. Anything else is a bug: a short
-message saying where to report it, exit status 70, and the traceback only with M3MLX_DEBUG=1.
+Ctrl-C exits with 130 at any point of a command, model loading included. Anything else is a
+bug: a short message saying where to report it, exit status 70, and the traceback only with
+M3MLX_DEBUG=1.
 The interactive chat uses the same rules for each line it handles, and stays open.
 """
 

@@ -5,8 +5,11 @@ Order of work, so that a bad input never leaves anything behind:
   2. open the source (local, or the Hub: only config, index, tokenizer files and text shards),
      check every header, name, shape and dtype against config.json;
   3. plan every output tensor, print the plan; stop here for --dry-run;
-  4. check free disk space; only now create the output directory;
-  5. stream the shards (temporary names, renamed when complete, recorded for --resume);
+  4. identify the source files (convert/identity.py: a resume from another source is refused),
+     check that OUTPUT_DIR is writable and that the disk has room, a reserve included; only now
+     create the output directory;
+  5. stream the shards (temporary names, renamed when complete, recorded for --resume; a full
+     disk or another OSError keeps the finished ones for --resume);
   6. copy tokenizer and chat files, write the index, verify the result against the config it is
      about to get, then write config.json last: a directory with a config.json is complete.
 """

@@ -24,7 +24,7 @@ STEP = 256  # a multiple of M3's 128-token block
 class LayerCache:
     def __init__(self, index: bool = False, index_bits: Optional[int] = None):
         if index_bits not in (None, 8):
-            raise ValueError(f"index_bits={index_bits}: index keys are stored full or 8-bit")
+            raise InputError(f"index_bits={index_bits}: index keys are stored full or 8-bit")
         self.index = index
         self.index_bits = index_bits if index else None
         self.keys = self.values = self.index_keys = self.index_scales = None
@@ -144,6 +144,8 @@ def save_prompt_cache(path: str, cache: List[LayerCache],
     """Write every layer's cache (index keys included) and string metadata to one safetensors
     file, atomically. With `model` (the one that filled the cache), the file records its
     signature, and loading it with another model is refused."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InputError(f"metadata must be a dict, got {type(metadata).__name__}")
     arrays = {f"{i}.{name}": a for i, c in enumerate(cache) for name, a in c.state.items()}
     meta = {
         "m3mlx_cache": json.dumps([c.meta() for c in cache]),

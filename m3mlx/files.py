@@ -42,7 +42,11 @@ def atomic_file(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
     as it was."""
     path = Path(path)
     tmp = temp_name(path)
-    f = os.fdopen(create_exclusive(tmp), "wb")
+    try:
+        f = os.fdopen(create_exclusive(tmp), "wb")
+    except OSError as e:  # name the file the caller asked for, not its temporary name
+        e.filename = str(path)
+        raise
     try:
         with f:
             yield f
