@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from m3mlx.files import atomic_write
 from m3mlx.weights import is_vision
 
 from .errors import ConvertError
@@ -34,8 +35,13 @@ def _needed_shards(local: Path, files: List[str]) -> List[str]:
     """Shards holding at least one text tensor (vision-only shards are never fetched)."""
     index = local / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({f for name, f in weight_map.items() if not is_vision(name)})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return sorted({f for name, f in weight_map.items() if not is_vision(name)
+                           and f.endswith(".safetensors")})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConvertError(f"{INDEX_FILE} of the Hub repo is not a JSON object with a "
+                               "weight_map of tensor names to shard files") from None
     return sorted(f for f in files if f.endswith(".safetensors"))
 
 
@@ -115,9 +121,7 @@ def write_model_card(output: Path, base_model: Optional[str], summary: str):
               + ".", "", summary, "",
               "Loads with `m3mlx.load(path)` and with mlx-lm (`mlx_lm.load(path)`); the vision "
               "tower is not included.", ""]
-    tmp = output / "README.md.partial"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(output / "README.md")
+    atomic_write(output / "README.md", "\n".join(lines))
 
 
 def upload(output: Path, repo_id: str, *, api=None, log=print) -> str:

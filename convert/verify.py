@@ -74,12 +74,17 @@ def verify(output, config: Optional[dict] = None) -> dict:
         if not file.is_file():
             raise ConvertError(f"{output} has no config.json: the conversion did not finish; "
                                "run it again with --resume")
-        config = json.loads(file.read_text())
+        config = _json_object(file)
     index_file = output / INDEX_FILE
     if not index_file.is_file():
         raise ConvertError(f"{output} has no {INDEX_FILE}: the conversion did not finish; run it "
                            "again with --resume")
-    weight_map = json.loads(index_file.read_text())["weight_map"]
+    weight_map = _json_object(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and Path(v).name == v and v.endswith(
+                ".safetensors") for k, v in weight_map.items()):
+        raise ConvertError(f"{index_file}: weight_map must map tensor names to shard file names "
+                           "in the same directory; convert again with --force")
     actual = {}
     for fname in sorted(set(weight_map.values())):
         tensors, _ = read_header(output / fname)
@@ -104,3 +109,13 @@ def verify(output, config: Optional[dict] = None) -> dict:
                                f"{'/'.join(dtypes)} {list(shape)}")
     return {"tensors": len(actual), "bytes": sum(t.nbytes for t in actual.values()),
             "files": len(set(weight_map.values()))}
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{file} is not valid JSON ({e}); convert again with --force") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{file} is not a JSON object; convert again with --force")
+    return value
