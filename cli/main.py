@@ -48,13 +48,13 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
 @click.argument("path")
 def info(path):
     """Describe the model at PATH: layer map, parameters, bytes, quantization."""
-    from m3mlx import ConfigError, LoadError
+    from m3mlx import CheckpointError
     from m3mlx.info import describe, format_info
     from m3mlx.loading import resolve
 
     try:
         click.echo(format_info(describe(resolve(path))))
-    except (LoadError, ConfigError) as e:
+    except CheckpointError as e:
         raise click.ClickException(str(e)) from e
 
 

@@ -48,9 +48,9 @@ def load_or_fail(model_path, dtype):
     """(model, tokenizer), or a clean CLI error that says what is wrong."""
     import mlx.core as mx
 
-    from m3mlx import ConfigError, LoadError, load
+    from m3mlx import CheckpointError, load
 
     try:
         return load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype))
-    except (LoadError, ConfigError, FileNotFoundError) as e:
+    except CheckpointError as e:
         raise click.ClickException(str(e)) from e

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Tuple, Union
 
+from m3mlx.checkpoint import INDEX_FILE, read_json, warn_nonfinite
+from m3mlx.errors import reported_as
+
 from .errors import ConvertError
 from .hub import (
     download_shards, fetch_small, looks_like_repo_id, remote_headers, upload, write_model_card,
@@ -27,7 +30,7 @@ from .plan import MAX_SHARD_BYTES, Plan, build_plan, describe, estimate_seconds,
 from .progress import Progress
 from .recipes import DEFAULT_RECIPE, base_spec, role_specs
 from .safetensors_io import FLOAT_NAMES
-from .source import INDEX_FILE, Source, open_local
+from .source import Source, open_local
 from .verify import CONVERSION_KEY, verify
 from .writer import (
     PARTIAL, STATE_FILE, read_state, shard_is_complete, write_shards, write_state,
@@ -147,6 +150,7 @@ def convert(
         write_shards(plan, output, done=done, state=state, on_bytes=bar.update,
                      after_shard=after_shard)
         bar.close()
+        warn_nonfinite([w.weight.name for w in src.weights if w.nonfinite], src.path)
         config = output_config(plan, fingerprint)
         _finish(plan, output, config, src)
         verified = verify(output, config)
@@ -318,7 +322,8 @@ def describe_short(plan: Plan) -> str:
 
 
 def _already_complete(plan, output, fingerprint, upload_repo, api, log) -> ConvertResult:
-    config = json.loads((output / "config.json").read_text())
+    with reported_as(ConvertError):
+        config = read_json(output / "config.json")
     if (config.get(CONVERSION_KEY) or {}).get("fingerprint") != fingerprint:
         raise ConvertError(f"{output} holds a finished conversion made with other options or "
                            "another source; use --force to replace it")

@@ -13,7 +13,7 @@ import pytest
 from convert_fixtures import bf16_checkpoint, to_mxfp8, write_safetensors
 from m3mlx.convert import ConvertError, convert
 from m3mlx.convert import converter as converter_module
-from m3mlx.convert.safetensors_io import TensorInfo
+from m3mlx.checkpoint import TensorInfo
 
 QUIET = dict(progress=False, log=lambda s: None)
 
