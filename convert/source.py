@@ -19,10 +19,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from m3mlx.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, has_nonfinite, read_json
+from m3mlx.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, has_nonfinite
 from m3mlx.config import ModelArgs
 from m3mlx.errors import reported_as
 from m3mlx.layout import Weight, text_weights
+from m3mlx.tokenizer import read_tokenizer_files
 from m3mlx.weights import is_mtp, is_vision
 
 from .decode import E4M3, e2m1_unpack, to_f32, ue8m0_to_f32
@@ -124,21 +125,13 @@ class Source:
         return sum(int(np.prod(w.weight.shape)) for w in self.weights)
 
 
-def quant_format(path: Path, config: dict) -> str:
-    """The checkpoint format that config.json (or hf_quant_config.json) declares."""
-    where = "config.json"
-    qc = config.get("quantization_config") or (config.get("text_config") or {}).get(
-        "quantization_config")
-    hf_quant = path / "hf_quant_config.json"
-    if qc is None and hf_quant.is_file():
-        qc, where = read_json(hf_quant), hf_quant.name
+def quant_format(qc: Optional[dict]) -> str:
+    """The checkpoint format its quantization_config (config.json's or hf_quant_config.json's,
+    as the checkpoint reader found and checked it) declares."""
     if not qc:
         return "bf16"
     method = str(qc.get("quant_method", "")).lower()
     settings = qc.get("quantization", qc)
-    if not isinstance(settings, dict):
-        raise ConvertError(f"{path / where}: quantization is {json.dumps(settings)[:80]}; "
-                           'ModelOpt writes an object like {"quant_algo": "NVFP4", ...}')
     algo = str(settings.get("quant_algo", "")).upper()
     # The scale tensors themselves are checked later: UE8M0 bytes, one per 1x32 block.
     if method == "mxfp8" or (method == "fp8" and qc.get("weight_block_size") == [1, 32]
@@ -147,8 +140,8 @@ def quant_format(path: Path, config: dict) -> str:
     if algo == "NVFP4" and method in ("modelopt", ""):
         group = settings.get("group_size", 16)
         if group != 16:
-            raise ConvertError(f"NVFP4 with group_size {str(group)[:20]} is not the ModelOpt "
-                               "layout this converter reads (16)")
+            raise ConvertError(f"NVFP4 with group_size {group} is not the ModelOpt layout this "
+                               "converter reads (16)")
         return "nvfp4"
     raise ConvertError(
         f"quantization_config {json.dumps(qc)[:200]} is not a format this converter reads: "
@@ -274,7 +267,9 @@ def open_local(path: Path, *, tensors: Optional[Dict[str, TensorInfo]] = None,
     path = Path(path)
     with reported_as(ConvertError):
         ckpt = Checkpoint.open(path, tensors=tensors)
-        fmt = quant_format(path, ckpt.config)
+        if (path / "tokenizer.json").is_file():  # copied to the output: refuse a broken one now
+            read_tokenizer_files(path)
+    fmt = quant_format(ckpt.quantization_config)
     weights, mtp_layers, dropped = inventory(path, ckpt.config, ckpt.args, ckpt.tensors, fmt)
     if fmt != "bf16" and not any(w.fmt != "float" for w in weights):
         raise ConvertError(f"config.json declares a {fmt} checkpoint but no tensor carries "

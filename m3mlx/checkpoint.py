@@ -33,11 +33,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .config import ConfigError, ModelArgs, check_quantization
+from .config import ConfigError, ModelArgs, check_quantization, check_quantization_config
 from .errors import CheckpointError
 from .weights import MTP_FILE, is_mtp, is_vision
 
 INDEX_FILE = "model.safetensors.index.json"
+HF_QUANT_FILE = "hf_quant_config.json"  # NVIDIA ModelOpt keeps its quantization_config here
 
 # Bytes per element of each safetensors dtype m3mlx reads or writes.
 DTYPE_SIZE = {
@@ -108,6 +109,21 @@ def read_config(path) -> Tuple[dict, ModelArgs]:
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
     return config, args
+
+
+def read_quantization_config(path, config: dict) -> Optional[dict]:
+    """The checkpoint's quantization_config: config.json's (top level, else text_config's),
+    else ModelOpt's hf_quant_config.json; None for an unquantized checkpoint."""
+    qc = config.get("quantization_config") or (config.get("text_config") or {}).get(
+        "quantization_config")
+    file = Path(path) / HF_QUANT_FILE
+    if qc is None and file.is_file():
+        qc = read_json(file)
+        try:
+            check_quantization_config(qc, where="")
+        except ConfigError as e:
+            raise ConfigError(f"{file}: {e}") from None
+    return qc or None
 
 
 def read_index(path) -> Optional[Dict[str, str]]:
@@ -466,17 +482,19 @@ _EXPERT = re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.")
 
 
 def check_weights_match(args: ModelArgs, shapes: Mapping[str, Sequence[int]], where):
-    """Refuse a config whose layer count, layer kinds, expert count, vocabulary or width is not
-    what the tensors (names and shapes from the headers) hold, naming the field."""
+    """Refuse a config whose layer count, layer kinds, expert count or sizes are not what the
+    tensors (names and shapes, from the headers) hold, naming the field that disagrees."""
     layers, sparse, moe, experts, stacked = set(), set(), set(), set(), set()
-    embed = norm = None
+    sized = _sized_by_config(args)
+    misfits: Dict[str, Tuple[str, Sequence[int]]] = {}  # suffix -> a tensor that does not fit
     for name, shape in shapes.items():
         if is_vision(name) or is_mtp(name):
             continue
-        if name.endswith("model.embed_tokens.weight"):
-            embed = shape
-        elif name.endswith("model.norm.weight"):
-            norm = shape
+        suffix = next((s for s in sized if name.endswith(s)), None)
+        if suffix is not None:
+            axis, size, _ = sized[suffix]
+            if len(shape) <= axis or shape[axis] != size:
+                misfits.setdefault(suffix, (name, shape))
         m = _LAYER.search(name)
         if m is None:
             continue
@@ -519,12 +537,41 @@ def check_weights_match(args: ModelArgs, shapes: Mapping[str, Sequence[int]], wh
         if said != found:
             disagree(f"{field} makes {_spans(said)} the {what}, but the weights have them at "
                      f"{_spans(found)}")
-    if embed is not None and embed and embed[0] != args.vocab_size:
-        disagree(f"vocab_size={args.vocab_size}, but the weights' embed_tokens has "
-                 f"{embed[0]} rows")
-    if norm is not None and list(norm) != [args.hidden_size]:
-        disagree(f"hidden_size={args.hidden_size}, but the weights' model.norm.weight has shape "
-                 f"{list(norm)}")
+    for suffix, (axis, size, what) in sized.items():
+        if suffix in misfits:
+            name, shape = misfits[suffix]
+            disagree(f"{what}, but the weights' {name} has shape {list(shape)}")
+
+
+def _sized_by_config(args: ModelArgs) -> Dict[str, Tuple[int, int, str]]:
+    """Tensor name suffix -> (axis, size, the fields that set it): the sizes config.json fixes
+    in either layout, quantized or not (packing changes only the last axis of a matrix)."""
+    D, Di = args.head_dim, args.index_head_dim
+    return {
+        "model.embed_tokens.weight": (0, args.vocab_size, f"vocab_size={args.vocab_size}"),
+        "model.norm.weight": (0, args.hidden_size, f"hidden_size={args.hidden_size}"),
+        ".self_attn.q_norm.weight": (0, D, f"head_dim={D}"),
+        ".self_attn.q_proj.weight": (0, args.num_attention_heads * D,
+                                     f"num_attention_heads={args.num_attention_heads} x "
+                                     f"head_dim={D}"),
+        ".self_attn.k_proj.weight": (0, args.num_key_value_heads * D,
+                                     f"num_key_value_heads={args.num_key_value_heads} x "
+                                     f"head_dim={D}"),
+        ".self_attn.index_q_proj.weight": (0, args.index_n_heads * Di,
+                                           f"sparse_num_index_heads={args.index_n_heads} x "
+                                           f"sparse_index_dim={Di}"),
+        ".self_attn.index_k_proj.weight": (0, Di, f"sparse_index_dim={Di}"),
+        ".mlp.gate_proj.weight": (0, args.dense_intermediate_size,
+                                  f"dense_intermediate_size={args.dense_intermediate_size}"),
+        ".shared_experts.gate_proj.weight": (
+            0, args.shared_intermediate_size,
+            f"shared_intermediate_size={args.shared_intermediate_size}"),
+        ".block_sparse_moe.gate.weight": (0, args.num_local_experts,
+                                          f"num_local_experts={args.num_local_experts}"),
+        ".w1.weight": (0, args.intermediate_size, f"intermediate_size={args.intermediate_size}"),
+        ".switch_mlp.gate_proj.weight": (1, args.intermediate_size,
+                                         f"intermediate_size={args.intermediate_size}"),
+    }
 
 
 def _spans(ids) -> str:
@@ -572,6 +619,7 @@ class Checkpoint:
     path: Path
     config: dict
     args: ModelArgs
+    quantization_config: Optional[dict]  # as read_quantization_config finds it
     index: Optional[Dict[str, str]]  # weight_map of the index, None without one
     shards: Dict[str, Shard]  # file name -> header (empty when the headers came from the Hub)
     tensors: Dict[str, TensorInfo]
@@ -586,6 +634,7 @@ class Checkpoint:
             raise CheckpointError(f"{path} is not a directory; pass the model directory that "
                                   "holds config.json")
         config, args = read_config(path)
+        quantization_config = read_quantization_config(path, config)
         index = read_index(path)
         shards: Dict[str, Shard] = {}
         if tensors is None:
@@ -601,7 +650,7 @@ class Checkpoint:
             if index is not None:
                 _check_index(path, index, shards)
         check_weights_match(args, {n: t.shape for n, t in tensors.items()}, path)
-        return cls(path, config, args, index, shards, tensors)
+        return cls(path, config, args, quantization_config, index, shards, tensors)
 
     @property
     def files(self) -> List[Path]:

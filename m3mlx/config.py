@@ -373,12 +373,8 @@ def check_quantization(config: Dict[str, Any]):
     """Refuse a `quantization` block (mlx-lm's: defaults plus per-module overrides) or a
     `quantization_config` that is not shaped as the loaders read it."""
     for where, parent in (("", config), ("text_config.", config.get("text_config") or {})):
-        if isinstance(parent, dict):
-            qc = _object(parent, "quantization_config", where)
-            method = qc.get("quant_method")
-            if method is not None and not isinstance(method, str):
-                raise ConfigError(f"{where}quantization_config.quant_method is "
-                                  f"{_short(method)}; it must be a string")
+        if isinstance(parent, dict) and parent.get("quantization_config") is not None:
+            check_quantization_config(parent["quantization_config"], f"{where}quantization_config")
     quant = config.get("quantization")
     if quant is None:
         return
@@ -394,6 +390,30 @@ def check_quantization(config: Dict[str, Any]):
             raise ConfigError(f"quantization[{path!r}] is {_short(params)}; a per-module entry "
                               "must be an object like {\"group_size\": 64, \"bits\": 8} or false")
         _check_quant_params(f"quantization[{_short(path)}]", params, required=())
+
+
+def check_quantization_config(qc, where: str = "quantization_config"):
+    """A `quantization_config` (config.json's, or ModelOpt's hf_quant_config.json, which nests
+    its settings under `quantization`; where="" names its keys bare) shaped as the readers use
+    it."""
+    def key(k: str) -> str:
+        return f"{where}.{k}" if where else k
+
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{where} is {_short(qc)}; it must be a JSON object or null")
+    method = qc.get("quant_method")
+    if method is not None and not isinstance(method, str):
+        raise ConfigError(f"{key('quant_method')} is {_short(method)}; it must be a string")
+    settings = qc.get("quantization", qc)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{key('quantization')} is {_short(settings)}; it must be a JSON "
+                          'object like {"quant_algo": "NVFP4", "group_size": 16}')
+    algo, group = settings.get("quant_algo"), settings.get("group_size")
+    if algo is not None and not isinstance(algo, str):
+        raise ConfigError(f"{key('quant_algo')} is {_short(algo)}; it must be a string")
+    if group is not None and not (_is_int(group) and group > 0):
+        raise ConfigError(f"{key('group_size')} is {_short(group)}; it must be a positive "
+                          "integer")
 
 
 def _check_quant_params(where: str, params: Dict[str, Any], required):

@@ -57,11 +57,11 @@ def _from_original(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, m
     return stack_experts(mxfp8_to_mlx(weights), args.num_local_experts)
 
 
-def _quantization(config: dict, weights: Dict[str, mx.array]) -> Optional[dict]:
+def _quantization(ckpt: Checkpoint, weights: Dict[str, mx.array]) -> Optional[dict]:
     """The mlx-lm `quantization` block, or the one an MXFP8 original implies."""
-    if "quantization" in config:
-        return config["quantization"]
-    qc = config.get("quantization_config") or {}
+    if "quantization" in ckpt.config:
+        return ckpt.config["quantization"]
+    qc = ckpt.quantization_config or {}
     if qc.get("quant_method") == "mxfp8" or any(k.endswith(".scales") for k in weights):
         return {"group_size": 32, "bits": 8, "mode": "mxfp8"}
     return None
@@ -175,7 +175,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, lazy: bool = False,
         raise LoadError(f"{ckpt.path}: the weights do not fit their format ({e}); the checkpoint "
                         "is damaged: download it again") from None
     model = Model(ckpt.args, with_mtp=any(is_mtp(k) for k in weights))
-    quant = _quantization(ckpt.config, weights)
+    quant = _quantization(ckpt, weights)
     if quant:
         _quantize(model, quant, weights)
     _check_names(model, weights, ckpt.path)

@@ -1,7 +1,7 @@
 """M3's tokenizer: `tokenizer.json` through `tokenizers`, special tokens kept as single tokens."""
 
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from .checkpoint import read_json
 from .errors import CheckpointError
@@ -23,9 +23,7 @@ class Tokenizer:
         """tokenizer.json (and tokenizer_config.json when present) of a model directory;
         CheckpointError when either cannot be read."""
         path = Path(path)
-        tokenizer = _read_tokenizer(path / "tokenizer.json")
-        config = path / "tokenizer_config.json"
-        settings = read_json(config) if config.exists() else {}
+        tokenizer, settings = read_tokenizer_files(path)
         template = path / "chat_template.jinja"
         text = template.read_text() if template.exists() else None
         if text is None:
@@ -48,6 +46,14 @@ class Tokenizer:
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
+
+
+def read_tokenizer_files(path: Path) -> Tuple[object, dict]:
+    """(tokenizer.json parsed by `tokenizers`, tokenizer_config.json or {}); CheckpointError
+    when either cannot be read."""
+    config = path / "tokenizer_config.json"
+    settings = read_json(config) if config.exists() else {}
+    return _read_tokenizer(path / "tokenizer.json"), settings
 
 
 def _read_tokenizer(file: Path):
