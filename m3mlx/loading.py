@@ -67,7 +67,7 @@ def _quantization(ckpt: Checkpoint, weights: Dict[str, mx.array]) -> Optional[di
     return None
 
 
-def _quantize(model: Model, quant: dict, weights: Dict[str, mx.array]):
+def _quantize(model: Model, quant: dict, weights: Dict[str, mx.array], path: Path):
     defaults = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
 
     def predicate(path, module):
@@ -80,8 +80,8 @@ def _quantize(model: Model, quant: dict, weights: Dict[str, mx.array]):
     try:
         nn.quantize(model, class_predicate=predicate)
     except (ValueError, TypeError) as e:  # MLX refusing a setting, e.g. group_size 48
-        raise LoadError(f"the quantization block of config.json ({str(quant)[:120]}) is not a "
-                        f"setting MLX can build: {e}") from None
+        raise LoadError(f"{path}/config.json: its quantization block ({str(quant)[:80]}...) "
+                        f"asks for a setting MLX cannot build: {e}") from None
 
 
 def _check_names(model: Model, weights: Dict[str, mx.array], path: Path):
@@ -169,15 +169,17 @@ def model_from_checkpoint(ckpt: Checkpoint, *, lazy: bool = False,
             weights = _from_original(weights, ckpt.args)
         else:
             weights = {k: v for k, v in weights.items() if not is_vision(k)}
-    except CheckpointError:
+    except LoadError:
         raise
+    except CheckpointError as e:
+        raise LoadError(f"{ckpt.path}: {e}") from None
     except (ValueError, RuntimeError) as e:  # a tensor MLX cannot reinterpret as its format says
         raise LoadError(f"{ckpt.path}: the weights do not fit their format ({e}); the checkpoint "
                         "is damaged: download it again") from None
     model = Model(ckpt.args, with_mtp=any(is_mtp(k) for k in weights))
     quant = _quantization(ckpt, weights)
     if quant:
-        _quantize(model, quant, weights)
+        _quantize(model, quant, weights, ckpt.path)
     _check_names(model, weights, ckpt.path)
     if dtype is not None:
         weights = {
