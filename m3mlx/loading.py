@@ -106,10 +106,19 @@ def _check_names(model: Model, weights: Dict[str, mx.array], path: Path):
                             "or from another format")
 
 
-# Elements per finiteness reduction: bounds the temporary a check allocates.
+# Elements per exact finiteness reduction: bounds the temporary it allocates.
 _CHECK_ELEMENTS = 1 << 26
 # Weights read per evaluation while loading: bounds how much is read before it is checked.
 _EVAL_BYTES = 1 << 30
+# The exponent bits of each float type: all ones is Inf or NaN. Testing them as integers keeps
+# the check exact whatever the float compiler assumes about NaN.
+_EXPONENT = {mx.float32: (mx.uint32, 0x7F800000), mx.bfloat16: (mx.uint16, 0x7F80),
+             mx.float16: (mx.uint16, 0x7C00)}
+
+
+def _nonfinite(x: mx.array) -> mx.array:
+    bits, mask = _EXPONENT[x.dtype]
+    return (x.view(bits) & mask) == mask
 
 
 def _all(pred, w: mx.array) -> mx.array:
@@ -121,9 +130,11 @@ def _all(pred, w: mx.array) -> mx.array:
     return mx.all(mx.stack([mx.all(pred(w[i : i + step])) for i in range(0, rows, step)]))
 
 
-def _finite(name: str, w: mx.array, modes: Dict[str, str]) -> Optional[mx.array]:
+def _exactly_finite(name: str, w: mx.array, modes: Dict[str, str]) -> Optional[mx.array]:
     """A lazy flag: `w` holds no NaN or Inf (float tensors, and the fp8 bytes and exponent
     scales of MLX's microscaling formats); None for tensors that cannot hold either."""
+    if w.dtype in _EXPONENT:
+        return _all(lambda x: ~_nonfinite(x), w)
     if mx.issubdtype(w.dtype, mx.floating):
         return _all(mx.isfinite, w)
     module, _, leaf = name.rpartition(".")
@@ -135,20 +146,32 @@ def _finite(name: str, w: mx.array, modes: Dict[str, str]) -> Optional[mx.array]
     return None
 
 
+def _finite(name: str, w: mx.array, modes: Dict[str, str]) -> Optional[mx.array]:
+    """A cheap lazy flag, True when `w` surely holds no NaN or Inf: for float tensors, their
+    sum is finite (one reduction, no temporary); a False is confirmed by `_exactly_finite`
+    (the sum may also overflow)."""
+    if w.dtype in _EXPONENT:
+        return ~_nonfinite(mx.sum(w).reshape(1))[0]
+    return _exactly_finite(name, w, modes)
+
+
 def _evaluate(model: Model, weights: Dict[str, mx.array], path: Path):
     """Read every weight once, batch by batch, checking each for NaN and Inf as it lands."""
     modes = {p: m.mode for p, m in model.named_modules() if hasattr(m, "mode")}
-    bad, batch, size = [], [], 0
+    suspects, batch, size = [], [], 0
     items = list(weights.items())
     for i, (name, w) in enumerate(items):
         batch.append((name, w, _finite(name, w, modes)))
         size += w.nbytes
         if size >= _EVAL_BYTES or i + 1 == len(items):
-            mx.eval([x for _, tensor, flag in batch for x in (tensor, flag) if x is not None])
-            bad += [n for n, _, flag in batch if flag is not None and not flag.item()]
+            checked = [(n, flag) for n, _, flag in batch if flag is not None]
+            flags = mx.stack([flag for _, flag in checked]) if checked else mx.array([])
+            mx.eval([tensor for _, tensor, _ in batch] + [flags])
+            suspects += [n for (n, _), ok in zip(checked, flags.tolist()) if not ok]
             batch, size = [], 0
     mx.eval(model.parameters())
-    warn_nonfinite(bad, path)
+    warn_nonfinite([n for n in suspects if not _exactly_finite(n, weights[n], modes).item()],
+                   path)
 
 
 def _read(file: Path) -> Dict[str, mx.array]:

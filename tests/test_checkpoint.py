@@ -339,3 +339,14 @@ def test_conversion_warns_once_and_reads_the_source_once(hf, tmp_path, monkeypat
     text = result.plan.source.text_bytes
     # Each source byte is read once; aligned pieces only add their rounding.
     assert text <= sum(read) <= text + len(read) * 2 * checkpoint.READ_ALIGN
+
+
+def test_large_finite_weights_are_not_reported(hf, tmp_path):
+    """Weights whose sum overflows are checked exactly before anything is said about them."""
+    path = Path(shutil.copytree(hf, tmp_path / "m"))
+    name = "language_model.model.layers.1.self_attn.o_proj.weight"
+    for i in (0, 1):
+        poison(path, name, i, 3e38)  # finite in bf16; 3e38 + 3e38 is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m3mlx.load_model(path)
