@@ -100,7 +100,8 @@ def _check_names(model: Model, weights: Dict[str, mx.array], path: Path):
             raise LoadError(f"{path}: {name} has shape {tuple(w.shape)}, the config implies "
                             f"{tuple(want.shape)}")
         floating = mx.issubdtype(want.dtype, mx.floating)
-        if floating != mx.issubdtype(w.dtype, mx.floating) or not floating and w.dtype != want.dtype:
+        stored_floating = mx.issubdtype(w.dtype, mx.floating)
+        if floating != stored_floating or not floating and w.dtype != want.dtype:
             raise LoadError(f"{path}: {name} is stored as {w.dtype}, the model needs "
                             f"{'a float type' if floating else want.dtype}; the file is damaged "
                             "or from another format")

@@ -17,7 +17,7 @@ import pytest
 import m3mlx
 from m3mlx import checkpoint
 from m3mlx.checkpoint import (Checkpoint, CheckpointError, NonFiniteWeightWarning, TensorInfo,
-                              has_nonfinite, read_header, read_ranges, read_tensor_rows)
+                              has_nonfinite, read_header, read_tensor_rows)
 from m3mlx.convert import ConvertError, convert
 from m3mlx.demo import write_demo_checkpoint
 
@@ -350,3 +350,12 @@ def test_large_finite_weights_are_not_reported(hf, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m3mlx.load_model(path)
+
+
+def test_the_readme_reader_example_runs(q4):
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("Code that reads tensors itself")[1].split("```python\n")[1].split("```")[0]
+    scope = {"m3mlx": m3mlx}
+    exec(block.replace('"path"', repr(str(q4))), scope)
+    assert scope["rows"].shape == (1, 64, 8)
+    assert [p.shape for p in scope["parts"]] == [(1, 64, 8), (1, 64, 1)]

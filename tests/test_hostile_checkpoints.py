@@ -144,7 +144,8 @@ def cases():
         c + "vocab_size is 1000000000000; it must be an integer from 1 to 4194304", COMMANDS
     yield "top-k 0", text_config(**{"sparse_attention_config.sparse_topk_blocks": 0}), \
         c + "sparse_topk_blocks is 0; it must be an integer from 1 to 65536", COMMANDS
-    yield "block size negative", text_config(**{"sparse_attention_config.sparse_block_size": -16}), \
+    yield "block size negative", \
+        text_config(**{"sparse_attention_config.sparse_block_size": -16}), \
         c + "sparse_block_size is -16; it must be an integer from 1 to 65536", COMMANDS
     yield "more experts per token than experts", text_config(num_experts_per_tok=9), \
         c + "num_experts_per_tok is 9; it must be an integer from 1 to 8", COMMANDS
@@ -190,7 +191,8 @@ def cases():
     yield "index not JSON", file_bytes("model.safetensors.index.json", b"{nope"), \
         ("{d}/model.safetensors.index.json is not valid JSON (Expecting property name enclosed "
          "in double quotes: line 1 column 2 (char 1)); download it again"), COMMANDS
-    yield "index lacks weight_map", file_bytes("model.safetensors.index.json", b'{"metadata": {}}'), \
+    yield "index lacks weight_map", \
+        file_bytes("model.safetensors.index.json", b'{"metadata": {}}'), \
         ("{d}/model.safetensors.index.json has no weight_map object (tensor name -> shard file); "
          "download it again"), COMMANDS
     yield "index maps to non-strings", \
@@ -257,3 +259,23 @@ def test_the_console_script_prints_one_line_and_no_traceback(demo_dir, tmp_path)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == (f"Error: {d}/config.json: num_hidden_layers is 1000000000; it must be an "
                         "integer from 1 to 1024\n")
+
+
+def test_nan_weights_are_one_warning_line_and_generation_goes_on(demo_dir, tmp_path):
+    import numpy as np
+
+    from m3mlx.checkpoint import Checkpoint
+
+    d = Path(shutil.copytree(demo_dir, tmp_path / "model"))
+    name = "language_model.model.layers.1.self_attn.q_proj.weight"
+    t = Checkpoint.open(d).tensor(name)
+    with open(t.file, "r+b") as f:
+        f.seek(t.start)
+        f.write(np.array([np.nan], np.float32).tobytes())
+    script = Path(sys.executable).parent / "m3mlx"  # pytest would capture the warning itself
+    r = subprocess.run([str(script), "generate", "--model", str(d), "-p", "hi", "-m", "2",
+                        "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0] == (
+        f"warning: 1 tensor(s) of {d} hold NaN or Inf values: {name}; the checkpoint is damaged "
+        "or was saved from a diverged run, and outputs will likely be NaN")
