@@ -1,5 +1,6 @@
 """The `m3mlx` command. Every subcommand runs inside the error boundary of cli/errors.py."""
 
+import warnings
 from pathlib import Path
 
 import click
@@ -14,6 +15,8 @@ from .options import PrefillMeter, generation_options, load_or_fail, read_stdin,
 @click.version_option(package_name="m3mlx")
 def cli():
     """MiniMax-M3 on Apple silicon with MLX."""
+    # Warnings (NaN weights, malformed model output) are messages to the user: one line each.
+    warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
 
 
 @cli.command()

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Tuple, Union
 
+from m3mlx.checkpoint import INDEX_FILE, read_json, warn_nonfinite
+from m3mlx.errors import reported_as
 from m3mlx.files import atomic_copy, atomic_write
 
 from .errors import ConvertError
@@ -34,7 +36,7 @@ from .plan import MAX_SHARD_BYTES, Plan, build_plan, describe, estimate_seconds,
 from .progress import Progress
 from .recipes import DEFAULT_RECIPE, base_spec, role_specs
 from .safetensors_io import FLOAT_NAMES
-from .source import INDEX_FILE, Source, open_local
+from .source import Source, open_local
 from .verify import CONVERSION_KEY, verify
 from .writer import (
     PARTIAL, STATE_FILE, read_state, shard_is_complete, write_shards, write_state,
@@ -168,6 +170,7 @@ def convert(
         write_shards(plan, output, done=done, state=state, on_bytes=bar.update,
                      after_shard=after_shard)
         bar.close()
+        warn_nonfinite([w.weight.name for w in src.weights if w.nonfinite], src.path)
         config = output_config(plan, fingerprint, identity)
         _finish(plan, output, config, src, side)
         verified = verify(output, config)
@@ -422,12 +425,9 @@ def describe_short(plan: Plan) -> str:
 
 def _already_complete(plan, output, fingerprint, identity, upload_repo, api, log
                       ) -> ConvertResult:
-    try:
-        config = json.loads((output / "config.json").read_text())
-        record = config.get(CONVERSION_KEY) or {}
-    except (ValueError, AttributeError):
-        raise ConvertError(f"{output}/config.json is not a JSON object; use --force to convert "
-                           "again") from None
+    with reported_as(ConvertError):
+        config = read_json(output / "config.json")
+    record = config.get(CONVERSION_KEY) or {}
     if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
         raise ConvertError(f"{output} holds a finished conversion made with other options or "
                            "another source; use --force to replace it")

@@ -19,11 +19,12 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from m3mlx.checkpoint import read_header
+from m3mlx.errors import CheckpointError
 from m3mlx.files import PARTIAL, atomic_write, create_exclusive, is_regular_file
 
-from .errors import ConvertError
 from .plan import SHARD_METADATA, Plan, Unit
-from .safetensors_io import FLOAT_NAMES, layout_header, pwrite_all, read_header
+from .safetensors_io import FLOAT_NAMES, layout_header, pwrite_all
 from .source import SourceWeight
 
 STATE_FILE = ".m3mlx-convert.json"
@@ -129,7 +130,9 @@ def _read_ahead(unit: Unit, jobs, dtype: str, reader: Optional[ThreadPoolExecuto
 
     def read(job):
         _, src, first, count = job
-        return read_rows(unit, src, first, count, dtype)
+        rows = read_rows(unit, src, first, count, dtype)
+        src.scan(*rows)  # NaN/Inf noted as the bytes go by: the source is read once
+        return rows
 
     if reader is None:
         for job in jobs:
@@ -197,7 +200,7 @@ def shard_is_complete(output: Path, name: str, plan: Plan) -> bool:
             return False
     try:
         read_header(f)
-    except ConvertError:
+    except CheckpointError:
         return False
     return True
 

@@ -15,7 +15,7 @@ import pytest
 from convert_fixtures import bf16_checkpoint, to_mxfp8, write_safetensors
 from m3mlx.convert import ConvertError, convert
 from m3mlx.convert import converter as converter_module
-from m3mlx.convert.safetensors_io import TensorInfo
+from m3mlx.checkpoint import TensorInfo
 
 QUIET = dict(progress=False, log=lambda s: None)
 
@@ -124,8 +124,8 @@ def test_shape_disagrees_with_config(src, tmp_path):
     config = json.loads((src / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 48
     (src / "config.json").write_text(json.dumps(config))
-    msg = fails(src, tmp_path, "config.json implies")
-    assert "intermediate_size=48" in msg and "different models" in msg
+    msg = fails(src, tmp_path, "config.json says intermediate_size=48, but the weights'")
+    assert "w1.weight has shape [32, 64]" in msg and "disagree" in msg
 
 
 def test_unsupported_dtype(src, tmp_path):
