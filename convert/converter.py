@@ -37,7 +37,7 @@ from .progress import Progress
 from .recipes import DEFAULT_RECIPE, base_spec, role_specs
 from .safetensors_io import FLOAT_NAMES
 from .source import Source, open_local
-from .verify import CONVERSION_KEY, verify
+from .verify import CONVERSION_KEY, REDO, verify
 from .writer import (
     PARTIAL, STATE_FILE, read_state, shard_is_complete, write_shards, write_state,
 )
@@ -425,7 +425,7 @@ def describe_short(plan: Plan) -> str:
 
 def _already_complete(plan, output, fingerprint, identity, upload_repo, api, log
                       ) -> ConvertResult:
-    with reported_as(ConvertError):
+    with reported_as(ConvertError, advice=REDO):
         config = read_json(output / "config.json")
     record = config.get(CONVERSION_KEY) or {}
     if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:

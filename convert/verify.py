@@ -18,6 +18,7 @@ from .errors import ConvertError
 from .recipes import FP_MODES
 
 CONVERSION_KEY = "m3mlx_conversion"
+REDO = "convert again with --force"  # the advice for a damaged output
 
 
 def expected_tensors(config: dict) -> Dict[str, tuple]:
@@ -77,12 +78,12 @@ def verify(output, config: Optional[dict] = None) -> dict:
         if not file.is_file():
             raise ConvertError(f"{output} has no config.json: the conversion did not finish; "
                                "run it again with --resume")
-        with reported_as(ConvertError):
+        with reported_as(ConvertError, advice=REDO):
             config = read_json(file)
     if not (output / INDEX_FILE).is_file():
         raise ConvertError(f"{output} has no {INDEX_FILE}: the conversion did not finish; run it "
                            "again with --resume")
-    with reported_as(ConvertError):
+    with reported_as(ConvertError, advice=REDO):
         weight_map = read_index(output)
         shards = {f: read_header(output / f) for f in sorted(set(weight_map.values()))}
     actual = {}

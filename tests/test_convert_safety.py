@@ -313,9 +313,10 @@ def test_links_in_the_source_leading_outside_are_not_copied(sources, tmp_path):
 
 
 @pytest.mark.parametrize("index,message", [
-    ("[1, 2]", "is not a JSON object"),
-    ("{not json", "is not valid JSON"),
-    ('{"weight_map": {"a": "../../etc/passwd"}}', "shard file names in the same directory"),
+    ("[1, 2]", "holds a JSON list, not an object; convert again with --force"),
+    ("{not json", "is not valid JSON .*; convert again with --force"),
+    ('{"weight_map": {"a": "../../etc/passwd"}}',
+     "not the name of a shard in the model directory; convert again with --force"),
 ])
 def test_a_damaged_finished_output_is_not_called_complete(sources, tmp_path, index, message):
     a, _ = sources

@@ -45,7 +45,8 @@ def mutate_value(rng: random.Random, value):
         return rng.choice([value + rng.randint(-3, 3), value * rng.choice([2, 10, 1000]), -value,
                            float(value), str(value), [value]])
     if isinstance(value, float):
-        return rng.choice([value * 10.0 ** rng.randint(-8, 8), -value, int(value), 0.0])
+        return rng.choice([value * 10.0 ** rng.randint(-8, 8), -value,
+                           int(value) if math.isfinite(value) else value, 0.0])
     if isinstance(value, list):
         out = list(value)
         op = rng.randrange(4)
