@@ -1,19 +1,19 @@
 """`m3mlx convert SOURCE OUTPUT_DIR`: a thin click wrapper over `m3mlx.convert.convert`."""
 
-import sys
 
 import click
 
-from m3mlx.convert import RECIPES, ROLES, ConvertError
+from m3mlx.convert import RECIPES, ROLES
 from m3mlx.convert import convert as run_convert
 from m3mlx.convert.recipes import MODES, parse_role_overrides
 
+from .errors import Command
 from .options import parse_size
 
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 
 
-@click.command("convert", context_settings={"help_option_names": ["-h", "--help"],
+@click.command("convert", cls=Command, context_settings={"help_option_names": ["-h", "--help"],
                                             "max_content_width": 100})
 @click.argument("source")
 @click.argument("output_dir", type=click.Path(file_okay=False))
@@ -61,15 +61,10 @@ def convert(source, output_dir, mode, bits, group_size, recipe, roles, dtype, ma
       m3mlx convert MiniMaxAI/MiniMax-M3-MXFP8 m3-mxfp8 --mode mxfp8
       m3mlx convert ./MiniMax-M3 m3-3bit --bits 3 --role attention=6 --dry-run
     """
-    try:
-        run_convert(
-            source, output_dir, mode=mode, bits=bits, group_size=group_size, recipe=recipe,
-            roles=parse_role_overrides(roles), dtype=dtype,
-            max_shard_size=parse_size(max_shard_size), revision=revision, dry_run=dry_run,
-            resume=resume, force=force, upload_repo=upload_repo, progress=not quiet,
-            log=click.echo,
-        )
-    except ConvertError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_convert(
+        source, output_dir, mode=mode, bits=bits, group_size=group_size, recipe=recipe,
+        roles=parse_role_overrides(roles), dtype=dtype,
+        max_shard_size=parse_size(max_shard_size), revision=revision, dry_run=dry_run,
+        resume=resume, force=force, upload_repo=upload_repo, progress=not quiet,
+        log=click.echo,
+    )

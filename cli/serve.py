@@ -8,6 +8,7 @@ import click
 
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 
+from .errors import Command
 from .options import generation_options, load_or_fail, parse_size
 
 
@@ -15,7 +16,7 @@ def _size(ctx, param, value):
     return parse_size(value)
 
 
-@click.command()
+@click.command(cls=Command)
 @generation_options(max_tokens=CHAT_MAX_TOKENS, sampling=RECOMMENDED_SAMPLING,
                     temp_help="Default sampling temperature (M3's recommended 1.0); 0 is greedy.")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -53,29 +54,25 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
     """
     import uvicorn
 
-    from m3mlx.loading import LoadError, resolve
+    from m3mlx.loading import resolve
     from m3mlx.server import build_service, create_app
 
     def log(line: str):
         click.echo(line, err=True)
 
-    try:
-        model_dir = resolve(model_path)
-    except LoadError as e:
-        raise click.ClickException(str(e)) from None
+    if api_key is not None and not api_key.strip():
+        raise click.BadParameter("the API key is empty", param_hint="'--api-key'")
+    model_dir = resolve(model_path)
     model, tokenizer = load_or_fail(model_path, dtype)
     sampling = {"temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                 "repetition_penalty": repetition_penalty, "seed": seed}
     cache_root = None if no_disk_cache else Path(cache_dir or home_dir() / "prompt-cache")
-    try:
-        service = build_service(
-            model, tokenizer, model_dir=model_dir, names=list(names) or [model_dir.name],
-            sampling=sampling, max_tokens=max_tokens, thinking=thinking, api_key=api_key,
-            max_body=max_body_size, cache_size=cache_size, cache_dir=cache_root,
-            cache_disk_size=cache_disk_size, index_bits=index_bits,
-            prefill_step_size=prefill_step_size, log=log)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    service = build_service(
+        model, tokenizer, model_dir=model_dir, names=list(names) or [model_dir.name],
+        sampling=sampling, max_tokens=max_tokens, thinking=thinking, api_key=api_key,
+        max_body=max_body_size, cache_size=cache_size, cache_dir=cache_root,
+        cache_disk_size=cache_disk_size, index_bits=index_bits,
+        prefill_step_size=prefill_step_size, log=log)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -7,6 +7,9 @@ path, it does not speak. `m3mlx demo` and the tests build on it.
 """
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -125,9 +128,26 @@ def write_tokenizer(path: Path, tokenizer=None) -> "object":
 def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards: int = 2,
                           dtype=mx.bfloat16, config_style: str = "raw",
                           extra_files: Optional[Dict[str, str]] = None, **overrides) -> Path:
-    """Write a tiny random M3 checkpoint (HF layout) with a tokenizer to `path`; returns it."""
+    """Write a tiny random M3 checkpoint (HF layout) with a tokenizer to `path`; returns it.
+
+    The files are written in a temporary folder next to `path` and moved into it only when all
+    are written: a full disk or a read-only location leaves `path` as it was."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        _write_checkpoint(staging, seed=seed, with_mtp=with_mtp, shards=shards, dtype=dtype,
+                          config_style=config_style, extra_files=extra_files, **overrides)
+        path.mkdir(exist_ok=True)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, path / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _write_checkpoint(path: Path, *, seed, with_mtp, shards, dtype, config_style, extra_files,
+                      **overrides):
     tok = write_tokenizer(path)
     overrides.setdefault("vocab_size", tok.get_vocab_size())
     overrides.setdefault("bos_token_id", tok.token_to_id(BOD))
@@ -155,7 +175,6 @@ def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards
     files = {"chat_template.jinja": builtin_template(), **(extra_files or {})}
     for name, text in files.items():
         (path / name).write_text(text)
-    return path
 
 
 def default_demo_dir() -> Path:

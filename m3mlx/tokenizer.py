@@ -1,9 +1,11 @@
 """M3's tokenizer: `tokenizer.json` through `tokenizers`, special tokens kept as single tokens."""
 
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 from .chat_format import read_chat_template
+from .checkpoint import read_json
+from .errors import CheckpointError
 from .tokens import END_OF_TURN
 
 
@@ -21,17 +23,15 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
+        """tokenizer.json (and tokenizer_config.json when present) of a model directory, and
+        its chat template; CheckpointError when a file cannot be read, TemplateError when the
+        template does not compile."""
         path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.exists():
-            raise FileNotFoundError(
-                f"{path} has no tokenizer.json; copy it from the original checkpoint")
+        tokenizer, _ = read_tokenizer_files(path)  # tokenizer_config.json is checked here
         template = read_chat_template(path)
         origin = next((path / n for n in ("chat_template.jinja", "chat_template.json",
                                           "tokenizer_config.json") if (path / n).exists()), None)
-        return cls(HFTokenizer.from_file(str(file)), eos_token_ids, template,
+        return cls(tokenizer, eos_token_ids, template,
                    str(origin) if template is not None else None)
 
     @property
@@ -50,6 +50,30 @@ class Tokenizer:
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
+
+
+def read_tokenizer_files(path: Path) -> Tuple[object, dict]:
+    """(tokenizer.json parsed by `tokenizers`, tokenizer_config.json or {}); CheckpointError
+    when either cannot be read."""
+    config = path / "tokenizer_config.json"
+    settings = read_json(config) if config.exists() else {}
+    return _read_tokenizer(path / "tokenizer.json"), settings
+
+
+def _read_tokenizer(file: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if not file.is_file():
+        raise CheckpointError(f"{file.parent} has no tokenizer.json; copy it from the original "
+                              "checkpoint")
+    try:
+        return HFTokenizer.from_file(str(file))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # `tokenizers` raises bare Exceptions, and Rust panics
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{file} is not a tokenizer the `tokenizers` library can read "
+                              f"({reason}); copy it from the original checkpoint") from None
 
 
 class StreamingDetokenizer:

@@ -23,3 +23,10 @@ def test_msa_benchmark_compares_both_implementations():
 def test_convert_benchmark_compares_both_converters(tmp_path):
     out = run("bench_convert.py", "--gb", "0.02", "--repeat", "1", "--dir", str(tmp_path))
     assert "m3mlx" in out and "mlx_lm" in out.replace("mlx-lm", "mlx_lm")
+
+
+def test_serve_benchmark_runs_all_three_servers():
+    out = run("bench_serve.py", "--turns", "2", "--system-tokens", "50", "--turn-tokens", "30",
+              "--decode-tokens", "12", "--repeat", "1")
+    assert "cached/uncached" in out and "restart/uncached" in out
+    assert "median of paired ratios" in out

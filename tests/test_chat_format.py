@@ -6,7 +6,6 @@ import pytest
 from m3mlx.chat_format import (
     M3_CHAT_TEMPLATE,
     TemplateError,
-    read_chat_template,
     render_chat,
     render_template,
 )

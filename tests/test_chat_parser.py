@@ -80,7 +80,8 @@ TOOL_BLOCK = block(
            tag("metric", "true"), tag("zip", "02134")),
     invoke("search",
            tag("query", "a < b & c"),
-           tag("filters", tag("min_score", "0.5") + tag("tags", tag("item", "x") + tag("item", "1"))),
+           tag("filters", tag("min_score", "0.5")
+               + tag("tags", tag("item", "x") + tag("item", "1"))),
            tag("pages", tag("item", tag("n", "1") + tag("title", "One"))
                + tag("item", tag("n", "2") + tag("title", "Two"))),
            tag("limit", "null")),
@@ -220,12 +221,12 @@ def stream(chunks, in_reasoning, tools=TOOLS):
     seen = []
     content = reasoning = ""
     calls = []
-    for chunk in chunks:
-        d = parser.feed(chunk)
-        content, reasoning, calls = content + d.content, reasoning + d.reasoning, calls + d.tool_calls
-        seen.append((content, reasoning))
-    d = parser.finish()
-    content, reasoning, calls = content + d.content, reasoning + d.reasoning, calls + d.tool_calls
+    for chunk in chunks + [None]:
+        d = parser.feed(chunk) if chunk is not None else parser.finish()
+        content, reasoning, calls = (content + d.content, reasoning + d.reasoning,
+                                     calls + d.tool_calls)
+        if chunk is not None:
+            seen.append((content, reasoning))
     return parser, (content, reasoning, calls), seen
 
 

@@ -2,7 +2,6 @@
 through `m3mlx serve`: shared prefixes, restarts from --cache-dir, Claude Code's billing header,
 greedy output unchanged by a cache hit."""
 
-import json
 
 import anthropic
 import mlx.core as mx
