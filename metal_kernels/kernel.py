@@ -41,7 +41,7 @@ COMPILE_OPTIONS = {"math_mode": "safe"}
 @lru_cache(maxsize=None)
 def read_source(name: str) -> str:
     """A `.metal` file as MLX receives it: comment text removed, every newline kept."""
-    return re.sub(r"//[^\n]*", "", (HERE / name).read_text())
+    return re.sub(r"[ \t]*//[^\n]*", "", (HERE / name).read_text())
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ for (int j = j0; j < min(j0 + JB, n_cols); ++j) {
       MLX_MTL_PRAGMA_UNROLL
       for (int kt = 0; kt < 4; ++kt) {
         simdgroup_float8x8 kf;  // keys kt*8.. as columns: the transposed 8 x 8 key tile
-        simdgroup_load(kf, stage + kt * 8 * LD + k * 8, LD, ulong2(0, 0), true);
+        simdgroup_load(kf, stage + kt * 8 * LD + k * 8, LD, 0, true);
         simdgroup_multiply_accumulate(acc[kt], qf[k], kf, acc[kt]);
       }
     }

@@ -4,7 +4,7 @@ on every kernel runner (`cases.RUNNERS`: the harness in thread order and shuffle
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl import cases, harness
+from msl import cases, harness, shapes
 
 from m3mlx.metal_kernels import msa_kernels, msa_ops
 
@@ -28,16 +28,7 @@ def random_case(seed, B, H, G, D, DV, S, L, dtype=mx.float32):
     return rng, q, k, v
 
 
-SHAPES = [
-    # B, H, G, D, DV, block, topk, offset, L, extra
-    (1, 2, 2, 8, 8, 8, 4, 0, 37, 0),  # prefill from scratch, 37 not a multiple of the block
-    (2, 2, 3, 8, 12, 8, 4, 50, 21, 11),  # chunk after a cache, padded buffer, Dv != D
-    (1, 1, 2, 8, 8, 8, 16, 20, 30, 0),  # fewer blocks than top-k
-    (2, 2, 4, 8, 8, 8, 4, 203, 1, 5),  # decode, partial own block
-    (1, 2, 3, 40, 36, 45, 3, 100, 1, 3),  # decode; sizes not multiples of 32, two parts a block
-    (1, 1, 3, 40, 36, 45, 3, 100, 6, 3),  # prefill; the same, head dims not multiples of 8+
-    (1, 1, 5, 12, 20, 70, 3, 300, 9, 0),  # prefill: 5 heads, 9 queries, odd dims, block 70
-]
+SHAPES = shapes.ATTENTION_SHAPES
 
 
 @cases.kernel_runners
@@ -59,13 +50,14 @@ def test_unordered_ids_and_padding_holes(run, B, H, G, D, DV, block, topk, offse
 
 
 @cases.kernel_runners
-@pytest.mark.parametrize("L", [1, 2])
-def test_inputs_in_the_constant_address_space(run, L):
+@pytest.mark.parametrize("B,H,G,D,DV,block,topk,offset,L,extra", shapes.CONSTANT_SPACE_SHAPES)
+def test_inputs_in_the_constant_address_space(run, B, H, G, D, DV, block, topk, offset, L,
+                                              extra):
     # MLX passes arrays of fewer than 8 elements as `constant`: q [1, 2, L, 1], keys and
     # values [1, 1, 3, 1] and (decode) the selection [1, 1, 1, 2].
-    rng, q, k, v = random_case(L, 1, 1, 2, 1, 1, 3, L)
-    sel = mx.array(cases.edgy_selection(rng, 1, 1, L, 3 - L, 1, 2))
-    check(run, q, k, v, sel, 3 - L, 1)
+    rng, q, k, v = random_case(L, B, H, G, D, DV, offset + L + extra, L)
+    sel = mx.array(cases.edgy_selection(rng, B, H, L, offset, block, topk))
+    check(run, q, k, v, sel, offset, block)
 
 
 @cases.kernel_runners

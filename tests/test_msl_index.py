@@ -4,7 +4,7 @@ runner (`cases.RUNNERS`: the harness in thread order and shuffled, Metal on a Ma
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl import cases, harness
+from msl import cases, harness, shapes
 
 from m3mlx.metal_kernels import msa_kernels, msa_ops, quantize_index_keys
 
@@ -20,19 +20,7 @@ def check(run, q, keys, offset, block, topk, scales=None):
 
 
 @cases.kernel_runners
-@pytest.mark.parametrize(
-    "B,H,D,block,topk,offset,L,extra",
-    [
-        (1, 2, 8, 8, 4, 0, 37, 0),  # prefill from scratch, 37 not a multiple of the block
-        (2, 2, 8, 8, 4, 50, 21, 11),  # chunk after a cache, buffer longer than needed
-        (1, 2, 8, 8, 16, 20, 30, 0),  # fewer blocks than top-k: -1 padding
-        (2, 2, 8, 8, 4, 203, 1, 5),  # decode, partial own block
-        (1, 3, 40, 33, 5, 300, 1, 2),  # decode; block and head dim not multiples of 32
-        (1, 3, 12, 33, 5, 300, 7, 2),  # prefill; head dim not a multiple of 8, 3 heads
-        (1, 1, 8, 4, 6, 1101, 1, 0),  # decode over 275 blocks: the 8-simdgroup selection
-        (1, 1, 8, 4, 40, 1101, 2, 0),  # top-40 of 275 blocks: more picks than a simdgroup has
-    ],
-)
+@pytest.mark.parametrize("B,H,D,block,topk,offset,L,extra", shapes.INDEX_SHAPES)
 def test_selection_matches_twin(run, B, H, D, block, topk, offset, L, extra):
     rng = np.random.default_rng(offset + L + D)
     q = cases.normal(rng, (B, H, L, D))

@@ -147,7 +147,7 @@ constexpr mem_flags operator|(mem_flags a, mem_flags b) {
 void threadgroup_barrier(mem_flags flags);
 void simdgroup_barrier(mem_flags flags);
 
-// ---- math (float and half; min / max / clamp / abs for the integers too) ----
+// ---- math (float and half declared; min / max / clamp / abs / select for integers) ----
 #define MSL_FLOAT_MATH(T)                                                            \
   T exp(T); T exp2(T); T log(T); T log2(T); T sqrt(T); T rsqrt(T); T fabs(T);        \
   T abs(T); T floor(T); T ceil(T); T round(T); T trunc(T); T sin(T); T cos(T);       \
@@ -156,7 +156,14 @@ void simdgroup_barrier(mem_flags flags);
   bool isfinite(T); bool signbit(T);
 MSL_FLOAT_MATH(float)
 MSL_FLOAT_MATH(half)
-#define MSL_INT_MATH(T) T abs(T); T max(T, T); T min(T, T); T clamp(T, T, T); T select(T, T, bool);
+// Defined, so that constant arguments fold as in Metal (an index computed with min() is still
+// a compile-time constant).
+#define MSL_INT_MATH(T)                                                               \
+  constexpr T abs(T x) { return x < 0 ? T(-x) : x; }                                 \
+  constexpr T max(T a, T b) { return a > b ? a : b; }                                \
+  constexpr T min(T a, T b) { return a < b ? a : b; }                                \
+  constexpr T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }                 \
+  constexpr T select(T a, T b, bool c) { return c ? b : a; }
 MSL_INT_MATH(int)
 MSL_INT_MATH(uint)
 MSL_INT_MATH(short)

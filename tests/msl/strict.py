@@ -4,11 +4,12 @@
 MLX's own text, read back from `mx.export_function`) and compiles it with clang as C++14
 against `metal_strict.h`: distinct `device` / `constant` / `threadgroup` address spaces, the
 simd functions only for Metal's types, simdgroup matrices, a bfloat distinct from half, no
-standard library, no double (`-Werror=double-promotion`), no variable-length arrays. Two
+standard library, no C++17, no variable-length arrays (and, as in the harness, no `double`). Two
 rewrites only, both of things clang's C++ lacks and Metal has: each `threadgroup` array
 declared at the kernel's own scope becomes a reference to threadgroup memory (one declared
-anywhere else stays and is an error, as in Metal), and the attributes on MLX's explicit
-template instantiation are dropped.
+anywhere else stays and is an error, as in Metal), the attributes on MLX's explicit template
+instantiation are dropped, and a vector built from several values, `float4(a, b, c, d)`,
+becomes the brace list `float4{a, b, c, d}` clang's vectors take (one value still splats).
 
 It then optimises (-O2, every function inlined, loops unrolled only where the source asks with
 MLX_MTL_PRAGMA_UNROLL) and reads the LLVM IR of the kernel: a thread array still in memory
@@ -31,8 +32,8 @@ FLAGS = [
     "--target=aarch64-linux-gnu", "-std=c++14", "-ffreestanding", "-nostdinc", "-nostdinc++",
     "-fno-exceptions", "-fno-rtti", "-O2", "-fno-unroll-loops", "-mllvm",
     "-inline-threshold=100000", "-S", "-emit-llvm", "-include", "metal_strict.h",
-    "-Wno-unknown-attributes", "-Werror=pass-failed", "-Werror=double-promotion",
-    "-Werror=vla", "-Werror=return-type", "-Werror=array-bounds",
+    "-Wno-unknown-attributes", "-Werror=pass-failed", "-Werror=vla", "-Werror=return-type",
+    "-Werror=array-bounds", "-Werror=c++17-extensions", "-Werror=c++20-extensions",
 ]
 
 
@@ -49,6 +50,27 @@ def _kernel_body_span(text: str, body: str) -> tuple[int, int]:
 
 _INSTANTIATION = re.compile(r"^template \[\[host_name\(\"[^\"]*\"\)\]\] \[\[kernel\]\] ",
                             re.MULTILINE)
+
+
+_VECTOR_CALL = re.compile(r"\b(?:float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong)"
+                          r"[234]\(")
+
+
+def _vector_braces(text: str) -> str:
+    """`T4(a, b, c, d)` -> `T4{a, b, c, d}` for Metal's vector types (not `T4(a)`)."""
+    out, pos = [], 0
+    for m in _VECTOR_CALL.finditer(text):
+        if m.start() < pos:
+            continue
+        depth, commas, i = 1, 0, m.end()
+        while depth and i < len(text):
+            depth += (text[i] in "([{") - (text[i] in ")]}")
+            commas += text[i] == "," and depth == 1
+            i += 1
+        if commas:
+            out += [text[pos:m.end() - 1], "{", _vector_braces(text[m.end():i - 1]), "}"]
+            pos = i
+    return "".join(out) + text[pos:]
 
 
 def strict_program(spec, text: str) -> str:
@@ -72,7 +94,7 @@ def strict_program(spec, text: str) -> str:
                 f"sizeof({m['type']}{dims})));")
 
     body = harness._TG_DECL.sub(at_kernel_scope, body)
-    return _INSTANTIATION.sub("template ", text[:start] + body + text[end:])
+    return _vector_braces(_INSTANTIATION.sub("template ", text[:start] + body + text[end:]))
 
 
 def _kernel_ir(ir: str, name: str) -> str:
