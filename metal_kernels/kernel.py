@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 SIMD = 32  # lanes per simdgroup on every Apple GPU
 THREADGROUP_MEMORY = 32 * 1024  # bytes one threadgroup may allocate (Metal's limit on Apple GPUs)
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+REGISTERS = 128  # 32-bit registers a thread's arrays may take before a shape goes to the twin
 # The kernels rely on IEEE special values (exp(-inf) == 0, NaN through comparisons, isnan):
 # MLX's default math mode, stated here so that no change of default can break them silently.
 COMPILE_OPTIONS = {"math_mode": "safe"}
@@ -79,6 +80,20 @@ class Launch:
 
 
 Runner = Callable[[KernelSpec, Launch], list]
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one threadgroup of a kernel holds: threadgroup memory, and per thread the 32-bit
+    registers of its live arrays (scalars and addresses are not counted). Each planner states
+    its kernel's; the harness checks the threadgroup bytes against what the kernel allocates."""
+
+    threadgroup_bytes: int
+    registers: int
+
+    @property
+    def fits(self) -> bool:
+        return self.threadgroup_bytes <= THREADGROUP_MEMORY and self.registers <= REGISTERS
 
 
 @lru_cache(maxsize=None)

@@ -26,7 +26,8 @@ from typing import NamedTuple, Optional, Union
 import mlx.core as mx
 
 from .dispatch import runs_metal
-from .kernel import FLOATS, SIMD, KernelSpec, Launch, Runner, ceil_div, metal_run, placeholder
+from .kernel import (FLOATS, SIMD, Footprint, KernelSpec, Launch, Runner, ceil_div, metal_run,
+                     placeholder)
 
 MAX_TOKENS = 8  # tokens per call the kernels take (decode, speculative verification)
 SORT_THRESHOLD = 64  # the twin sorts rows by expert from this many (token, slot) rows
@@ -234,6 +235,27 @@ def moe_kernels_supported(x, expert_ids, routing_weights, experts: ExpertWeights
             or expert_ids.dtype not in (mx.int32, mx.uint32)):
         return False
     return _mlp_ok(experts, True, D) and (shared is None or _mlp_ok(shared, False, D))
+
+
+def chunk(bits: int) -> int:
+    """Inputs a lane takes per step (moe_quant.metal's moe_chunk): its codes fill whole words."""
+    return 16 if (16 * bits) % 32 == 0 else 32
+
+
+TABLES_BYTES = 4 * (16 + 256)  # the E2M1 and E4M3 code tables, declared by both kernels
+
+
+def gate_up_footprint(maxt: int, bits: tuple) -> Footprint:
+    """bits: the routed and shared formats' bits. v[], g_acc / u_acc, tw / first, words[]."""
+    v = max(chunk(b) for b in bits)
+    words = max(chunk(b) * b // 32 for b in bits)
+    return Footprint(TABLES_BYTES, v + 2 * maxt * GATE_UP_ROWS + 2 * maxt + words)
+
+
+def down_footprint(maxt: int, bits: tuple) -> Footprint:
+    v = max(chunk(b) for b in bits)
+    words = max(chunk(b) * b // 32 for b in bits)
+    return Footprint(TABLES_BYTES, v + maxt * DOWN_ROWS[maxt] + 2 * maxt + words)
 
 
 def _buffers(q: Optional[QuantizedWeight]) -> list:

@@ -13,13 +13,12 @@ the public ops (`msa.py`) run the MLX-ops twin when it does not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
 
-from .kernel import (FLOATS, SIMD, THREADGROUP_MEMORY, KernelSpec, Launch, Runner, ceil_div,
-                     metal_run, placeholder)
+from .kernel import (FLOATS, SIMD, Footprint, KernelSpec, Launch, Runner, ceil_div, metal_run,
+                     placeholder)
 
 HEADER = ("msa_common.metal",)
 INDEX_SCORES = KernelSpec(
@@ -61,21 +60,7 @@ PREFILL_ROWS = 64  # (query, head) rows per prefill threadgroup: TQ = PREFILL_RO
 PREFILL_KEYS = 16  # keys per staged prefill chunk (KC in the kernel)
 MAX_TOPK = 64
 MERGE_THREADS = 32
-REGISTERS = 128  # 32-bit registers a thread's arrays may take before a shape goes to the twin
 MATRIX_REGISTERS = 2  # a simdgroup_float8x8 holds 64 floats over 32 lanes
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """What one threadgroup of a kernel holds: threadgroup memory, and per thread the 32-bit
-    registers of its live arrays (scalars and addresses are not counted)."""
-
-    threadgroup_bytes: int
-    registers: int
-
-    @property
-    def fits(self) -> bool:
-        return self.threadgroup_bytes <= THREADGROUP_MEMORY and self.registers <= REGISTERS
 
 
 def _pad8(n: int) -> int:

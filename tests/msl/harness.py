@@ -114,9 +114,11 @@ class _Input:
 
 @dataclass
 class Stats:
-    """What the emulated run observed: the most threadgroup memory one threadgroup allocated."""
+    """What the emulated run observed, the most over its threadgroups: threadgroup memory
+    allocated, and threadgroup barriers passed."""
 
     threadgroup_bytes: int
+    barriers: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +304,7 @@ def prepare(spec, launch):
     return build(program), inputs, name
 
 
-_STATS = re.compile(r"^msl-stats: threadgroup_bytes=(\d+)$", re.MULTILINE)
+_STATS = re.compile(r"^msl-stats: threadgroup_bytes=(\d+) barriers=(\d+)$", re.MULTILINE)
 
 
 def run_with_stats(spec, launch, order="in-order", seed=0, timeout=600):
@@ -338,7 +340,9 @@ def run_with_stats(spec, launch, order="in-order", seed=0, timeout=600):
             raise HarnessError(
                 f"{name} failed under the harness ({order}, exit {code}):\n{report[-8000:]}")
         stats = _STATS.search(report)
-        return _decode(dst.read_bytes(), launch), Stats(int(stats[1]) if stats else 0)
+        if not stats:
+            raise HarnessError(f"{name}: the harness wrote no statistics:\n{report[-2000:]}")
+        return _decode(dst.read_bytes(), launch), Stats(int(stats[1]), int(stats[2]))
 
 
 def run(spec, launch, timeout=600) -> list[mx.array]:

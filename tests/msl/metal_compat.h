@@ -322,6 +322,8 @@ struct Group {
   std::vector<Slot> slots;  // threadgroup memory, indexed by declaration
   size_t slot_bytes = 0;
   size_t max_slot_bytes = 0;  // over every threadgroup of the dispatch
+  size_t barriers = 0;  // threadgroup barriers released in this threadgroup
+  size_t max_barriers = 0;  // over every threadgroup
   uint64_t shuffle_seed = 0;  // 0: threads resume in order
   uint64_t rng = 0;
   Fiber* current = nullptr;
@@ -414,6 +416,8 @@ T* tg_alloc(int slot) {
 inline void free_threadgroup_memory() {
   Group& g = group();
   g.max_slot_bytes = std::max(g.max_slot_bytes, g.slot_bytes);
+  g.max_barriers = std::max(g.max_barriers, g.barriers);
+  g.barriers = 0;
   for (Slot& s : g.slots) std::free(s.ptr);
   g.slots.clear();
   g.slot_bytes = 0;
@@ -480,6 +484,7 @@ inline bool release_waiters(int n_threads) {
       fail("threads wait on different threadgroup_barrier calls (divergence)");
   for (int s = 0; s < n_simd; ++s) settle_matrix_log(s, n_threads);
   for (int t = 0; t < n_threads; ++t) g.fibers[t].wait = Wait::ready;
+  g.barriers += 1;
   return true;
 }
 
@@ -524,7 +529,8 @@ inline void read_schedule() {
 }
 
 inline void report_stats() {
-  std::fprintf(stderr, "msl-stats: threadgroup_bytes=%zu\n", group().max_slot_bytes);
+  std::fprintf(stderr, "msl-stats: threadgroup_bytes=%zu barriers=%zu\n", group().max_slot_bytes,
+               group().max_barriers);
 }
 
 inline void dispatch(uint3 grid, uint3 requested_tg, std::function<void(const ThreadIds&)> entry) {
