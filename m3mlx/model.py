@@ -12,7 +12,8 @@ import mlx.nn as nn
 
 from .cache import LayerCache
 from .config import ModelArgs
-from .metal_kernels import ExpertWeights, index_topk, moe_experts, sparse_attention
+from .metal_kernels import (ExpertWeights, index_topk, moe_experts, sparse_attention,
+                            swiglu_oai)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -25,12 +26,6 @@ class GemmaRMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
-
-
-def swiglu_oai(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
-    gate = mx.minimum(gate, limit)
-    up = mx.clip(up, -limit, limit)
-    return (up + 1.0) * gate * mx.sigmoid(alpha * gate)
 
 
 class MLP(nn.Module):

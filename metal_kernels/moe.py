@@ -161,6 +161,7 @@ class ExpertWeights(NamedTuple):
 
 
 def swiglu_oai(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
+    """M3's activation (GPT-OSS style): (clip(up) + 1) * min(gate, limit) * sigmoid(alpha gate)."""
     gate = mx.minimum(gate, limit)
     up = mx.clip(up, -limit, limit)
     return (up + 1.0) * gate * mx.sigmoid(alpha * gate)

@@ -5,10 +5,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from msl import cases, harness, shapes
+from msl.cases import prebuilt  # noqa: F401 (the fixture)
 
 from m3mlx.metal_kernels import msa_kernels, msa_ops
 
-pytestmark = cases.needs_runner
+pytestmark = [cases.needs_runner, pytest.mark.usefixtures("prebuilt")]
 
 
 def check(run, q, k, v, sel, offset, block, atol=2e-5):

@@ -231,7 +231,8 @@ def test_threads_run_in_a_shuffled_order_between_barriers():
     np.testing.assert_array_equal(run1(src, [mx.array(x)], (64,), threadgroup=(64, 1, 1)), want)
     shuffled = run1(src, [mx.array(x)], (64,), threadgroup=(64, 1, 1), order="shuffled")
     assert np.isnan(shuffled).any()
-    fixed = src.replace("buf[t] = x0[t];", "buf[t] = x0[t];\n threadgroup_barrier(mem_flags::mem_threadgroup);")
+    fixed = src.replace("buf[t] = x0[t];",
+                        "buf[t] = x0[t];\n threadgroup_barrier(mem_flags::mem_threadgroup);")
     np.testing.assert_array_equal(
         run1(fixed, [mx.array(x)], (64,), threadgroup=(64, 1, 1), order="shuffled"), want)
 
@@ -308,7 +309,8 @@ def test_simdgroup_matrix_misuse_is_reported(mutation, report):
         "make_filled_simdgroup_matrix<float, 8, 8>(1.0f)":
             "make_filled_simdgroup_matrix<float, 8, 8>(float(lane))",
         "simdgroup_load(ma, a, 8);": "simdgroup_load(ma, a + (lane & 1), 8);",
-        "simdgroup_multiply(prod, ma, mt);": "if (lane < 16) {\n simdgroup_multiply(prod, ma, mt);\n}",
+        "simdgroup_multiply(prod, ma, mt);":
+            "if (lane < 16) {\n simdgroup_multiply(prod, ma, mt);\n}",
     }[mutation]
     assert MATRIX_KERNEL.count(mutation) == 1
     src = MATRIX_KERNEL.replace(mutation, bad)

@@ -75,25 +75,34 @@ def run_model(model, ids, prefill, steps):
     return mx.concatenate(out, axis=1)
 
 
-@cases.harness_only
+@pytest.mark.parametrize("kernels_on", [
+    pytest.param("harness", marks=cases.harness_only),
+    pytest.param("metal", marks=pytest.mark.skipif(not mx.metal.is_available(),
+                                                   reason="Metal: only on a Mac")),
+])
 @pytest.mark.parametrize("seed,overrides,prefill", [
     (3, dict(sparse_layers=[True] * 4, moe_layers=[True] * 4), 197),  # a parity fixture
     (2, dict(index_block_size=8, index_topk_blocks=3, num_experts_per_tok=3), 187),
 ])
 def test_logits_with_every_kernel_match_the_twins(tmp_path, monkeypatch, seed, overrides,
-                                                  prefill):
-    """Metal kernels via the harness against the MLX-ops twins, on test_model_parity's fixtures
-    quantized to 4 bits: a prefill chunk past the dense range, then decode steps, so that the
-    index, attention (prefill and decode) and MoE kernels all run in the sparse regime."""
+                                                  prefill, kernels_on):
+    """The Metal kernels (via the harness, threads shuffled, or on a Mac's GPU) against the
+    MLX-ops twins, on test_model_parity's fixtures quantized to 4 bits: a prefill chunk past
+    the dense range, then decode steps, so that the index, attention (prefill and decode) and
+    MoE kernels all run in the sparse regime."""
     path = write_demo_checkpoint(tmp_path, seed=seed, dtype=mx.float32, **overrides)
     model = m3mlx.load_model(path, dtype=mx.float32)
     nn.quantize(model, 32, 4, class_predicate=lambda p, m: hasattr(m, "to_quantized")
                 and not p.endswith("block_sparse_moe.gate"))
     ids = mx.array(np.random.default_rng(seed).integers(0, model.args.vocab_size, (1, 200)))
+    monkeypatch.setenv(dispatch.ENV_VAR, "ops")
     want = run_model(model, ids, prefill, 200 - prefill)
-    launched = cases.metal_is_the_harness(monkeypatch, order="shuffled")
+    if kernels_on == "harness":
+        launched = cases.metal_is_the_harness(monkeypatch, order="shuffled")
+    monkeypatch.setenv(dispatch.ENV_VAR, "metal")
     got = run_model(model, ids, prefill, 200 - prefill)
-    assert {"msa_index_scores", "msa_index_scores_mma", "msa_index_select",
-            "msa_decode_attention", "msa_decode_merge", "msa_prefill_attention",
-            "moe_decode_gate_up", "moe_decode_down"} <= set(launched)
+    if kernels_on == "harness":
+        assert {"msa_index_scores", "msa_index_scores_mma", "msa_index_select",
+                "msa_decode_attention", "msa_decode_merge", "msa_prefill_attention",
+                "moe_decode_gate_up", "moe_decode_down"} <= set(launched)
     assert float(mx.abs(got - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))

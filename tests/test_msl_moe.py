@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from msl import cases, harness
 from msl.cases import Spec
+from msl.cases import prebuilt  # noqa: F401 (the fixture)
 from msl.moe_cases import FORMATS, SMALL, random_experts, routing
 
 from m3mlx.metal_kernels import kernel, moe
 from m3mlx.metal_kernels.moe import DenseWeight, ExpertWeights, QuantizedWeight
+
+pytestmark = pytest.mark.usefixtures("prebuilt")
 
 # ---------------------------------------------------------------------------------------------
 # MLX's packing, as the kernels read it

@@ -47,6 +47,13 @@ def launch_cases():
 CASES = launch_cases()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def strict_programs():
+    """Every case's strict program, compiled in parallel before the cases check them."""
+    if cases.STRICT:
+        strict.prebuild([param.values for param in CASES])
+
+
 @pytest.mark.parametrize("spec,launch", CASES)
 def test_mlx_generates_the_source_the_harness_compiles(spec, launch):
     """MLX itself (no compiler): its generated kernel name and source for the launch are the
@@ -112,7 +119,8 @@ def test_threadgroup_arrays_live_at_kernel_scope_only():
     accepts(probe(f"threadgroup float t[32];\n{use}"))
     rejects(probe(f"if (x[0] > 0) {{\n  threadgroup float t[32];\n  {use}\n}}"),
             "automatic variable qualified with an address space")
-    helper = "inline float f(float v) {\n  threadgroup float t[32];\n  t[0] = v;\n  return t[0];\n}\n"
+    helper = ("inline float f(float v) {\n  threadgroup float t[32];\n  t[0] = v;\n"
+              "  return t[0];\n}\n")
     rejects(probe("out[thread_position_in_grid.x] = f(x[0]);", helper),
             "automatic variable qualified with an address space")
 

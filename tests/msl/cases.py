@@ -55,6 +55,16 @@ if HARNESS:
 if mx.metal.is_available():
     RUNNERS.append(pytest.param(kernel.metal_run, id="metal"))
 kernel_runners = pytest.mark.parametrize("run", RUNNERS)
+
+
+@pytest.fixture(scope="session")
+def prebuilt():
+    """The harness executables of `shapes.runtime_launches()`, compiled in parallel up front
+    (a kernel test module names this fixture; it is quick once they are cached)."""
+    if HARNESS:
+        from . import shapes
+
+        harness.prebuild(shapes.runtime_launches())
 needs_runner = pytest.mark.skipif(not RUNNERS, reason="no kernel runner here: neither the "
                                   "harness (Linux, g++) nor Metal")
 

@@ -31,16 +31,18 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from .source import (TYPE_NAMES, HarnessError, check_metal_subset, mlx_source, shape_infos,
-                     template_text, used_attributes)
+from .source import (TYPE_NAMES, HarnessError, check_metal_subset, launch_args, mlx_source,
+                     shape_infos, template_text, used_attributes)
 
-__all__ = ["HarnessError", "View", "run", "run_shuffled", "run_with_stats", "prepare"]
+__all__ = ["HarnessError", "View", "run", "run_shuffled", "run_with_stats", "prepare",
+           "prebuild"]
 
 HERE = Path(__file__).resolve().parent
 COMPILER = os.environ.get("CXX", "g++")
@@ -144,7 +146,8 @@ def rewrite_threadgroup_decls(source: str) -> str:
     return _TG_DECL.sub(repl, source)
 
 
-def harness_program(spec, name, source, inputs: list[_Input], output_dtypes, template) -> str:
+def harness_program(spec, name, source, args, output_dtypes, template) -> str:
+    """args: (dtype, ndim, size) per input."""
     lines = ['#include "metal_compat.h"', rewrite_threadgroup_decls(source),
              '#include "harness_io.h"', "",
              "int main(int argc, char** argv) {",
@@ -152,23 +155,24 @@ def harness_program(spec, name, source, inputs: list[_Input], output_dtypes, tem
              "  msl::Reader in(argv[1]);",
              "  uint3 grid = in.dims();",
              "  uint3 threadgroup_size = in.dims();"]
-    args = []
-    for i, (x, (has_shape, has_strides, has_ndim)) in enumerate(zip(inputs, shape_infos(spec))):
-        lines.append(f"  auto in{i} = in.input<{TYPE_NAMES[x.dtype]}>();")
-        args.append(f"*in{i}.data" if x.ndim == 0 else f"in{i}.data")
-        if x.ndim > 0:
-            args += [f"in{i}.shape"] * has_shape + [f"in{i}.strides"] * has_strides
-            args += [f"in{i}.ndim"] * has_ndim
+    call = []
+    for i, ((dtype, ndim, _), (has_shape, has_strides, has_ndim)) in enumerate(
+            zip(args, shape_infos(spec))):
+        lines.append(f"  auto in{i} = in.input<{TYPE_NAMES[dtype]}>();")
+        call.append(f"*in{i}.data" if ndim == 0 else f"in{i}.data")
+        if ndim > 0:
+            call += [f"in{i}.shape"] * has_shape + [f"in{i}.strides"] * has_strides
+            call += [f"in{i}.ndim"] * has_ndim
     for i, dtype in enumerate(output_dtypes):
         if spec.atomic_outputs:
             raise NotImplementedError("the harness does not emulate atomic outputs")
         lines.append(f"  auto out{i} = in.output<{TYPE_NAMES[dtype]}>();")
-        args.append(f"out{i}.data")
-    args += [f"id.{a}" for a, _ in used_attributes(spec)]
+        call.append(f"out{i}.data")
+    call += [f"id.{a}" for a, _ in used_attributes(spec)]
     callee = name + (template_text(template) if template else "")
     lines += [
         "  msl::dispatch(grid, threadgroup_size, [&](const msl::ThreadIds& id) {",
-        f"    {callee}({', '.join(args)});",
+        f"    {callee}({', '.join(call)});",
         "  });",
         "  msl::Writer w(argv[2]);",
     ]
@@ -297,11 +301,28 @@ def prepare(spec, launch):
     check_metal_subset(spec)
     inputs = [_to_input(n, v, spec.ensure_row_contiguous)
               for n, v in zip(spec.input_names, launch.inputs)]
-    template = list(launch.template or [])
-    args = [(x.dtype, x.ndim, x.size) for x in inputs]
-    name, source = mlx_source(spec, args, launch.output_dtypes, template)
-    program = harness_program(spec, name, source, inputs, launch.output_dtypes, template)
+    name, program = harness_source(spec, [(x.dtype, x.ndim, x.size) for x in inputs], launch)
     return build(program), inputs, name
+
+
+def harness_source(spec, args, launch) -> tuple[str, str]:
+    """(kernel name, harness program) for a launch whose inputs are `args`."""
+    template = list(launch.template or [])
+    name, source = mlx_source(spec, args, launch.output_dtypes, template)
+    return name, harness_program(spec, name, source, args, launch.output_dtypes, template)
+
+
+def prebuild(pairs, workers=None) -> None:
+    """Compile the executables of these (spec, launch) pairs, one per CPU at a time, so that the
+    tests that run them find them built: compiling dominates a first run. Nothing is evaluated;
+    a pair that does not compile is left for its test to report."""
+    def one(pair):
+        spec, launch = pair
+        with contextlib.suppress(HarnessError):
+            build(harness_source(spec, launch_args(launch), launch)[1])
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        list(pool.map(one, pairs))
 
 
 _STATS = re.compile(r"^msl-stats: threadgroup_bytes=(\d+) barriers=(\d+)$", re.MULTILINE)

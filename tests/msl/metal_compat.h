@@ -914,7 +914,8 @@ void matrix_store(int site, const matrix<T>& a, T* dst, ulong epr, ulong2 origin
 
 // m = a b (+ c), accumulating in float.
 template <typename T>
-MSL_UNCHECKED void multiply(const T (&a)[8][8], const T (&b)[8][8], const T (*c)[8][8], T (&m)[8][8]) {
+MSL_UNCHECKED void multiply(const T (&a)[8][8], const T (&b)[8][8], const T (*c)[8][8],
+                            T (&m)[8][8]) {
   for (int row = 0; row < 8; ++row)
     for (int col = 0; col < 8; ++col) {
       float acc = c ? float((*c)[row][col]) : 0.0f;

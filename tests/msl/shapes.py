@@ -11,8 +11,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from m3mlx.metal_kernels import msa_kernels as K
-from m3mlx.metal_kernels.moe import ExpertWeights, QuantizedWeight, down_launch, gate_up_launch
-from m3mlx.metal_kernels.moe import DOWN, GATE_UP
+from m3mlx.metal_kernels.moe import (DOWN, GATE_UP, ExpertWeights, QuantizedWeight, down_launch,
+                                     gate_up_launch)
+
+from .moe_cases import FORMATS, SMALL
 
 # M3's MSA geometry: 4 KV / index heads of 16 query heads, head dim 128, blocks of 128, top-16.
 M3_MSA = dict(B=1, H=4, G=16, D=128, DV=128, block=128, topk=16)
@@ -85,27 +87,44 @@ def m3_msa_launches(context: int, L: int, dtype=mx.bfloat16, int8=False):
                         context - L, L, 0, dtype, int8)
 
 
-def quantized(fmt, shape) -> QuantizedWeight:
+def quantized(fmt, shape, float_dtype=mx.bfloat16) -> QuantizedWeight:
     mode, bits, group = fmt
     lead, (out, inp) = shape[:-2], shape[-2:]
-    biases = mx.zeros((*lead, out, inp // group), mx.bfloat16) if mode == "affine" else None
-    scale_dtype = mx.bfloat16 if mode == "affine" else mx.uint8
+    biases = mx.zeros((*lead, out, inp // group), float_dtype) if mode == "affine" else None
+    scale_dtype = float_dtype if mode == "affine" else mx.uint8
     return QuantizedWeight(mx.zeros((*lead, out, inp * bits // 32), mx.uint32),
                            mx.zeros((*lead, out, inp // group), scale_dtype), biases, group,
                            bits, mode)
 
 
 def moe_launches(fmt, T, E, D, F, FS, K, shared_fmt=None, dtype=mx.bfloat16):
-    """(spec, launch) of the MoE op's two kernels; FS 0: no shared expert."""
-    experts = ExpertWeights(quantized(fmt, (E, F, D)), quantized(fmt, (E, F, D)),
-                            quantized(fmt, (E, D, F)))
+    """(spec, launch) of the MoE op's two kernels; FS 0: no shared expert. Affine scales and
+    biases are in `dtype`, as `mx.quantize` makes them from weights in it."""
+    experts = ExpertWeights(*(quantized(fmt, s, dtype) for s in ((E, F, D), (E, F, D), (E, D, F))))
     shared = None
     if FS:
         sf = shared_fmt or fmt
-        shared = ExpertWeights(quantized(sf, (FS, D)), quantized(sf, (FS, D)),
-                               quantized(sf, (D, FS)))
+        shared = ExpertWeights(*(quantized(sf, s, dtype) for s in ((FS, D), (FS, D), (D, FS))))
     x = mx.zeros((T, D), dtype)
     ids, rw = mx.zeros((T, K), mx.uint32), mx.zeros((T, K), dtype)
     gate_up = gate_up_launch(x, ids, rw, experts, shared, 1.702, 7.0)
     h = mx.zeros(gate_up.output_shapes[0], mx.float32)
     return [(GATE_UP, gate_up), (DOWN, down_launch(h, ids, rw, experts, shared, dtype))]
+
+
+def runtime_launches() -> list:
+    """The launches the kernel tests run most (float32, their shape tables), for
+    `harness.prebuild`: building them in parallel up front is what makes a first run fast."""
+    pairs = []
+    for shape in INDEX_SHAPES:
+        pairs += index_launches(*shape)
+    for shape in ATTENTION_SHAPES + CONSTANT_SPACE_SHAPES:
+        pairs += msa_launches(*shape)
+    pairs += index_launches(1, 4, 128, 128, 16, 2597, 1, 2, mx.bfloat16)
+    pairs += index_launches(1, 4, 128, 128, 16, 2672, 20, 8, mx.float32, int8=True)
+    pairs += attention_launches(1, 4, 16, 128, 128, 128, 16, 2597, 1, 2, mx.bfloat16)
+    pairs += attention_launches(1, 1, 16, 128, 128, 128, 16, 2684, 8, 8)
+    for fmt in FORMATS.values():
+        for T in (1, 8):
+            pairs += moe_launches(fmt, T, **SMALL, dtype=mx.float32)
+    return pairs

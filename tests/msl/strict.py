@@ -20,10 +20,11 @@ Compiled results are cached like the harness's (`harness.cache_dir()`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 from . import harness, source
 
@@ -102,6 +103,25 @@ def _kernel_ir(ir: str, name: str) -> str:
         if name in m.group(1):
             return ir[m.start():ir.index("\n}\n", m.start())]
     raise source.HarnessError(f"no function for {name} in the optimised IR")
+
+
+def prebuild(pairs, workers=None) -> None:
+    """Compile these launches' strict programs, one per CPU at a time (see harness.prebuild)."""
+    if not available():
+        return
+    programs = []
+    for spec, launch in pairs:  # MLX's export, in this thread
+        with contextlib.suppress(source.HarnessError):
+            programs.append((spec, strict_program(spec, source.exported_source(spec, launch)[1])))
+
+    def one(job):
+        spec, program = job
+        with contextlib.suppress(source.HarnessError):
+            harness.compile_cached(program, COMPILER, FLAGS, ["metal_strict.h"], ".ll",
+                                   f"{spec.name} (strict)")
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        list(pool.map(one, programs))
 
 
 def check(spec, launch) -> str:
