@@ -1,0 +1,308 @@
+"""The web chat page at `/`, in a real headless Chromium (the distribution's, driven by
+Playwright) against `m3mlx serve` on the demo model, its replies scripted to known M3 output
+(tests/scripted_server.py: the server, engine, reply parser and stream are the real ones).
+
+One server and one browser for the module; the tests run in order on one browser profile, as
+one person's session would: the key is asked once, conversations pile up in local storage.
+Every wait is on the DOM (a selector or a condition in the page), never a sleep.
+
+`M3MLX_SCREENSHOT=docs/web-chat.png pytest tests/test_web_chat.py` also saves the screenshot
+that the README shows (test_reply_streams_with_reasoning_code_and_status writes it).
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from m3mlx.tokens import NS
+
+from server_fixtures import Server
+
+KEY = "sk-web-test"
+FOX = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. "
+SCRIPTS = {
+    "code": "<mm:think>The user wants a Python function. A short one with a docstring, and an "
+            "example call to show it works.</mm:think>Here is a function that adds two "
+            "numbers:\n\n```python\ndef add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n"
+            "    return a + b  # ints, floats, anything with +\n\nprint(add(2, 3))\n```\n\n"
+            "It prints **5**. The same in `bash`: `echo $((2 + 3))`.",
+    "hostile": "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\"> "
+               "[click](javascript:window.pwned=3) `<b>bold?</b>`",
+    "long": FOX * 200,
+    "plain": "Just the answer.",
+    "weather": f"<mm:think>Weather needs the tool.</mm:think>{NS}<tool_call>\n"
+               f'{NS}<invoke name="get_weather">{NS}<city>Paris{NS}</city>{NS}</invoke>\n'
+               f"{NS}</tool_call>",
+}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = os.environ.get("M3MLX_CHROMIUM") or shutil.which("chromium") or \
+        shutil.which("chromium-browser")
+    if path:
+        return path
+    message = "no Chromium to drive: install the distribution's (apt-get install chromium)"
+    if os.environ.get("M3MLX_BROWSER_REQUIRED") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def server(demo_dir, tmp_path_factory):
+    scripts = tmp_path_factory.mktemp("scripts") / "scripts.json"
+    scripts.write_text(json.dumps(SCRIPTS))
+    s = Server(["--model", str(demo_dir), "--dtype", "float32", "--temp", "0",
+                "--api-key", KEY, "--no-disk-cache", "--max-tokens", "4096",
+                "--prefill-step-size", "64", "--served-model-name", "m3-tiny"],
+               scripts=scripts)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    executable = chromium()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("profile")), executable_path=executable, headless=True,
+            args=FLAGS, viewport={"width": 1100, "height": 760}, color_scheme="light")
+        context.set_default_timeout(60_000)
+        page = context.pages[0] if context.pages else context.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.base + "/")
+        yield page
+        context.close()
+        assert not errors, errors
+
+
+def send(page, text: str):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def last_reply(page):
+    return page.locator(".message.assistant").last
+
+
+def wait_done(page):
+    page.wait_for_selector("body:not(.busy) #send:not([hidden])")
+
+
+def test_page_asks_for_the_key_once_and_serves_with_a_strict_policy(page, server):
+    import httpx
+
+    response = httpx.get(server.base + "/")
+    policy = response.headers["content-security-policy"]
+    assert response.status_code == 200 and "script-src 'self'" in policy
+    assert "'unsafe-inline'" not in policy and "default-src 'none'" in policy
+    assert httpx.get(server.base + "/static/app.js").headers["content-type"].startswith(
+        "text/javascript")
+    assert httpx.get(server.base + "/static/../app.py").status_code == 404
+    models = httpx.get(server.url + "/models", headers={"authorization": f"Bearer {KEY}"})
+    assert models.json()["data"][0]["context_length"] > 0
+
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", KEY)
+    page.press("#key-input", "Enter")
+    page.wait_for_selector("#key-dialog:not([open])", state="attached")
+    page.wait_for_function("() => document.querySelector('#model-name').textContent === 'm3-tiny'")
+    assert page.evaluate("localStorage.getItem('m3mlx.apiKey')") == KEY
+
+
+def test_reply_streams_with_reasoning_code_and_status(page, tmp_path):
+    page.evaluate("""() => {  // every state the reply's content goes through, as rendered
+        window.seen = [];
+        new MutationObserver(() => {
+            const c = document.querySelector('.message.assistant:last-child .content');
+            if (c) window.seen.push(c.textContent);
+        }).observe(document.querySelector('#messages'), {childList: true, subtree: true,
+                                                         characterData: true});
+    }""")
+    page.click("#settings-toggle")  # the script's marker, out of the picture
+    page.fill("#system", "[script:code]")
+    page.click("#settings-toggle")
+    send(page, "Write me a Python function that adds two numbers")
+    wait_done(page)
+    reply = last_reply(page)
+    assert "The user wants a Python function" in reply.locator("details.reasoning").text_content()
+    assert reply.locator("details.reasoning").get_attribute("open") is None  # folded when done
+    code = reply.locator(".code pre code.lang-python")
+    assert code.inner_text().startswith("def add(a, b):")
+    assert code.locator(".tok-keyword", has_text="def").count() == 1
+    assert code.locator(".tok-comment").inner_text() == "# ints, floats, anything with +"
+    assert code.locator(".tok-string").first.inner_text() == '"""Return the sum of a and b."""'
+    assert reply.locator(".content strong").inner_text() == "5"
+    assert reply.locator(".content p code").all_inner_texts() == ["bash", "echo $((2 + 3))"]
+    # Streamed: the content was seen growing, in more than a couple of steps.
+    seen = [s for s in page.evaluate("window.seen") if s]
+    assert len(set(seen)) > 3 and seen[-1].startswith("Here is a function")
+    status = page.inner_text("#status-text")
+    assert re.search(r"context [\d,]+ / [\d,]+ · prompt [\d,]+ tok/s · generation [\d.]+ tok/s"
+                     r" · cached [\d,]+ of [\d,]+ prompt tokens", status), status
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    reply.locator(".code button.copy").click()
+    assert page.evaluate("navigator.clipboard.readText()").startswith("def add(a, b):")
+
+    reply.locator("details.reasoning summary").click()  # open, for the picture
+    shot = tmp_path / "web-chat.png"
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("M3MLX_SCREENSHOT"):
+        target = Path(os.environ["M3MLX_SCREENSHOT"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
+    reply.locator("details.reasoning summary").click()
+    page.click("#settings-toggle")
+    page.fill("#system", "")
+    page.click("#settings-toggle")
+
+
+def test_model_output_and_user_text_render_as_text(page):
+    send(page, "<img src=x onerror=\"window.pwned = 4\"> [script:hostile]")
+    wait_done(page)
+    reply = last_reply(page)
+    assert "<script>window.pwned = 1</script>" in reply.locator(".content").inner_text()
+    assert "<img src=x" in page.locator(".message.user").last.inner_text()
+    assert page.locator("#messages script, #messages img").count() == 0
+    assert reply.locator("a").count() == 0  # a javascript: link stays text
+    assert reply.locator("code").inner_text() == "<b>bold?</b>"
+    assert page.evaluate("window.pwned") is None
+
+
+def test_stop_midway_ends_the_generation_on_the_server(page, server):
+    page.click("#new-chat")
+    send(page, "Tell me about the fox at length [script:long]")
+    page.wait_for_function(
+        "() => document.querySelector('.message.assistant .content')?.textContent.length > 80")
+    page.click("#stop")
+    wait_done(page)
+    reply = last_reply(page)
+    assert reply.locator(".note").inner_text() == "stopped"
+    shown = reply.locator(".content").inner_text()
+    assert 80 < len(shown) < len(SCRIPTS["long"]) / 2 and SCRIPTS["long"].startswith(shown[:60])
+    line = server.wait_for_log(r"generated at .* cancelled")
+    generated = int(re.search(r"([\d,]+) generated", line).group(1).replace(",", ""))
+    assert generated < 1000  # of the script's 2,000-odd tokens
+    assert reply.locator("button.regenerate").count() == 1
+
+
+def test_thinking_mode_is_kept_per_conversation(page):
+    page.click("#new-chat")
+    page.select_option("#thinking", "enabled")
+    send(page, "Answer plainly [script:plain]")
+    wait_done(page)
+    # Thinking enabled: the prompt opens a reasoning block, so the reply is reasoning.
+    assert last_reply(page).locator(".reasoning-body").text_content() == "Just the answer."
+    assert last_reply(page).locator(".content").count() == 0
+    page.select_option("#thinking", "disabled")
+    last_reply(page).locator("button.regenerate").click()
+    wait_done(page)
+    assert last_reply(page).locator(".content").inner_text() == "Just the answer."
+    assert last_reply(page).locator("details.reasoning").count() == 0
+
+
+def test_enter_sends_shift_enter_adds_a_line_and_edit_resends(page):
+    page.click("#new-chat")
+    page.fill("#input", "first line")
+    page.press("#input", "Shift+Enter")
+    page.type("#input", "second line [script:plain]")
+    assert page.locator(".message").count() == 0  # nothing sent yet
+    page.press("#input", "Enter")
+    wait_done(page)
+    assert page.locator(".message.user .content").inner_text() == \
+        "first line\nsecond line [script:plain]"
+    page.click(".message.user button.edit")
+    assert page.input_value("#input") == "first line\nsecond line [script:plain]"
+    assert page.locator(".message").count() == 0
+    page.fill("#input", "edited [script:code]")
+    page.press("#input", "Enter")
+    wait_done(page)
+    assert page.locator(".message.user .content").inner_text() == "edited [script:code]"
+    assert last_reply(page).locator(".code").count() == 1
+
+
+def test_tool_calls_show_as_calls_and_take_a_result(page):
+    page.click("#new-chat")
+    page.click("#settings-toggle")
+    page.fill("#tools", json.dumps(TOOLS))
+    page.click("#settings-toggle")
+    send(page, "Weather in Paris? [script:weather]")
+    wait_done(page)
+    call = last_reply(page).locator(".tool-call")
+    assert call.locator(".tool-name").inner_text() == "called get_weather"
+    assert json.loads(call.locator(".tool-args").inner_text()) == {"city": "Paris"}
+    assert NS not in last_reply(page).inner_text() and "tool_call" not in last_reply(page).inner_text()
+    send(page, '{"temperature_c": 21} [script:plain]')  # the result of the pending call
+    wait_done(page)
+    assert page.locator(".message.tool .role-label").inner_text() == "tool result"
+    assert last_reply(page).locator(".content").inner_text() == "Just the answer."
+
+
+def test_long_input_shows_prefill_progress_and_errors_say_what_to_do(page):
+    page.click("#new-chat")
+    page.evaluate("""() => {
+        window.statuses = [];
+        new MutationObserver(() => window.statuses.push(
+            document.querySelector('#status-text').textContent)
+        ).observe(document.querySelector('#status'), {childList: true, subtree: true});
+    }""")
+    send(page, FOX * 40 + "[script:plain]")  # ~1,000 tokens, prefilled 64 at a time
+    wait_done(page)
+    steps = [s for s in page.evaluate("window.statuses") if s.startswith("reading the prompt")]
+    assert len(steps) > 3 and re.fullmatch(r"reading the prompt: [\d,]+ of [\d,]+ tokens \(\d+%\)",
+                                           steps[-1])
+    page.click("#settings-toggle")
+    page.fill("#temperature", "7")
+    page.click("#settings-toggle")
+    send(page, "again [script:plain]")
+    wait_done(page)
+    error = last_reply(page).locator(".error")
+    assert "temperature" in error.locator("strong").inner_text()
+    assert "check Settings" in error.locator(".what-to-do").inner_text()
+    page.click("#settings-toggle")
+    page.fill("#temperature", "")
+    page.click("#settings-toggle")
+
+
+def test_reload_finds_the_conversations_again_and_exports_them(page):
+    titles = page.locator("#conversations li").all_inner_texts()
+    page.reload()
+    page.wait_for_selector(".message")
+    assert page.locator("#key-dialog[open]").count() == 0  # the key was kept
+    assert page.locator("#conversations li").all_inner_texts() == titles
+    page.locator("#conversations button", has_text="Tell me about the fox").click()
+    assert page.locator(".message.assistant .note").inner_text() == "stopped"
+    page.locator("#conversations button", has_text="Answer plainly").click()
+    assert page.input_value("#thinking") == "disabled"
+    with page.expect_download() as download:
+        page.click("#export")
+    saved = json.loads(Path(download.value.path()).read_text())
+    assert saved["thinking"] == "disabled" and saved["messages"][0]["content"].startswith(
+        "Answer plainly [script:plain]")
+
+
+def test_narrow_window_and_dark_scheme(page):
+    page.set_viewport_size({"width": 390, "height": 760})
+    page.emulate_media(color_scheme="dark")
+    page.wait_for_function(  # the list slides off to the side
+        "() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0")
+    assert page.locator("#input").bounding_box()["width"] > 250
+    page.click("#menu")
+    page.wait_for_function(
+        "() => document.querySelector('#sidebar').getBoundingClientRect().left >= 0")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert sum(map(int, re.findall(r"\d+", background)[:3])) < 150, background
+    page.emulate_media(color_scheme="light")
+    page.set_viewport_size({"width": 1100, "height": 760})
