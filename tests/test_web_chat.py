@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
 
 from m3mlx.tokens import NS
 
@@ -42,15 +43,17 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}]
+MAC_CHROME = "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def chromium() -> str:
-    path = os.environ.get("M3MLX_CHROMIUM") or shutil.which("chromium") or \
-        shutil.which("chromium-browser")
-    if path:
-        return path
+    found = [os.environ.get("M3MLX_CHROMIUM"), shutil.which("chromium"),
+             shutil.which("chromium-browser"), MAC_CHROME if Path(MAC_CHROME).exists() else None]
+    for path in found:
+        if path:
+            return path
     message = "no Chromium to drive: install the distribution's (apt-get install chromium)"
     if os.environ.get("M3MLX_BROWSER_REQUIRED") == "1":
         pytest.fail(message)
@@ -72,8 +75,7 @@ def server(demo_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
     executable = chromium()
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
+    with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("profile")), executable_path=executable, headless=True,
             args=FLAGS, viewport={"width": 1100, "height": 760}, color_scheme="light")
