@@ -102,6 +102,29 @@ def wait_done(page):
     page.wait_for_selector("body:not(.busy) #send:not([hidden])")
 
 
+def test_usage_comes_with_the_engine_timings(server):
+    """What the status line shows is in the API for every client: the model card's context
+    length, and the speeds beside `usage` in the stream and in a whole body."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
+    card = client.models.retrieve("m3-tiny")
+    assert card.model_extra["context_length"] == client.models.list().data[0].context_length
+    messages = [{"role": "user", "content": "Time me, please [script:plain]"}]
+    chunks = list(client.chat.completions.create(
+        model="m3-tiny", messages=messages, stream=True, stream_options={"include_usage": True}))
+    usage_chunk = chunks[-1]
+    timings = usage_chunk.model_extra["timings"]
+    assert timings["predicted_n"] == usage_chunk.usage.completion_tokens > 0
+    assert timings["prompt_n"] == usage_chunk.usage.prompt_tokens - \
+        usage_chunk.usage.prompt_tokens_details.cached_tokens
+    assert timings["prompt_per_second"] > 0 and timings["predicted_per_second"] > 0
+    body = client.chat.completions.create(model="m3-tiny", messages=messages)
+    # The same prompt again: all but its last token (whose logits are needed) from the cache.
+    assert body.model_extra["timings"]["prompt_n"] == 1
+    assert body.model_extra["timings"]["predicted_n"] == body.usage.completion_tokens
+
+
 def test_page_asks_for_the_key_once_and_serves_with_a_strict_policy(page, server):
     import httpx
 
@@ -111,7 +134,8 @@ def test_page_asks_for_the_key_once_and_serves_with_a_strict_policy(page, server
     assert "'unsafe-inline'" not in policy and "default-src 'none'" in policy
     assert httpx.get(server.base + "/static/app.js").headers["content-type"].startswith(
         "text/javascript")
-    assert httpx.get(server.base + "/static/../app.py").status_code == 404
+    for escape in ("/static/%2e%2e/page.py", "/static/..%2fpage.py", "/static/%2e%2e%2fpage.py"):
+        assert httpx.get(server.base + escape).status_code == 404, escape
     models = httpx.get(server.url + "/models", headers={"authorization": f"Bearer {KEY}"})
     assert models.json()["data"][0]["context_length"] > 0
 
@@ -308,3 +332,52 @@ def test_narrow_window_and_dark_scheme(page):
     assert sum(map(int, re.findall(r"\d+", background)[:3])) < 150, background
     page.emulate_media(color_scheme="light")
     page.set_viewport_size({"width": 1100, "height": 760})
+
+
+MARKDOWN = """# Title <b>bold</b>
+
+- one
+- two
+  - nested **deep**
+
+3. three
+4. four
+
+| name | n |
+|------|--:|
+| `a\\|b` | 1 |
+
+> quoted *text*
+
+[bad](javascript:alert(1)) [good](https://example.com/x) <img src=x onerror=alert(2)>
+
+```js
+const s = "</code></pre><script>alert(3)</script>"; // streaming: the fence is still open"""
+
+
+def test_markdown_renderer_builds_the_structure_and_nothing_else(page):
+    structure = page.evaluate("""async (source) => {
+        const { renderMarkdown } = await import('/static/markdown.js');
+        const box = document.createElement('div');  // detached: nothing in it could run
+        renderMarkdown(box, source);
+        const texts = (s) => [...box.querySelectorAll(s)].map(e => e.textContent);
+        return { h1: texts('h1'), items: texts(':scope > ul > li').length, nested: texts('li li'),
+                 deep: texts('li li strong'), ordered: box.querySelector('ol').start,
+                 th: texts('th'), td: texts('td'),
+                 align: box.querySelector('td:last-child').style.textAlign,
+                 quote: texts('blockquote em'),
+                 links: [...box.querySelectorAll('a')].map(a => [a.textContent, a.href, a.rel]),
+                 code: texts('pre code'), string: texts('pre .tok-string'),
+                 comment: texts('pre .tok-comment'),
+                 unsafe: box.querySelectorAll('script, img, b, [onerror]').length };
+    }""", MARKDOWN)
+    assert structure["h1"] == ["Title <b>bold</b>"] and structure["unsafe"] == 0
+    assert structure["items"] == 2 and structure["nested"] == ["nested deep"]
+    assert structure["deep"] == ["deep"] and structure["ordered"] == 3
+    assert structure["th"] == ["name", "n"] and structure["td"] == ["a|b", "1"]
+    assert structure["align"] == "right" and structure["quote"] == ["text"]
+    assert structure["links"] == [["good", "https://example.com/x", "noopener noreferrer"]]
+    assert structure["code"] == ['const s = "</code></pre><script>alert(3)</script>"; '
+                                 "// streaming: the fence is still open"]
+    assert structure["string"] == ['"</code></pre><script>alert(3)</script>"']
+    assert structure["comment"] == ["// streaming: the fence is still open"]

@@ -183,7 +183,9 @@ const startsBlock = (line) => FENCE.test(line) || HEADING.test(line) || RULE.tes
   QUOTE.test(line) || ITEM.test(line);
 
 function cells(row) {
-  return row.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+  // Cells split at pipes not escaped as \| (which a cell, or code in it, may then hold).
+  return row.trim().replace(/^\|/, "").replace(/(?<!\\)\|$/, "").split(/(?<!\\)\|/)
+    .map((c) => c.trim().replace(/\\\|/g, "|"));
 }
 
 function table(parent, lines) {
