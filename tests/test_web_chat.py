@@ -150,9 +150,12 @@ def test_page_asks_for_the_key_once_and_serves_with_a_strict_policy(page, server
 def test_reply_streams_with_reasoning_code_and_status(page, tmp_path):
     page.evaluate("""() => {  // every state the reply's content goes through, as rendered
         window.seen = [];
+        window.thinking = [];  // the reasoning block's summary while it was open
         new MutationObserver(() => {
             const c = document.querySelector('.message.assistant:last-child .content');
             if (c) window.seen.push(c.textContent);
+            const r = document.querySelector('.message.assistant:last-child details[open]');
+            if (r) window.thinking.push(r.querySelector('summary').textContent);
         }).observe(document.querySelector('#messages'), {childList: true, subtree: true,
                                                          characterData: true});
     }""")
@@ -164,6 +167,10 @@ def test_reply_streams_with_reasoning_code_and_status(page, tmp_path):
     reply = last_reply(page)
     assert "The user wants a Python function" in reply.locator("details.reasoning").text_content()
     assert reply.locator("details.reasoning").get_attribute("open") is None  # folded when done
+    assert "Thinking…" in page.evaluate("window.thinking")  # open, while it streamed
+    color = "(s) => getComputedStyle(document.querySelector(s)).color"
+    assert page.evaluate(color, ".message.assistant:last-child details.reasoning") != \
+        page.evaluate(color, ".message.assistant:last-child .content")  # dimmed
     code = reply.locator(".code pre code.lang-python")
     assert code.inner_text().startswith("def add(a, b):")
     assert code.locator(".tok-keyword", has_text="def").count() == 1
@@ -328,6 +335,9 @@ def test_narrow_window_and_dark_scheme(page):
     page.click("#menu")
     page.wait_for_function(
         "() => document.querySelector('#sidebar').getBoundingClientRect().left >= 0")
+    page.click("#messages", position={"x": 370, "y": 300})  # a tap beside the list closes it
+    page.wait_for_function(
+        "() => document.querySelector('#sidebar').getBoundingClientRect().right <= 0")
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert sum(map(int, re.findall(r"\d+", background)[:3])) < 150, background
     page.emulate_media(color_scheme="light")

@@ -159,9 +159,15 @@ function fillMessage(node, message, streaming = false) {
   if (message.role === "tool") parts.push(el("div", "role-label", "tool result"));
   if (message.reasoning) {
     const details = el("details", "reasoning");
-    details.open = streaming && !message.content && !(message.tool_calls || []).length;
+    const thinking = streaming && !message.content && !(message.tool_calls || []).length;
+    // Open while the model thinks, folded once it answers, unless the reader chose.
+    details.open = node.dataset.reasoning ? node.dataset.reasoning === "open" : thinking;
     const words = message.reasoning.trim().split(/\s+/).length;
-    details.append(el("summary", null, details.open ? "Thinking…" : `Reasoning (${fmt(words)} words)`));
+    const summary = el("summary", null, thinking ? "Thinking…" : `Reasoning (${fmt(words)} words)`);
+    summary.addEventListener("click", () => {
+      node.dataset.reasoning = details.open ? "closed" : "open";
+    });
+    details.append(summary);
     const body = el("div", "reasoning-body");
     renderMarkdown(body, message.reasoning);
     details.append(body);
@@ -547,6 +553,9 @@ function wire() {
     }
   });
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && state.controller && !$("key-dialog").open) state.controller.abort();
+  });
   $("new-chat").addEventListener("click", () => {
     if (state.controller) state.controller.abort();
     newConversation();
@@ -573,6 +582,9 @@ function wire() {
   $("menu").addEventListener("click", () => {
     const open = document.body.classList.toggle("sidebar-open");
     $("menu").setAttribute("aria-expanded", String(open));
+  });
+  document.querySelector("main").addEventListener("click", (e) => {  // narrow: a tap beside closes
+    if (!e.target.closest("#menu")) document.body.classList.remove("sidebar-open");
   });
   $("messages").addEventListener("click", (e) => {
     const button = e.target.closest("button.copy");
