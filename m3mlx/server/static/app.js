@@ -287,6 +287,7 @@ function requestBody(convo) {
 
 async function complete(convo) {
   const message = { role: "assistant", content: "", reasoning: "", tool_calls: [] };
+  if (!state.model) await loadModel();  // the server was down, or the key missing, at load
   let body;
   try {
     body = requestBody(convo);
