@@ -23,13 +23,28 @@ const state = {
   controller: null,   // the streaming request's AbortController
 };
 
+// Stored conversations, each with every field the page reads (storage can hold anything: an
+// older page's data, a hand edit); what is not a conversation is dropped.
 function load() {
+  let stored;
   try {
-    const stored = JSON.parse(localStorage.getItem(STORE) || "[]");
-    return Array.isArray(stored) ? stored : [];
+    stored = JSON.parse(localStorage.getItem(STORE) || "[]");
   } catch {
     return [];
   }
+  if (!Array.isArray(stored)) return [];
+  const text = (v, fallback = "") => (typeof v === "string" ? v : fallback);
+  return stored.filter((c) => c && typeof c.id === "string" && Array.isArray(c.messages))
+    .map((c) => ({
+      ...c,
+      title: text(c.title, "Chat"), system: text(c.system), tools: text(c.tools),
+      thinking: ["adaptive", "enabled", "disabled"].includes(c.thinking) ? c.thinking : "adaptive",
+      sampling: c.sampling && typeof c.sampling === "object" ? c.sampling : {},
+      created: Number(c.created) || Date.now(),
+      messages: c.messages.filter((m) => m && ["user", "assistant", "tool"].includes(m.role))
+        .map((m) => ({ ...m, content: text(m.content), reasoning: text(m.reasoning),
+                       tool_calls: Array.isArray(m.tool_calls) ? m.tool_calls : [] })),
+    }));
 }
 
 function save() {
