@@ -279,6 +279,7 @@ def test_tool_calls_show_as_calls_and_take_a_result(page):
     assert json.loads(call.locator(".tool-args").inner_text()) == {"city": "Paris"}
     shown = last_reply(page).inner_text()
     assert NS not in shown and "tool_call" not in shown and "invoke" not in shown
+    assert page.get_attribute("#input", "placeholder").startswith("The result of get_weather")
     send(page, '{"temperature_c": 21} [script:plain]')  # the result of the pending call
     wait_done(page)
     assert page.locator(".message.tool .role-label").inner_text() == "tool result"

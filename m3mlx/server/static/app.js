@@ -137,6 +137,9 @@ function renderMessages() {
       "tools) belong to this conversation."));
   }
   box.scrollTop = box.scrollHeight;
+  const call = unansweredCall(convo);
+  $("input").placeholder = call ? `The result of ${call.function.name} (Enter sends)`
+    : "Message (Enter sends, Shift+Enter adds a line)";
 }
 
 function messageNode(convo, message, index) {
@@ -220,7 +223,7 @@ function apiMessages(convo) {
   if (convo.system.trim()) out.push({ role: "system", content: convo.system });
   for (const m of convo.messages) {
     if (m.role === "assistant") {
-      if (m.error && !m.content && !m.reasoning) continue;
+      if (!m.content && !m.reasoning && !(m.tool_calls || []).length) continue;  // failed, or stopped at once
       const entry = { role: "assistant", content: m.content || "" };
       if (m.reasoning) entry.reasoning_content = m.reasoning;
       if (m.tool_calls && m.tool_calls.length) entry.tool_calls = m.tool_calls;
