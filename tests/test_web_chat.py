@@ -431,3 +431,30 @@ def test_storage_from_elsewhere_is_read_safely(page):
     assert page.input_value("#thinking") == "adaptive"
     assert last_reply(page).locator(".content").inner_text() == "<i>kept as text</i>"
     assert page.locator("#messages i, #conversations b").count() == 0
+
+
+def test_streamed_markdown_renders_as_the_whole_text_does_at_every_step(page):
+    """The stream renders again only past its last finished block: at every length, what it
+    shows is what rendering that much of the text in one go shows."""
+    source = SCRIPTS["code"] + "\n\n" + MARKDOWN + "\n\n1. one\n\n2. two\n\n   more\n\nend"
+    mismatches = page.evaluate("""async (source) => {
+        const { renderMarkdown, StreamingMarkdown } = await import('/static/markdown.js');
+        const flat = (box) => {
+            const copy = box.cloneNode(true);
+            copy.querySelectorAll('.md-part').forEach(p => p.replaceWith(...p.childNodes));
+            return copy.innerHTML;
+        };
+        const streamed = document.createElement('div');
+        const stream = new StreamingMarkdown(streamed);
+        const bad = [];
+        for (let n = 1; n <= source.length; n += 3) {
+            const whole = document.createElement('div');
+            renderMarkdown(whole, source.slice(0, n));
+            stream.update(source.slice(0, n));
+            if (flat(streamed) !== whole.innerHTML) bad.push(n);
+        }
+        return [bad.length, bad.slice(0, 5), stream.finished.length];
+    }""", source)
+    count, first, finished = mismatches
+    assert count == 0, first
+    assert finished > len(source) / 2  # most of it was kept, not rendered again

@@ -6,7 +6,7 @@
 // timings, and the server's progress comments (`: prefill 4096/16384`, `: queued: 1 ahead`).
 // Text is only ever put into the page as text (markdown.js builds DOM nodes).
 
-import { renderMarkdown } from "./markdown.js";
+import { StreamingMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
 const STORE = "m3mlx.conversations";
@@ -172,31 +172,42 @@ function lastIndex(convo, role) {
 }
 
 // The inside of a message: reasoning, content, tool calls, then what went wrong if anything.
+// While a reply streams this runs on every frame: the reasoning and content elements are kept
+// (node.view), and their Markdown is rendered again only past its last finished block.
 function fillMessage(node, message, streaming = false) {
+  const view = node.view || (node.view = {});
   const parts = [];
   if (message.role === "tool") parts.push(el("div", "role-label", "tool result"));
   if (message.reasoning) {
-    const details = el("details", "reasoning");
+    if (!view.reasoning) {
+      const details = el("details", "reasoning");
+      const summary = el("summary");
+      const body = el("div", "reasoning-body");
+      summary.addEventListener("click", () => {
+        node.dataset.reasoning = details.open ? "closed" : "open";
+      });
+      details.append(summary, body);
+      view.reasoning = { details, summary, markdown: new StreamingMarkdown(body) };
+    }
+    const { details, summary, markdown } = view.reasoning;
     const thinking = streaming && !message.content && !(message.tool_calls || []).length;
     // Open while the model thinks, folded once it answers, unless the reader chose.
     details.open = node.dataset.reasoning ? node.dataset.reasoning === "open" : thinking;
     const words = message.reasoning.trim().split(/\s+/).length;
-    const summary = el("summary", null, thinking ? "Thinking…" : `Reasoning (${fmt(words)} words)`);
-    summary.addEventListener("click", () => {
-      node.dataset.reasoning = details.open ? "closed" : "open";
-    });
-    details.append(summary);
-    const body = el("div", "reasoning-body");
-    renderMarkdown(body, message.reasoning);
-    details.append(body);
+    summary.textContent = thinking ? "Thinking…" : `Reasoning (${fmt(words)} words)`;
+    markdown.update(message.reasoning);
     parts.push(details);
   }
   if (message.content || (streaming && !message.reasoning && !(message.tool_calls || []).length)) {
-    const content = el("div", "content");
-    if (message.role === "user" || message.role === "tool") content.textContent = message.content;
-    else renderMarkdown(content, message.content);
-    if (streaming) content.classList.add("streaming");
-    parts.push(content);
+    if (!view.content) {
+      const div = el("div", "content");
+      view.content = { div, markdown: message.role === "assistant" ? new StreamingMarkdown(div) : null };
+    }
+    const { div, markdown } = view.content;
+    if (markdown) markdown.update(message.content);
+    else div.textContent = message.content;  // what people type is shown as typed
+    div.classList.toggle("streaming", streaming);
+    parts.push(div);
   }
   for (const call of message.tool_calls || []) {
     const box = el("div", "tool-call");

@@ -298,3 +298,56 @@ export function renderMarkdown(container, source) {
   blocks(fragment, source.replace(/\r\n?/g, "\n").split("\n"));
   container.replaceChildren(fragment);
 }
+
+// Where `source` can be cut so that the part before renders the same alone: after a blank
+// line outside a code fence whose next line (complete, so known) starts a new block that no
+// list item or quote goes on into.
+function finishedUpTo(source) {
+  let cut = 0;
+  let fence = null;
+  let blank = -1;  // the end of the last blank line outside a fence
+  let at = 0;
+  for (let end; (end = source.indexOf("\n", at)) >= 0; at = end + 1) {
+    const line = source.slice(at, end);
+    const m = FENCE.exec(line);
+    if (fence) {
+      if (new RegExp(`^ {0,3}${fence[0]}{${fence.length},}\\s*$`).test(line)) fence = null;
+      continue;
+    }
+    if (line.trim() === "") {
+      blank = end + 1;
+      continue;
+    }
+    if (blank === at && !/^\s/.test(line) && !ITEM.test(line)) cut = at;
+    blank = -1;
+    if (m) fence = m[1];
+  }
+  return cut;
+}
+
+// A growing text (a streamed reply) rendered as it grows: the blocks it has finished are
+// rendered once and kept, only the rest is rendered again on each update.
+export class StreamingMarkdown {
+  constructor(container) {
+    this.finished = "";
+    this.done = el("div", "md-part");
+    this.rest = el("div", "md-part");
+    container.replaceChildren(this.done, this.rest);
+  }
+
+  update(source) {
+    source = source.replace(/\r\n?/g, "\n");
+    if (!source.startsWith(this.finished)) {  // not a continuation: start again
+      this.finished = "";
+      this.done.replaceChildren();
+    }
+    const cut = finishedUpTo(source);
+    if (cut > this.finished.length) {
+      const fragment = document.createDocumentFragment();
+      blocks(fragment, source.slice(this.finished.length, cut).split("\n"));
+      this.done.append(fragment);
+      this.finished = source.slice(0, cut);
+    }
+    renderMarkdown(this.rest, source.slice(this.finished.length));
+  }
+}
