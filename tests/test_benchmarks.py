@@ -40,3 +40,12 @@ def test_kernel_cost_report_covers_every_kernel_and_chip():
                  "moe_decode_gate_up", "moe_decode_down", "M3 Ultra", "M4 Max", "M5 Max", "64K"):
         assert name in out, name
     assert "(bandwidth)" in out and "(compute)" in out and "(latency)" in out
+
+
+def test_web_render_benchmark_measures_both_ways():
+    from test_web_chat import chromium
+
+    out = run("bench_web_render.py", "--sizes", "2,20", "--chromium", chromium())
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["308", "3,080"]
+    assert all(float(ms) > 0 for row in rows for ms in row[1:])
