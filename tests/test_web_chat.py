@@ -192,10 +192,6 @@ def test_reply_streams_with_reasoning_code_and_status(page, tmp_path):
     status = page.inner_text("#status-text")
     assert re.search(r"context [\d,]+ / [\d,]+ · prompt [\d,]+ tok/s · generation [\d.]+ tok/s"
                      r" · cached [\d,]+ of [\d,]+ prompt tokens", status), status
-    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
-    reply.locator(".code button.copy").click()
-    assert page.evaluate("navigator.clipboard.readText()").startswith("def add(a, b):")
-
     reply.locator("details.reasoning summary").click()  # open, for the picture
     shot = tmp_path / "web-chat.png"
     page.screenshot(path=str(shot))
@@ -208,6 +204,9 @@ def test_reply_streams_with_reasoning_code_and_status(page, tmp_path):
     page.click("#settings-toggle")
     page.fill("#system", "")
     page.click("#settings-toggle")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    reply.locator(".code button.copy").click()
+    assert page.evaluate("navigator.clipboard.readText()").startswith("def add(a, b):")
 
 
 def test_model_output_and_user_text_render_as_text(page):
