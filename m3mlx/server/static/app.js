@@ -12,7 +12,8 @@ const $ = (id) => document.getElementById(id);
 const STORE = "m3mlx.conversations";
 const CURRENT = "m3mlx.current";
 const KEY = "m3mlx.apiKey";
-const SAMPLING = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed"];
+const SAMPLING = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens",
+  "seed"];
 const INTEGER = new Set(["top_k", "max_tokens", "seed"]);
 
 const state = {
@@ -154,7 +155,9 @@ function messageNode(convo, message, index) {
   if (message.role === "assistant" && last && !state.controller) {
     actions.append(action("Regenerate", "regenerate", () => regenerate(convo)));
   }
-  if (message.content) actions.append(action("Copy", "copy-message", (b) => copy(message.content, b)));
+  if (message.content) {
+    actions.append(action("Copy", "copy-message", (b) => copy(message.content, b)));
+  }
   if (actions.childNodes.length) node.append(actions);
   return node;
 }
@@ -167,7 +170,9 @@ function action(label, cls, handler) {
 }
 
 function lastIndex(convo, role) {
-  for (let i = convo.messages.length - 1; i >= 0; i--) if (convo.messages[i].role === role) return i;
+  for (let i = convo.messages.length - 1; i >= 0; i--) {
+    if (convo.messages[i].role === role) return i;
+  }
   return -1;
 }
 
@@ -201,7 +206,8 @@ function fillMessage(node, message, streaming = false) {
   if (message.content || (streaming && !message.reasoning && !(message.tool_calls || []).length)) {
     if (!view.content) {
       const div = el("div", "content");
-      view.content = { div, markdown: message.role === "assistant" ? new StreamingMarkdown(div) : null };
+      const markdown = message.role === "assistant" ? new StreamingMarkdown(div) : null;
+      view.content = { div, markdown };
     }
     const { div, markdown } = view.content;
     if (markdown) markdown.update(message.content);
@@ -220,7 +226,8 @@ function fillMessage(node, message, streaming = false) {
   if (message.stopped) parts.push(el("div", "note", "stopped"));
   if (message.error) {
     const box = el("div", "error");
-    box.append(el("strong", null, message.error.message), el("div", "what-to-do", message.error.hint));
+    box.append(el("strong", null, message.error.message),
+               el("div", "what-to-do", message.error.hint));
     parts.push(box);
   }
   const actions = node.querySelector(":scope > .actions");
@@ -234,7 +241,8 @@ function apiMessages(convo) {
   if (convo.system.trim()) out.push({ role: "system", content: convo.system });
   for (const m of convo.messages) {
     if (m.role === "assistant") {
-      if (!m.content && !m.reasoning && !(m.tool_calls || []).length) continue;  // failed, or stopped at once
+      // A reply that failed, or was stopped before its first token, is not sent back.
+      if (!m.content && !m.reasoning && !(m.tool_calls || []).length) continue;
       const entry = { role: "assistant", content: m.content || "" };
       if (m.reasoning) entry.reasoning_content = m.reasoning;
       if (m.tool_calls && m.tool_calls.length) entry.tool_calls = m.tool_calls;
@@ -377,7 +385,9 @@ async function complete(convo) {
               function: { name: "", arguments: "" } };
             if (call.id) slot.id = call.id;
             if (call.function && call.function.name) slot.function.name = call.function.name;
-            if (call.function && call.function.arguments) slot.function.arguments += call.function.arguments;
+            if (call.function && call.function.arguments) {
+              slot.function.arguments += call.function.arguments;
+            }
           }
           if (choice.finish_reason) message.finish = choice.finish_reason;
         }
@@ -388,7 +398,8 @@ async function complete(convo) {
   } catch (e) {
     if (e.name === "AbortError") message.stopped = true;
     else message.error = { message: `The server could not be reached: ${e.message}`,
-                           hint: "Check that m3mlx serve is still running, then press Regenerate." };
+                           hint: "Check that m3mlx serve is still running, then press " +
+                             "Regenerate." };
   }
   if (redraw) cancelAnimationFrame(redraw);
   state.controller = null;
@@ -400,7 +411,9 @@ async function complete(convo) {
   save();
   renderMessages();
   showUsage(convo);
-  if (message.error && message.error.status === 401) askKey("The API key was refused; enter it again.");
+  if (message.error && message.error.status === 401) {
+    askKey("The API key was refused; enter it again.");
+  }
 }
 
 // Server-sent events, as {data} (parsed JSON) and {comment} (progress lines).
@@ -435,7 +448,8 @@ function progress(comment) {
     bar.hidden = false;
     bar.max = total;
     bar.value = done;
-    showStatus(`reading the prompt: ${fmt(done)} of ${fmt(total)} tokens (${Math.floor(100 * done / total)}%)`);
+    const percent = Math.floor((100 * done) / total);
+    showStatus(`reading the prompt: ${fmt(done)} of ${fmt(total)} tokens (${percent}%)`);
   } else if ((m = /^queued: (\d+) ahead/.exec(comment))) {
     showStatus(`waiting for the server: ${m[1]} request${m[1] === "1" ? "" : "s"} ahead`);
   }
@@ -463,7 +477,9 @@ function hintFor(status, text) {
   if (status === 404) return "The server serves another model now: reload the page.";
   if (status === 413) return "The message is larger than the server accepts: send less, or " +
     "restart m3mlx serve with a larger --max-body-size.";
-  if (status === 503) return "The server is busy with other requests: press Regenerate in a moment.";
+  if (status === 503) {
+    return "The server is busy with other requests: press Regenerate in a moment.";
+  }
   return "See the server's console for details, then press Regenerate.";
 }
 

@@ -66,7 +66,9 @@ function pattern(spec) {
   if (spec.block) comments.push(String.raw`\/\*[\s\S]*?(?:\*\/|$)`);
   if (spec.line) comments.push(spec.line.replace(/[/\\^$*+?.()|[\]{}-]/g, "\\$&") + ".*");
   const strings = [String.raw`"(?:\\[\s\S]|[^"\\\n])*"?`, String.raw`'(?:\\[\s\S]|[^'\\\n])*'?`];
-  if (spec.triple) strings.unshift(String.raw`"""[\s\S]*?(?:"""|$)`, String.raw`'''[\s\S]*?(?:'''|$)`);
+  if (spec.triple) {
+    strings.unshift(String.raw`"""[\s\S]*?(?:"""|$)`, String.raw`'''[\s\S]*?(?:'''|$)`);
+  }
   if (spec.backtick) strings.push(String.raw`\`(?:\\[\s\S]|[^\`\\])*\`?`);
   const parts = [
     comments.length ? `(${comments.join("|")})` : "(?!)",
@@ -191,7 +193,8 @@ function cells(row) {
 function table(parent, lines) {
   const t = el("table");
   const head = t.appendChild(el("thead")).appendChild(el("tr"));
-  const align = cells(lines[1]).map((c) => c.endsWith(":") ? (c.startsWith(":") ? "center" : "right") : "");
+  const align = cells(lines[1]).map((c) =>
+    c.endsWith(":") ? (c.startsWith(":") ? "center" : "right") : "");
   cells(lines[0]).forEach((c, i) => {
     const th = head.appendChild(el("th"));
     if (align[i]) th.style.textAlign = align[i];
@@ -269,7 +272,9 @@ function blocks(parent, lines, tight = false) {
       i++;
     } else if (QUOTE.test(line)) {
       const quoted = [];
-      for (; i < lines.length && QUOTE.test(lines[i]); i++) quoted.push(lines[i].replace(QUOTE, ""));
+      for (; i < lines.length && QUOTE.test(lines[i]); i++) {
+        quoted.push(lines[i].replace(QUOTE, ""));
+      }
       blocks(parent.appendChild(el("blockquote")), quoted);
     } else if (ITEM.test(line)) {
       i = list(parent, lines, i);
@@ -280,9 +285,8 @@ function blocks(parent, lines, tight = false) {
       table(parent, rows);
     } else {
       const text = [];
-      for (; i < lines.length && lines[i].trim() !== "" && !(text.length && startsBlock(lines[i])); i++) {
-        text.push(lines[i]);
-      }
+      const more = () => lines[i].trim() !== "" && !(text.length && startsBlock(lines[i]));
+      for (; i < lines.length && more(); i++) text.push(lines[i]);
       if (tight && parent.tagName === "LI" && !parent.childNodes.length) {
         text.forEach((t, k) => { if (k) parent.append(el("br")); inline(parent, t); });
       } else {
