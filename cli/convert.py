@@ -2,20 +2,13 @@
 
 import click
 
-from m3mlx.checks import InputError
-from m3mlx.checks import parse_size as checked_size
 from m3mlx.convert import RECIPES, ROLES
 from m3mlx.convert import convert as run_convert
 from m3mlx.convert.recipes import MODES, parse_role_overrides
 
 from .errors import Command
+from .options import parse_size
 
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1.5G', '1048576' -> bytes (m3mlx.checks.parse_size, as a click error)."""
-    try:
-        return checked_size(str(text), "the size")
-    except InputError as e:
-        raise click.BadParameter(str(e)) from None
 
 
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())

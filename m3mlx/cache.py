@@ -69,8 +69,10 @@ class LayerCache:
     def __init__(self, index: bool = False, index_bits: Optional[int] = None,
                  kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None,
                  tier=None):
-        if index_bits not in (None, 8):
-            raise InputError(f"index_bits={index_bits}: index keys are stored full or 8-bit")
+        if index_bits not in (None, 8, 16):
+            raise InputError(f"index_bits={index_bits!r}: index keys are stored in 8 bits or "
+                             "in the activation dtype (16, or None)")
+        index_bits = None if index_bits == 16 else index_bits
         if kv_bits not in (None, 8, 4):
             raise InputError(f"kv_bits={kv_bits!r}: K/V is stored in the activation dtype "
                              "(None), 8 or 4 bits")
@@ -211,7 +213,7 @@ class LayerCache:
             n = keys.shape[2]
             cache._reserve(n, keys, values, state.get("index_keys"))
             if cache.tiered is not None:
-                cache.tiered.write(0, keys, values)
+                cache.tiered.write_all(keys, values)
             else:
                 cache.keys = _store_rows(cache.keys, 0, keys)
                 cache.values = _store_rows(cache.values, 0, values)

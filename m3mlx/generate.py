@@ -10,6 +10,7 @@ import numpy as np
 
 from .checks import InputError, check_option, check_stop_strings, check_text
 from .defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING, PREFILL_STEP
+from .kv_tier import check_cache_room
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
 
@@ -177,6 +178,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
     stop_strings = check_stop_strings(stop_strings)
     ids = _prompt_ids(model, tokenizer, prompt)
     max_tokens = _fit_context(model, prompt_cache, len(ids), check_option("max_tokens", max_tokens))
+    if prompt_cache is not None:  # a memory tier must have disk room for the whole context
+        held = min((c.offset for c in prompt_cache), default=0)
+        check_cache_room(prompt_cache, held + len(ids) + max_tokens)
     return _stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                    processors=processors, seed=seed, stop_strings=stop_strings,
                    prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,

@@ -367,6 +367,7 @@ class KVTier:
     topk: int
     block_size: int
     block_bytes: int  # one block of one lane's K and V, as stored (to plan before any write)
+    heads: int  # KV heads: lanes per batch row
     directory: Path = field(default_factory=kv_cache_dir)
     policy: Policy = field(default_factory=lambda: POLICIES[DEFAULT_POLICY])
     stats: TierStats = field(default_factory=TierStats)
@@ -389,7 +390,8 @@ class KVTier:
                              "model has none")
         row = 2 * kv_row_bytes(args.head_dim, kv_bits, kv_group_size(args, kv_bits), dtype)
         return cls(limit, layers, args.index_topk_blocks, args.index_block_size,
-                   args.index_block_size * row, kv_cache_dir(directory), get_policy(policy))
+                   args.index_block_size * row, args.num_key_value_heads,
+                   kv_cache_dir(directory), get_policy(policy))
 
     def layer(self, cache) -> "TieredKV":
         member = TieredKV(self, cache)
@@ -420,9 +422,10 @@ class KVTier:
     def file_nbytes(self) -> int:
         return self._file.size if self._file is not None else 0
 
-    def check_room(self, positions: int, lanes: int):
+    def check_room(self, positions: int, batch: int = 1):
         """KVCacheError unless the cache directory can take what a context of `positions`
-        tokens puts there beyond the resident pools (lanes: batch x KV heads)."""
+        tokens puts there beyond the resident pools."""
+        lanes = batch * self.heads
         blocks = -(-positions // self.block_size)
         per_lane = max(0, blocks - self.slots_for(lanes, self.block_bytes))
         need = self.layers * lanes * per_lane * _aligned(self.block_bytes) - self.file_nbytes
@@ -642,6 +645,18 @@ class TieredKV:
         for i, a in enumerate(self._fresh):
             self.pool[i][rows] = a.reshape(self.lanes * L, -1)
 
+    def write_all(self, keys, values):
+        """Store K and V rows from position 0 (a loaded cache), a pool's worth of blocks at a
+        time, so that earlier blocks go to the file as later ones come in."""
+        n = keys.shape[2]
+        if self.res is None:
+            self._allocate(keys, values)
+        step = max(1, self.capacity - self.tier.topk) * self.block
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            self.write(start, *(_rows(x, start, stop) for x in (keys, values)))
+            mx.eval(self.pool)
+
     def sparse_attention(self, q, selection, offset: int, scale: float, block_size: int):
         sel = np.array(selection)  # computes the index branch only; the projections wait
         B, H, L, k = sel.shape
@@ -758,6 +773,10 @@ def _arrays(x) -> tuple:
     return x.arrays if isinstance(x, QuantizedKV) else (x,)
 
 
+def _rows(x, start: int, stop: int):
+    return x.rows(start, stop) if isinstance(x, QuantizedKV) else x[..., start:stop, :]
+
+
 def tiers_of(cache: Sequence) -> List[KVTier]:
     """The distinct tiers a list of layer caches uses."""
     seen = []
@@ -768,7 +787,7 @@ def tiers_of(cache: Sequence) -> List[KVTier]:
     return seen
 
 
-def check_cache_room(cache: Sequence, positions: int, lanes: int):
+def check_cache_room(cache: Sequence, positions: int, batch: int = 1):
     """KVCacheError unless every tier of `cache` has disk room for `positions` tokens."""
     for tier in tiers_of(cache):
-        tier.check_room(positions, lanes)
+        tier.check_room(positions, batch)

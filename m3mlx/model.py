@@ -12,6 +12,7 @@ import mlx.nn as nn
 
 from .cache import KVView, LayerCache
 from .config import ModelArgs
+from .defaults import INDEX_BITS
 from .metal_kernels import ExpertWeights, index_topk, moe_experts, swiglu_oai
 
 
@@ -272,10 +273,11 @@ class Model(nn.Module):
         return "mtp" in self.language_model.model
 
 
-def make_cache(model: Model, index_bits: Optional[int] = None, *, kv_bits: Optional[int] = None,
-               kv_memory=None, kv_cache_dir=None, kv_policy: Optional[str] = None
-               ) -> List[LayerCache]:
-    """Per-layer caches; sparse layers also keep index keys (8-bit when index_bits=8).
+def make_cache(model: Model, index_bits: Optional[int] = INDEX_BITS, *,
+               kv_bits: Optional[int] = None, kv_memory=None, kv_cache_dir=None,
+               kv_policy: Optional[str] = None) -> List[LayerCache]:
+    """Per-layer caches; sparse layers also keep index keys: int8 with a scale per key
+    (index_bits=8, the default) or in the activation dtype (16, or None).
 
     kv_bits=8 or 4 stores K/V compact (quantized per row of head_dim). kv_memory (bytes, or a
     size such as "8GB") keeps at most that much of the sparse layers' K/V in memory, the other
