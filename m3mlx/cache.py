@@ -179,6 +179,18 @@ class LayerCache:
         return out
 
     @property
+    def arrays(self) -> List[mx.array]:
+        """The arrays held in memory (what to evaluate after a step; `state` would read a
+        tiered layer's blocks back)."""
+        held = [self.index_keys, self.index_scales]
+        if self.tiered is not None:
+            held += self.tiered.pool
+        else:
+            held += [a for x in (self.keys, self.values) if x is not None
+                     for a in (x.arrays if isinstance(x, QuantizedKV) else (x,))]
+        return [a for a in held if a is not None]
+
+    @property
     def nbytes(self) -> int:
         """Bytes of what the cache holds (its `state`), wherever it lies."""
         index = sum(a.nbytes for a in self._index_state().values())

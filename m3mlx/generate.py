@@ -101,7 +101,7 @@ def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
     step = min(check_option("prefill_step_size", step), max(n, 1))
     for start in range(0, n, step):
         logits = model(tokens[None, start : start + step], cache=cache)[0, -1]
-        mx.eval(logits, [c.state for c in cache])
+        mx.eval(logits, [c.arrays for c in cache])
         if progress:
             progress(min(n, start + step), n)
     return logits

@@ -51,6 +51,7 @@ from .defaults import home_dir
 from .errors import CheckpointError
 from .files import create_exclusive
 from .metal_kernels import QuantizedKV, sparse_attention
+from .metal_kernels.msa_kernels import prefill_tile
 from .metal_kernels.kv import group_size_for, kv_row_bytes
 
 RECORD_ALIGN = READ_ALIGN  # records start and end on the reader's 16 KiB boundaries
@@ -165,38 +166,38 @@ class Residency:
         self.uses[lane, slots] += 1
         self.pinned[lane, slots] = True
 
-    def place(self, lane: int, block: int, newest: int, partial: int) -> Optional[Tuple[int, int]]:
-        """A slot for `block` of `lane` (a free one, else the policy's victim): (slot, evicted
-        block or -1), pinned; None when every slot is pinned or holds the partial block."""
+    def place(self, lane: int, blocks: np.ndarray, newest: int, partial: int):
+        """Slots for `blocks` (none resident) of `lane`: free ones first, then the policy's
+        victims in order. Returns (slots, evicted blocks with -1 for free slots), all pinned,
+        or None when fewer slots than blocks can be had (the rest are pinned or hold the
+        partial block)."""
+        k = len(blocks)
         owner = self.owner[lane]
-        free = np.flatnonzero(owner < 0)
-        if free.size:
-            slot, victim = int(free[0]), -1
-        else:
-            movable = ~self.pinned[lane] & (owner != partial)
-            if not movable.any():
+        free = np.flatnonzero(owner < 0)[:k]
+        slots, victims = free, np.full(len(free), -1, np.int64)
+        if len(free) < k:
+            movable = np.flatnonzero(~self.pinned[lane] & (owner != partial) & (owner >= 0))
+            if len(movable) < k - len(free):
                 return None
             p = self.policy
-            kept = (owner < p.sinks) | (owner > newest - p.recent)
-            candidates = np.flatnonzero(movable & ~kept)
-            if not candidates.size:
-                candidates = np.flatnonzero(movable)
+            held = owner[movable]
+            kept = (held < p.sinks) | (held > newest - p.recent)
             if p.order == "position":
-                order = np.lexsort((owner[candidates],))
+                keys = (held, kept)
             elif p.order == "lfu":
-                order = np.lexsort((owner[candidates], self.used[lane, candidates],
-                                    self.uses[lane, candidates]))
+                keys = (held, self.used[lane, movable], self.uses[lane, movable], kept)
             else:
-                order = np.lexsort((owner[candidates], self.used[lane, candidates]))
-            slot = int(candidates[order[0]])
-            victim = int(owner[slot])
-            self.slot[lane, victim] = -1
-        self.owner[lane, slot] = block
-        self.slot[lane, block] = slot
-        self.used[lane, slot] = self.clock
-        self.uses[lane, slot] = 1
-        self.pinned[lane, slot] = True
-        return slot, victim
+                keys = (held, self.used[lane, movable], kept)
+            chosen = movable[np.lexsort(keys)[:k - len(free)]]
+            slots = np.concatenate([free, chosen])
+            victims = np.concatenate([victims, owner[chosen]])
+            self.slot[lane, owner[chosen]] = -1
+        owner[slots] = blocks
+        self.slot[lane, blocks] = slots
+        self.used[lane, slots] = self.clock
+        self.uses[lane, slots] = 1
+        self.pinned[lane, slots] = True
+        return slots, victims
 
 
 def simulate(trace: Iterable[Tuple[int, np.ndarray]], *, lanes: int, capacity: int,
@@ -217,18 +218,16 @@ def simulate(trace: Iterable[Tuple[int, np.ndarray]], *, lanes: int, capacity: i
             if res.slot[lane, newest] >= 0:
                 res.use(lane, res.slot[lane, [newest]])
             else:
-                res.place(lane, newest, newest, partial)
-            for b in np.unique(sel[lane][sel[lane] >= 0]):
-                if b == newest:
-                    continue
-                selected += 1
-                if res.slot[lane, b] >= 0:
-                    res.use(lane, res.slot[lane, [b]])
-                elif res.place(lane, int(b), newest, partial) is None:
-                    raise ValueError(f"a pool of {capacity} slots cannot hold one step's "
-                                     "selection")
-                else:
-                    misses += 1
+                res.place(lane, np.array([newest]), newest, partial)
+            wanted = np.unique(sel[lane][sel[lane] >= 0])
+            wanted = wanted[wanted != newest]
+            slots = res.slot[lane, wanted]
+            res.use(lane, slots[slots >= 0])
+            missed = wanted[slots < 0]
+            selected += len(wanted)
+            misses += len(missed)
+            if len(missed) and res.place(lane, missed, newest, partial) is None:
+                raise ValueError(f"a pool of {capacity} slots cannot hold one step's selection")
     return {"selected": selected, "misses": misses,
             "miss_rate": misses / selected if selected else 0.0}
 
@@ -553,16 +552,17 @@ class TieredKV:
         newest, partial = self._newest()
         misses, victims = [], []
         for lane, blocks in wanted.items():
+            blocks = np.asarray(blocks, np.int64)
             slots = self.res.slot[lane, blocks]
             self.res.use(lane, slots[slots >= 0])  # pinned first: no miss may evict a hit
-            for b in blocks[slots < 0]:
-                b = int(b)
-                placed = self.res.place(lane, b, newest, partial)
-                if placed is None:
-                    self._grow(self.capacity + max(extra_room, 1))
-                    self._cover(self.res.slot.shape[1])
-                    placed = self.res.place(lane, b, newest, partial)
-                slot, victim = placed
+            missed = blocks[slots < 0]
+            if not len(missed):
+                continue
+            placed = self.res.place(lane, missed, newest, partial)
+            if placed is None:  # one call needs more than the pool: it grows
+                self._grow(self.capacity + max(extra_room, len(missed)))
+                placed = self.res.place(lane, missed, newest, partial)
+            for b, slot, victim in zip(missed.tolist(), *(x.tolist() for x in placed)):
                 if victim >= 0 and self.disk[lane, victim] < 0:
                     victims.append((lane, victim, slot))
                 misses.append((lane, b, slot))
@@ -663,9 +663,10 @@ class TieredKV:
         lanes = sel.reshape(self.lanes, L, k)
         written = self.res.pinned.copy()  # the call's own blocks, from `write`
         outs = []
-        groups = list(self._groups(lanes))
+        groups = list(self._groups(lanes, prefill_tile(q.shape[1] // H)))
         for i, (r0, r1) in enumerate(groups):
-            self.res.pinned[:] = written
+            self.res.pinned[:] = False
+            self.res.pinned[:, :written.shape[1]] = written  # (the pool may have grown)
             part = lanes[:, r0:r1]
             wanted = {lane: np.unique(g[g >= 0]) for lane, g in enumerate(part)}
             misses, victims = self._admit(wanted)
@@ -690,31 +691,30 @@ class TieredKV:
         self.tier.stats.calls += 1
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
-    def _groups(self, lanes: np.ndarray):
-        """Query ranges whose selected blocks fit the pool next to the pinned ones."""
+    def _groups(self, lanes: np.ndarray, align: int):
+        """Query ranges whose selected blocks fit the pool next to the pinned ones, cut only
+        at multiples of `align` (the prefill kernel's query tile, so that every tile, hence
+        every query's arithmetic, is the same as without the tier). An aligned run that does
+        not fit on its own makes the pool grow."""
         L = lanes.shape[1]
         room = self.capacity - self.res.pinned.sum(axis=1)  # per lane
-        pinned_blocks = [set(self.res.owner[lane][self.res.pinned[lane]]) for lane in range(
-            self.lanes)]
+        pinned = [set(self.res.owner[lane][self.res.pinned[lane]].tolist())
+                  for lane in range(self.lanes)]
 
-        def need(lane, rows):
-            ids = np.unique(rows[rows >= 0])
-            return sum(int(b) not in pinned_blocks[lane] for b in ids)
+        def needs(rows) -> list:
+            return [set(np.unique(rows[lane][rows[lane] >= 0]).tolist()) - pinned[lane]
+                    for lane in range(self.lanes)]
 
-        if all(need(lane, lanes[lane]) <= room[lane] for lane in range(self.lanes)):
+        if all(len(n) <= r for n, r in zip(needs(lanes), room)):
             yield 0, L
             return
-        start = 0
-        seen = [set() for _ in range(self.lanes)]
-        for t in range(L):
-            row = [set(int(b) for b in lanes[lane, t] if b >= 0) - pinned_blocks[lane]
-                   for lane in range(self.lanes)]
-            if t > start and any(len(seen[lane] | row[lane]) > room[lane]
-                                 for lane in range(self.lanes)):
-                yield start, t
-                start, seen = t, [set() for _ in range(self.lanes)]
-            for lane in range(self.lanes):
-                seen[lane] |= row[lane]
+        start, seen = 0, [set() for _ in range(self.lanes)]
+        for t0 in range(0, L, align):
+            unit = needs(lanes[:, t0:t0 + align])
+            if t0 > start and any(len(s | u) > r for s, u, r in zip(seen, unit, room)):
+                yield start, t0
+                start, seen = t0, [set() for _ in range(self.lanes)]
+            seen = [s | u for s, u in zip(seen, unit)]
         yield start, L
 
     def in_order(self, length: int):
