@@ -51,7 +51,6 @@ from .defaults import home_dir
 from .errors import CheckpointError
 from .files import create_exclusive
 from .metal_kernels import QuantizedKV, sparse_attention
-from .metal_kernels.msa_kernels import prefill_tile
 from .metal_kernels.kv import group_size_for, kv_row_bytes
 
 RECORD_ALIGN = READ_ALIGN  # records start and end on the reader's 16 KiB boundaries
@@ -346,6 +345,7 @@ class TierStats:
     bytes_read: int = 0
     bytes_written: int = 0
     calls: int = 0
+    peak_resident: int = 0  # bytes: the most the pools held at once
 
     @property
     def miss_rate(self) -> float:
@@ -416,6 +416,9 @@ class KVTier:
     @property
     def resident_nbytes(self) -> int:
         return sum(m.resident_nbytes for m in self._members)
+
+    def note_resident(self):
+        self.stats.peak_resident = max(self.stats.peak_resident, self.resident_nbytes)
 
     @property
     def file_nbytes(self) -> int:
@@ -494,6 +497,7 @@ class TieredKV:
         self.res = Residency(self.lanes, capacity, self.tier.policy)
         self.pool = [mx.zeros((self.lanes * capacity * self.block, w), d)
                      for w, d in zip(self.widths, self.dtypes)]
+        self.tier.note_resident()
 
     @property
     def capacity(self) -> int:
@@ -528,6 +532,7 @@ class TieredKV:
         pad = (capacity - old) * self.block
         self.pool = [mx.pad(a.reshape(self.lanes, old * self.block, -1), [(0, 0), (0, pad), (0, 0)])
                      .reshape(self.lanes * capacity * self.block, -1) for a in self.pool]
+        self.tier.note_resident()
 
     def _cover(self, n_blocks: int):
         self.res.cover(n_blocks)
@@ -608,13 +613,19 @@ class TieredKV:
             return
         rows = mx.array([self._rows(lane, slot) for lane, _, slot in misses])[:, None]
         rows = (rows + mx.arange(self.block)[None]).reshape(-1)
-        at = 0
-        for i, (w, d) in enumerate(zip(self.widths, self.dtypes)):
+        for i, blocks in enumerate(self._unpack(records)):
+            self.pool[i][rows] = blocks.reshape(-1, blocks.shape[-1])
+
+    def _unpack(self, records: List[np.ndarray]) -> List[mx.array]:
+        """Records as each stored array's blocks: [len(records), block, width] per array."""
+        data = np.stack(records)
+        out, at = [], 0
+        for w, d in zip(self.widths, self.dtypes):
             n = self.block * w * d.size
-            data = np.stack([rec[at:at + n] for rec in records])
-            arr = mx.array(data).view(d).reshape(-1, w)
-            self.pool[i][rows] = arr
+            part = np.ascontiguousarray(data[:, at:at + n])
+            out.append(mx.array(part).view(d).reshape(len(records), self.block, w))
             at += n
+        return out
 
     # -- the cache's calls ---------------------------------------------------------------------
 
@@ -663,7 +674,7 @@ class TieredKV:
         lanes = sel.reshape(self.lanes, L, k)
         written = self.res.pinned.copy()  # the call's own blocks, from `write`
         outs = []
-        groups = list(self._groups(lanes, prefill_tile(q.shape[1] // H)))
+        groups = list(self._groups(lanes))
         for i, (r0, r1) in enumerate(groups):
             self.res.pinned[:] = False
             self.res.pinned[:, :written.shape[1]] = written  # (the pool may have grown)
@@ -691,11 +702,11 @@ class TieredKV:
         self.tier.stats.calls += 1
         return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
-    def _groups(self, lanes: np.ndarray, align: int):
-        """Query ranges whose selected blocks fit the pool next to the pinned ones, cut only
-        at multiples of `align` (the prefill kernel's query tile, so that every tile, hence
-        every query's arithmetic, is the same as without the tier). An aligned run that does
-        not fit on its own makes the pool grow."""
+    def _groups(self, lanes: np.ndarray, align: int = 1):
+        """Query ranges whose selected blocks fit the pool next to the pinned ones, cut at
+        multiples of `align`; a run that does not fit on its own makes the pool grow. (A
+        query's result does not depend on the others of its call, on the twin and in the
+        kernels alike, so any cut gives the same bits.)"""
         L = lanes.shape[1]
         room = self.capacity - self.res.pinned.sum(axis=1)  # per lane
         pinned = [set(self.res.owner[lane][self.res.pinned[lane]].tolist())
@@ -729,17 +740,13 @@ class TieredKV:
                                   * self.block, 0)
             absent += [(lane, int(b)) for b in np.flatnonzero(slots < 0)]
         index = mx.array((rows[:, :, None] + np.arange(self.block)).reshape(-1))
-        parts = [a[index].reshape(self.lanes, n_blocks * self.block, -1) for a in self.pool]
+        parts = [a[index].reshape(self.lanes * n_blocks, self.block, -1) for a in self.pool]
         if absent:
-            file = self.tier.file(_aligned(self.block_bytes))
-            records = file.read([int(self.disk[lane, b]) for lane, b in absent])
-            at = 0
-            for i, (w, d) in enumerate(zip(self.widths, self.dtypes)):
-                n = self.block * w * d.size
-                for (lane, b), rec in zip(absent, records):
-                    block = mx.array(rec[at:at + n]).view(d).reshape(self.block, w)
-                    parts[i][lane, b * self.block:(b + 1) * self.block] = block
-                at += n
+            records = self.tier.file(_aligned(self.block_bytes)).read(
+                [int(self.disk[lane, b]) for lane, b in absent])
+            where = mx.array([lane * n_blocks + b for lane, b in absent])
+            for i, block in enumerate(self._unpack(records)):
+                parts[i][where] = block
         parts = [p.reshape(self.B, self.H, -1, p.shape[-1])[:, :, :length] for p in parts]
         half = len(parts) // 2
         if self.compact:

@@ -93,7 +93,10 @@ for (int e = tid; e < CAND; e += NT) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
-// 3. Compact the leaders into the unique-block list.
+// 3. Compact the leaders into the unique-block list, in ascending block order: each query then
+// meets its own blocks in the same order whichever queries share its tile, so its arithmetic
+// (hence its bits) does not depend on where a call's tiles start (a memory tier splits long
+// prefill chunks into groups of queries).
 int n_unique = 0;
 for (int k = 0; k < CAND; ++k) {
   n_unique += cand_mask[k] != 0u;
@@ -101,8 +104,8 @@ for (int k = 0; k < CAND; ++k) {
 for (int e = tid; e < CAND; e += NT) {
   if (cand_mask[e] != 0u) {
     int at = 0;
-    for (int k = 0; k < e; ++k) {
-      at += cand_mask[k] != 0u;
+    for (int k = 0; k < CAND; ++k) {
+      at += cand_mask[k] != 0u && cand[k] < cand[e];
     }
     unique_block[at] = cand[e];
     unique_mask[at] = cand_mask[e];
