@@ -83,7 +83,7 @@ class LayerCache:
         self.keys = self.values = self.index_keys = self.index_scales = None
         self.offset = 0
         # A tiered layer keeps its K/V in the tier's block pool, not in keys/values.
-        self.tiered = tier.layer(self) if tier is not None else None
+        self.tiered = tier.layer() if tier is not None else None
 
     # -- storing -------------------------------------------------------------------------------
 

@@ -373,7 +373,8 @@ class KVTier:
 
     def __post_init__(self):
         self._file: Optional[BlockFile] = None
-        self._members: List["TieredKV"] = []
+        # Weak: a tier lives as long as its layers do (then its file is removed).
+        self._members: "weakref.WeakSet[TieredKV]" = weakref.WeakSet()
         self.directory = kv_cache_dir(self.directory)
         _probe_writable(self.directory)
 
@@ -392,9 +393,10 @@ class KVTier:
                    args.index_block_size * row, args.num_key_value_heads,
                    kv_cache_dir(directory), get_policy(policy))
 
-    def layer(self, cache) -> "TieredKV":
-        member = TieredKV(self, cache)
-        self._members.append(member)
+    def layer(self) -> "TieredKV":
+        """The tiered K/V of one more MSA layer."""
+        member = TieredKV(self)
+        self._members.add(member)
         return member
 
     def file(self, record_bytes: int) -> BlockFile:
@@ -468,8 +470,8 @@ class TieredKV:
     [lanes * capacity * block, width], slot s of lane l at rows (l * capacity + s) * block; the
     ops see it as [B, H, capacity * block, width]."""
 
-    def __init__(self, tier: KVTier, cache):
-        self.tier, self.cache = tier, cache
+    def __init__(self, tier: KVTier):
+        self.tier = tier
         self.block = tier.block_size
         self.pool: List[mx.array] = []
         self.res: Optional[Residency] = None

@@ -223,7 +223,7 @@ def test_simulate_misses_exactly_as_the_live_tier(small, tmp_path, monkeypatch):
     real = kv_tier.TieredKV.sparse_attention
 
     def recording(self, q, selection, offset, scale, block_size):
-        if self.cache is not cache[2]:
+        if self is not cache[2].tiered:
             return real(self, q, selection, offset, scale, block_size)
         before = self.tier.stats.misses
         out = real(self, q, selection, offset, scale, block_size)
