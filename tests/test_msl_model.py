@@ -125,8 +125,8 @@ def test_logits_over_compact_tiered_kv_match_the_twins(tmp_path, monkeypatch, ke
 
     def tiered_run():
         cache = m3mlx.make_cache(model, kv_bits=8, kv_memory=40_000, kv_cache_dir=tmp_path)
-        out = [model(ids[:, :190], cache)]
-        out += [model(ids[:, i:i + 1], cache) for i in range(190, 200)]
+        out = [model(ids[:, s:s + 64], cache) for s in (0, 64, 128)]  # 64: prefill kernels
+        out += [model(ids[:, i:i + 1], cache) for i in range(192, 200)]
         assert m3mlx.kv_tier.tiers_of(cache)[0].stats.misses > 0  # blocks came back from disk
         return mx.concatenate(out, axis=1)
 
