@@ -115,7 +115,9 @@ def stats_text(session) -> str:
     lines = [
         f"context: {session.context_used:,} of {limit:,} tokens" if limit
         else f"context: {session.context_used:,} tokens",
-        f"cache: {session.cache_nbytes / 1e6:.1f} MB",
+        f"cache: {session.cache_nbytes / 1e6:.1f} MB"
+        + (f" ({session.cache_resident_nbytes / 1e6:.1f} MB in memory)"
+           if session.cache_resident_nbytes < session.cache_nbytes else ""),
         f"messages: {len(session.messages)}, thinking: {session.thinking}",
     ]
     r = session.last_reply

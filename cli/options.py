@@ -79,7 +79,7 @@ def generation_options(*, max_tokens: int, sampling: dict,
                      help="Storage of MSA index keys: int8 with a scale per key (half the "
                           "long-context index scan of 16), or the activation dtype."),
         click.option("--kv-bits", type=click.Choice(["16", "8", "4"]), default="16",
-                     show_default=True, callback=lambda ctx, param, v: None if v == "16" else int(v),
+                     show_default=True, callback=lambda ctx, param, v: int(v),
                      help="Storage of the K/V cache: the activation dtype (16), or 8 or 4 bits "
                           "per value with a scale per group of head_dim (about 0.53x, 0.31x)."),
         click.option("--kv-memory", default=None, callback=_optional_size, metavar="SIZE",

@@ -73,9 +73,10 @@ class LayerCache:
             raise InputError(f"index_bits={index_bits!r}: index keys are stored in 8 bits or "
                              "in the activation dtype (16, or None)")
         index_bits = None if index_bits == 16 else index_bits
-        if kv_bits not in (None, 8, 4):
+        if kv_bits not in (None, 16, 8, 4):
             raise InputError(f"kv_bits={kv_bits!r}: K/V is stored in the activation dtype "
-                             "(None), 8 or 4 bits")
+                             "(16, or None), 8 or 4 bits")
+        kv_bits = None if kv_bits == 16 else kv_bits
         self.index = index
         self.index_bits = index_bits if index else None
         self.kv_bits = kv_bits

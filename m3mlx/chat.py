@@ -176,7 +176,13 @@ class ChatSession:
 
     @property
     def cache_nbytes(self) -> int:
+        """Bytes the conversation's cache holds, in memory or in a memory tier's file."""
         return prompt_cache_bytes(self._cache)
+
+    @property
+    def cache_resident_nbytes(self) -> int:
+        """Bytes of the cache held in memory (less than cache_nbytes with kv_memory)."""
+        return sum(c.resident_nbytes for c in self._cache)
 
     @property
     def context_limit(self) -> Optional[int]:

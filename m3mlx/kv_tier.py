@@ -63,7 +63,7 @@ class KVCacheError(RuntimeError):
 def kv_group_size(args, kv_bits: Optional[int]) -> Optional[int]:
     """The group size of the model's compact K/V rows at kv_bits (None for float K/V);
     InputError when its head_dim cannot be stored that way."""
-    if kv_bits is None:
+    if kv_bits in (None, 16):
         return None
     try:
         return group_size_for(kv_bits, args.head_dim)

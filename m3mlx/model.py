@@ -259,6 +259,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.language_model = LanguageModel(args, with_mtp)
+        self.kv_bits: Optional[int] = None  # how make_cache stores K/V by default (load sets it)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
         """inputs [B, L] token ids -> logits [B, L, vocab]."""
@@ -279,13 +280,16 @@ def make_cache(model: Model, index_bits: Optional[int] = INDEX_BITS, *,
     """Per-layer caches; sparse layers also keep index keys: int8 with a scale per key
     (index_bits=8, the default) or in the activation dtype (16, or None).
 
-    kv_bits=8 or 4 stores K/V compact (quantized per row of head_dim). kv_memory (bytes, or a
+    kv_bits=8 or 4 stores K/V compact (quantized per row of head_dim), 16 in the activation
+    dtype, None as the model was loaded (`load(..., kv_bits=...)`). kv_memory (bytes, or a
     size such as "8GB") keeps at most that much of the sparse layers' K/V in memory, the other
     blocks in a file in kv_cache_dir (default $M3MLX_HOME/kv); kv_policy picks which blocks
     stay (see `kv_tier.POLICIES`). InputError when the model cannot store K/V that way.
     """
     from .kv_tier import KVTier, kv_group_size
 
+    kv_bits = getattr(model, "kv_bits", None) if kv_bits is None else kv_bits
+    kv_bits = None if kv_bits == 16 else kv_bits
     group = kv_group_size(model.args, kv_bits)
     tier = None
     if kv_memory is not None:

@@ -298,3 +298,13 @@ def test_kv_bits_the_model_cannot_use_are_refused(demo_model):
         m3mlx.make_cache(model, kv_bits=6)
     with pytest.raises(m3mlx.InputError, match="kv_bits=2"):
         LayerCache(kv_bits=2)
+
+
+def test_load_with_kv_bits_sets_the_models_caches(tmp_path, demo_dir):
+    path = write_demo_checkpoint(tmp_path, seed=1, dtype=mx.float32, head_dim=32, rotary_dim=16)
+    model, tokenizer = m3mlx.load(path, dtype=mx.float32, kv_bits=4)
+    assert [c.kv_bits for c in m3mlx.make_cache(model)] == [4] * len(model.layers)
+    assert m3mlx.make_cache(model, kv_bits=16)[0].kv_bits is None  # asked for: float
+    assert m3mlx.generate(model, tokenizer, "Hello " * 30, max_tokens=3) is not None
+    with pytest.raises(m3mlx.InputError, match="head_dim is 16"):
+        m3mlx.load(demo_dir, kv_bits=8)  # refused before any weight is read
