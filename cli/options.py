@@ -3,7 +3,6 @@ ranges are the Python API's, from m3mlx.checks.OPTION_RANGES), stdin text and th
 progress line."""
 
 import math
-import re
 import sys
 import time
 from typing import Optional
@@ -26,18 +25,6 @@ def parse_size(text: str) -> int:
 
 def _optional_size(ctx, param, value):
     return None if value is None else parse_size(value)
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1.5G', '1048576' -> bytes (binary units, as mlx-lm's 5 GB limit)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
-    unit = (m[2] or "").lower().rstrip("b").rstrip("i")
-    return int(float(m[1]) * _UNITS[unit])
 
 
 class _FiniteFloatRange(click.FloatRange):
