@@ -111,15 +111,15 @@ def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
     return logits
 
 
-def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
-                    max_tokens: int = GENERATE_MAX_TOKENS,
-                    sampler=None, logits_processors=(), seed: Optional[int] = None,
-                    prefill_step_size: int = PREFILL_STEP,
-                    on_prefilled: Optional[Callable[[], None]] = None,
-                    prefill_progress: Optional[Callable[[int, int], None]] = None,
-                    ) -> Iterator[Tuple[int, mx.array]]:
-    """Yield up to max_tokens (token, logprobs [V]) after the prompt, continuing `cache` if
-    given. The log-probabilities are lazy: they cost nothing unless evaluated."""
+def sample_tokens(model: Model, prompt: Sequence[int], *, cache=None,
+                  max_tokens: int = GENERATE_MAX_TOKENS,
+                  sampler=None, logits_processors=(), seed: Optional[int] = None,
+                  prefill_step_size: int = PREFILL_STEP,
+                  on_prefilled: Optional[Callable[[], None]] = None,
+                  prefill_progress: Optional[Callable[[int, int], None]] = None,
+                  ) -> Iterator[Tuple[int, mx.array]]:
+    """`generate_tokens` with each token's log-probabilities: (token, logprobs [V]). They are
+    lazy: they cost nothing unless evaluated."""
     if not len(prompt):
         raise InputError("the prompt is empty: give at least one token")
     max_tokens = check_option("max_tokens", max_tokens)
@@ -141,6 +141,13 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
         yield token, logprobs
         logits = model(mx.array([[token]]), cache=cache)[0, -1]
         mx.async_eval(logits)
+
+
+def generate_tokens(model: Model, prompt: Sequence[int], **options) -> Iterator[int]:
+    """Yield up to max_tokens sampled tokens after the prompt, continuing `cache` if given
+    (options: those of `sample_tokens`)."""
+    for token, _ in sample_tokens(model, prompt, **options):
+        yield token
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -262,10 +269,10 @@ def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, sto
             stop_string=stop_string,
         )
 
-    tokens = generate_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
-                             sampler=sampler, logits_processors=processors, seed=seed,
-                             prefill_step_size=prefill_step_size, on_prefilled=prefilled,
-                             prefill_progress=prefill_progress)
+    tokens = sample_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
+                           sampler=sampler, logits_processors=processors, seed=seed,
+                           prefill_step_size=prefill_step_size, on_prefilled=prefilled,
+                           prefill_progress=prefill_progress)
     with wired_limit():
         for token, logprobs in tokens:
             n += 1
