@@ -1,6 +1,5 @@
 """`m3mlx convert SOURCE OUTPUT_DIR`: a thin click wrapper over `m3mlx.convert.convert`."""
 
-
 import click
 
 from m3mlx.convert import RECIPES, ROLES
@@ -9,6 +8,8 @@ from m3mlx.convert.recipes import MODES, parse_role_overrides
 
 from .errors import Command
 from .options import parse_size
+
+
 
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 

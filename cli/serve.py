@@ -18,7 +18,8 @@ def _size(ctx, param, value):
 
 @click.command(cls=Command)
 @generation_options(max_tokens=CHAT_MAX_TOKENS, sampling=RECOMMENDED_SAMPLING,
-                    temp_help="Default sampling temperature (M3's recommended 1.0); 0 is greedy.")
+                    temp_help="Default sampling temperature (M3's recommended 1.0); 0 is greedy.",
+                    tier=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; 0.0.0.0 opens the server to the network.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
@@ -43,7 +44,7 @@ def _size(ctx, param, value):
 @click.option("--max-body-size", default="32MB", show_default=True, callback=_size,
               help="Largest request body accepted (larger ones get 413).")
 def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
-          prefill_step_size, index_bits, dtype, host, port, api_key, names, thinking,
+          prefill_step_size, index_bits, kv_bits, dtype, host, port, api_key, names, thinking,
           cache_size, cache_dir, cache_disk_size, no_disk_cache, max_body_size):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions,
     /v1/responses, /v1/models) and Anthropic (/v1/messages, /v1/messages/count_tokens) APIs,
@@ -72,7 +73,7 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
         model, tokenizer, model_dir=model_dir, names=list(names) or [model_dir.name],
         sampling=sampling, max_tokens=max_tokens, thinking=thinking, api_key=api_key,
         max_body=max_body_size, cache_size=cache_size, cache_dir=cache_root,
-        cache_disk_size=cache_disk_size, index_bits=index_bits,
+        cache_disk_size=cache_disk_size, index_bits=index_bits, kv_bits=kv_bits,
         prefill_step_size=prefill_step_size, log=log)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

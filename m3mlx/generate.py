@@ -10,6 +10,7 @@ import numpy as np
 
 from .checks import InputError, check_option, check_stop_strings, check_text
 from .defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING, PREFILL_STEP
+from .kv_tier import check_cache_room
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
 
@@ -104,21 +105,21 @@ def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
     step = min(check_option("prefill_step_size", step), max(n, 1))
     for start in range(0, n, step):
         logits = model(tokens[None, start : start + step], cache=cache)[0, -1]
-        mx.eval(logits, [c.state for c in cache])
+        mx.eval(logits, [c.arrays for c in cache])
         if progress:
             progress(min(n, start + step), n)
     return logits
 
 
-def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
-                    max_tokens: int = GENERATE_MAX_TOKENS,
-                    sampler=None, logits_processors=(), seed: Optional[int] = None,
-                    prefill_step_size: int = PREFILL_STEP,
-                    on_prefilled: Optional[Callable[[], None]] = None,
-                    prefill_progress: Optional[Callable[[int, int], None]] = None,
-                    ) -> Iterator[Tuple[int, mx.array]]:
-    """Yield up to max_tokens (token, logprobs [V]) after the prompt, continuing `cache` if
-    given. The log-probabilities are lazy: they cost nothing unless evaluated."""
+def sample_tokens(model: Model, prompt: Sequence[int], *, cache=None,
+                  max_tokens: int = GENERATE_MAX_TOKENS,
+                  sampler=None, logits_processors=(), seed: Optional[int] = None,
+                  prefill_step_size: int = PREFILL_STEP,
+                  on_prefilled: Optional[Callable[[], None]] = None,
+                  prefill_progress: Optional[Callable[[int, int], None]] = None,
+                  ) -> Iterator[Tuple[int, mx.array]]:
+    """`generate_tokens` with each token's log-probabilities: (token, logprobs [V]). They are
+    lazy: they cost nothing unless evaluated."""
     if not len(prompt):
         raise InputError("the prompt is empty: give at least one token")
     max_tokens = check_option("max_tokens", max_tokens)
@@ -140,6 +141,13 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
         yield token, logprobs
         logits = model(mx.array([[token]]), cache=cache)[0, -1]
         mx.async_eval(logits)
+
+
+def generate_tokens(model: Model, prompt: Sequence[int], **options) -> Iterator[int]:
+    """Yield up to max_tokens sampled tokens after the prompt, continuing `cache` if given
+    (options: those of `sample_tokens`)."""
+    for token, _ in sample_tokens(model, prompt, **options):
+        yield token
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -191,6 +199,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
         raise InputError(f"top_logprobs={top_logprobs!r}: give None or a count >= 0")
     ids = _prompt_ids(model, tokenizer, prompt)
     max_tokens = _fit_context(model, prompt_cache, len(ids), check_option("max_tokens", max_tokens))
+    if prompt_cache is not None:  # a memory tier must have disk room for the whole context
+        held = min((c.offset for c in prompt_cache), default=0)
+        check_cache_room(prompt_cache, held + len(ids) + max_tokens)
     return _stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                    processors=processors, seed=seed, stop_strings=stop_strings,
                    prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
@@ -258,10 +269,10 @@ def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, sto
             stop_string=stop_string,
         )
 
-    tokens = generate_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
-                             sampler=sampler, logits_processors=processors, seed=seed,
-                             prefill_step_size=prefill_step_size, on_prefilled=prefilled,
-                             prefill_progress=prefill_progress)
+    tokens = sample_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
+                           sampler=sampler, logits_processors=processors, seed=seed,
+                           prefill_step_size=prefill_step_size, on_prefilled=prefilled,
+                           prefill_progress=prefill_progress)
     with wired_limit():
         for token, logprobs in tokens:
             n += 1

@@ -300,13 +300,16 @@ class _Element:
             return self.schema.items()  # an <item>, or one of repeated object tags
         return self.schema
 
-    def value(self) -> Tuple[Any, bool]:
-        """(value, contributes a list) from the children, typed by the schema."""
+    def value(self, closed: bool = True) -> Tuple[Any, bool]:
+        """(value, contributes a list) from the children, typed by the schema. A value whose
+        closing tag was dropped loses the whitespace that separated it from the next tag."""
         schema = self.schema
         if not self.children:
             text = "".join(self.text)
             if self.spaced:
                 text = text.strip()
+            elif not closed:
+                text = text.rstrip(_WS)
             if schema.array_like:
                 ok, value = _coerce(text, "array")
                 return (value if ok else [_leaf_value(text, schema.items(), self.where)]), True
@@ -528,7 +531,7 @@ class _ToolBlock:
             for depth in range(len(self.stack) - 2, -1, -1):
                 if _schema_for(self.stack[depth], tag).declares(tag):
                     while len(self.stack) > depth + 1:
-                        self._pop()
+                        self._pop(closed=False)
                     break
         parent = self.stack[-1]
         if tag == "item":
@@ -539,9 +542,9 @@ class _ToolBlock:
             schema = parent.container(tag).child(tag)
         self.stack.append(_Element(tag, schema, where, spaced))
 
-    def _pop(self):
+    def _pop(self, closed: bool = True):
         element = self.stack.pop()
-        value, as_list = element.value()
+        value, as_list = element.value(closed)
         self.stack[-1].children.append((element.tag, value, as_list))
 
     def _close(self, name: str, prefixed: bool, calls: List[ToolCall]):
@@ -557,7 +560,7 @@ class _ToolBlock:
                 self._finish_invoke(calls, self._tag_text)
         elif any(e.tag == name for e in self.stack[1:]):
             while self.stack[-1].tag != name:  # closing tags dropped in between
-                self._pop()
+                self._pop(closed=False)
             self._pop()
         elif prefixed and len(self.stack) > 1 and not self.stack[-1].children:
             self._pop()  # a misspelt closing tag closes the open value
@@ -565,7 +568,7 @@ class _ToolBlock:
     def _finish_invoke(self, calls: List[ToolCall], closing_tag: str = ""):
         raw = "".join(self.raw)[self.invoke_start:] + closing_tag
         while len(self.stack) > 1:
-            self._pop()
+            self._pop(closed=False)
         invoke, self.stack, self.overflow = self.stack[0], [], 0
         problem = None
         if not self.invoke_name:

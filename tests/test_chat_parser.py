@@ -168,6 +168,12 @@ CASES = {
                      f"</tool_call>", False, ParsedReply("", None, BEIJING)),
     # A parameter whose closing tag was dropped.
     "dropped_param_closer": (weather(f"{NS}<city>Beijing"), False, ParsedReply("", None, BEIJING)),
+    # ... before the next parameter: the newline between them is not part of the value.
+    "dropped_closer_then_sibling": (weather(f"{NS}<city>Beijing\n", tag("days", "2")), False,
+                                    ParsedReply("", None, [ToolCall("get_weather", {
+                                        "city": "Beijing", "days": 2})])),
+    "closed_value_keeps_its_newline": (weather(tag("city", "Beijing\n")), False, ParsedReply(
+        "", None, [ToolCall("get_weather", {"city": "Beijing\n"})])),
     "dropped_array_closer": (block(invoke("make_plan", PLAN_XML.replace(f"{NS}</rest_days>", ""))),
                              False, ParsedReply("", None, [ToolCall("make_plan", PLAN_ARGS)])),
     "dropped_object_closer": (block(invoke("make_plan",

@@ -5,6 +5,7 @@ same conversation generated in-process, so the server's output is checked token 
 """
 
 import json
+import re
 import threading
 import time
 
@@ -337,3 +338,38 @@ def test_concurrent_clients_get_their_own_replies(oai, demo_model):
     for t in threads:
         t.join(timeout=120)
     assert results == expected
+
+
+PROGRESS_LINE = (r"#(\d+): prompt ([\d,]+) tokens \(([\d,]+) cached\), prefill [\d,.]+ tok/s, "
+                 r"(\d+) generated at [\d,.]+ tok/s, (\w+), [\d.]+ s")
+
+
+@pytest.mark.parametrize("path, anthropic_api", [("/chat/completions", False),
+                                                 ("/messages", True)])
+def test_long_prompts_stream_prefill_progress(server, path, anthropic_api):
+    """SSE comments `: prefill DONE/TOTAL` after each prefill chunk (2048 tokens), before the
+    reply; Anthropic streams also get `ping` events. The console logs the request."""
+    words = f"{path} " + " ".join(f"w{i % 97}" for i in range(3000))  # > 2 chunks
+    body = {"model": NAME, "max_tokens": 2, "stream": True,
+            "messages": [{"role": "user", "content": words}]}
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", server.url + path, json=body, headers=headers,
+                      timeout=120) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    progress = [tuple(map(int, re.fullmatch(r": prefill (\d+)/(\d+)", line).groups()))
+                for line in lines if line.startswith(": prefill")]
+    data = [i for i, line in enumerate(lines) if line.startswith("data:")]
+    assert progress, lines[:5]
+    total = progress[0][1]
+    assert total > 4096 and all(t == total for _, t in progress)
+    done = [d for d, _ in progress]  # cached tokens included
+    assert done == sorted(set(done)) and done[-1] == total
+    marks = [i for i, line in enumerate(lines) if line.startswith(": prefill")]
+    end = next(i for i, line in enumerate(lines)
+               if '"finish_reason": "length"' in line or line == "event: message_delta")
+    assert data[0] < marks[0] and marks[-1] < end  # after the reply's start, before its end
+    if anthropic_api:
+        assert "event: ping" in lines
+    logged = re.search(PROGRESS_LINE, server.wait_for_log(rf"prompt {total:,} tokens"))
+    assert logged and int(logged.group(4)) <= 2 and logged.group(5) == "length"

@@ -11,6 +11,7 @@ import pytest
 
 import m3mlx
 from m3mlx.chat_format import render_chat
+from m3mlx.demo import write_demo_checkpoint
 from m3mlx.generate import prefill
 from m3mlx.server.prefix_cache import PrefixCache
 
@@ -19,8 +20,8 @@ from server_fixtures import Server
 NAME = "m3-tiny"
 
 
-def filled(model, ids):
-    cache = m3mlx.make_cache(model)
+def filled(model, ids, **settings):
+    cache = m3mlx.make_cache(model, **settings)
     prefill(model, mx.array(ids), cache)
     return cache
 
@@ -34,8 +35,8 @@ def same(a, b):
                for x, y in zip(a, b))
 
 
-def meta(model):
-    return [c.meta() for c in m3mlx.make_cache(model)]
+def meta(model, **settings):
+    return [c.meta() for c in m3mlx.make_cache(model, **settings)]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,42 @@ def test_disk_survives_a_restart(demo_model, tokens, tmp_path):
     lean = PrefixCache(meta(model), 1, tmp_path)
     assert same(states(lean.restore(a, 300)), states(filled(model, a)))
     assert lean.memory_bytes == 0
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """The demo model at head_dim 32, the smallest that compact K/V groups fit."""
+    path = write_demo_checkpoint(tmp_path_factory.mktemp("wide"), dtype=mx.float32,
+                                 head_dim=32, rotary_dim=16)
+    return m3mlx.load(path, dtype=mx.float32)
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_compact_kv_is_stored_as_it_is_and_survives_a_restart(wide_model, tokens, tmp_path,
+                                                               kv_bits):
+    """Issue 15: with --kv-bits the tree holds the compact K/V (codes, scales, biases), in
+    memory and on disk, never re-quantized; a hit decodes exactly as the uncached compact run."""
+    model, tokenizer = wide_model
+    a, b = tokens[:300], tokens[:150] + tokens[300:400]
+    settings = {"kv_bits": kv_bits}
+    tree = PrefixCache(meta(model, **settings), 1 << 30, tmp_path)
+    tree.insert(a, filled(model, a, **settings))
+    tree.insert(b, filled(model, b, **settings))
+    full = sum(v.nbytes for c in filled(model, a) for k, v in c.state.items() if k in
+               ("keys", "values"))
+    compact = sum(v.nbytes for c in filled(model, a, **settings) for k, v in c.state.items()
+                  if not k.startswith("index"))
+    assert compact < 0.6 * full
+    again = PrefixCache(meta(model, **settings), 1 << 30, tmp_path)
+    assert again.match(b) == 250
+    restored = again.restore(b, 250)
+    assert all(c.kv_bits == kv_bits for c in restored)
+    assert same(states(restored), states(filled(model, b, **settings)))
+    fresh = m3mlx.generate(model, tokenizer, b, max_tokens=10, temperature=0.0,
+                           prompt_cache=m3mlx.make_cache(model, **settings))
+    hit = m3mlx.generate(model, tokenizer, b[200:], prompt_cache=again.restore(b, 200),
+                         max_tokens=10, temperature=0.0)
+    assert hit == fresh
 
 
 def test_disk_bound(demo_model, tokens, tmp_path):

@@ -40,6 +40,12 @@ SCRIPTS = {
     "think": "<mm:think>Two plus two.</mm:think>4",
     "enabled": "Reasoning here.</mm:think>Answer.",
     "unknown": f"Sure. {block(invoke('launch_rockets', tag('count', '3')))}",
+    # As seen live: spaced prefixes, a dropped parameter closer, a closer without its prefix.
+    "sloppy": f"{NS} <tool_call>\n{NS}\n<invoke name=\"get_weather\"> {NS}<location>Paris\n"
+              f"{NS} <days>3</days>\n{NS} </invoke>\n{NS}</tool_call>",
+    # Issue 14: arguments nested 300 levels deep.
+    "deep": block(invoke("nest", f"{NS}<tree>" + f"{NS}<a>" * 300 + "x" + f"{NS}</a>" * 300
+                         + f"{NS}</tree>")),
 }
 WEATHER_ARGS = {"location": "Paris", "units": "celsius", "days": 3}
 SEARCH_ARGS = {"query": "café <b>", "filters": {"min_score": 0.5, "tags": ["a", "b"]}}
@@ -49,6 +55,8 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {
         "location": {"type": "string"}, "units": {"type": "string", "enum": ["celsius", "f"]},
         "days": {"type": "integer"}}, "required": ["location"]}}}
+NEST = {"type": "function", "function": {
+    "name": "nest", "parameters": {"type": "object", "properties": {"tree": {"type": "object"}}}}}
 SEARCH = {"type": "function", "function": {
     "name": "search", "parameters": {"type": "object", "properties": {
         "query": {"type": "string"},
@@ -168,6 +176,31 @@ def test_undeclared_tool_is_content_with_a_warning(oai, server):
     assert not message.tool_calls and reply.choices[0].finish_reason == "stop"
     assert message.content == SCRIPTS["unknown"]
     server.wait_for_log("'launch_rockets', which is not a declared tool")
+
+
+def test_sloppy_call_is_recovered(oai):
+    reply = oai.chat.completions.create(model=NAME, tools=TOOLS,
+                                        messages=[{"role": "user", "content": ask("sloppy")}])
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"location": "Paris", "days": 3}
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_deeply_nested_call_is_content_and_the_conversation_goes_on(oai, server):
+    """Issue 14 #4: no RecursionError, no poisoned conversation, the server stays up."""
+    question = ask("deep")
+    reply = oai.chat.completions.create(model=NAME, tools=TOOLS + [NEST],
+                                        messages=[{"role": "user", "content": question}])
+    message = reply.choices[0].message
+    assert not message.tool_calls and message.content == SCRIPTS["deep"]
+    server.wait_for_log("nest deeper than")
+    history = [{"role": "user", "content": question},
+               {"role": "assistant", "content": message.content},
+               {"role": "user", "content": ask("think", "And 2+2?")}]
+    again = oai.chat.completions.create(model=NAME, tools=TOOLS + [NEST], messages=history)
+    assert again.choices[0].message.content == "4"
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
 
 
 @pytest.mark.parametrize("how", [{"reasoning_effort": "high"},

@@ -21,7 +21,7 @@ def build_service(model, tokenizer, *, model_dir: Path, names: List[str],
                   api_key: Optional[str] = None, max_body: int = 32 << 20,
                   cache_size: int = 16 << 30, cache_dir: Optional[Path] = None,
                   cache_disk_size: Optional[int] = None, index_bits: Optional[int] = None,
-                  prefill_step_size: int = 2048, log: Callable[[str], None] = print) -> Service:
+                  kv_bits: Optional[int] = None, prefill_step_size: int = 2048, log: Callable[[str], None] = print) -> Service:
     """The engine, prefix cache and settings `create_app` serves. The chat template is tried
     once here, so a broken one stops the server before it listens."""
     template = tokenizer.chat_template
@@ -32,17 +32,17 @@ def build_service(model, tokenizer, *, model_dir: Path, names: List[str],
                 tools=[{"name": "probe", "parameters": {"type": "object", "properties": {}}}])
     prefix = None
     if cache_size > 0:
-        meta = [c.meta() for c in make_cache(model, index_bits=index_bits)]
+        meta = [c.meta() for c in make_cache(model, index_bits=index_bits, kv_bits=kv_bits)]
         directory = None
         if cache_dir is not None:
             import mlx.core as mx
 
             # K/V come in the activation dtype, which the embedding's output has.
             activations = model.language_model.model.embed_tokens(mx.array([[0]])).dtype
-            layout = [model.args, index_bits, activations]
+            layout = [model.args, meta, activations]
             directory = Path(cache_dir) / fingerprint(model_dir, layout)
         prefix = PrefixCache(meta, cache_size, directory, cache_disk_size, log=log)
-    engine = Engine(model, tokenizer, prefix_cache=prefix, index_bits=index_bits,
+    engine = Engine(model, tokenizer, prefix_cache=prefix, index_bits=index_bits, kv_bits=kv_bits,
                     prefill_step_size=prefill_step_size, log=log)
     engine.ready.wait()
     return Service(engine=engine, tokenizer=tokenizer, model_names=names, sampling=sampling,

@@ -109,11 +109,12 @@ class Outcome:
 
 class Engine:
     def __init__(self, model, tokenizer, *, prefix_cache: Optional[PrefixCache] = None,
-                 index_bits: Optional[int] = None, prefill_step_size: int = 2048,
+                 index_bits: Optional[int] = None, kv_bits: Optional[int] = None,
+                 prefill_step_size: int = 2048,
                  log: Callable[[str], None] = print, max_queue: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.prefix_cache = prefix_cache
-        self.index_bits = index_bits
+        self.index_bits, self.kv_bits = index_bits, kv_bits
         self.prefill_step_size = prefill_step_size
         self.log = log
         self.context = getattr(model.args, "max_position_embeddings", None)
@@ -145,10 +146,13 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    def new_cache(self) -> list:
+        return make_cache(self.model, index_bits=self.index_bits, kv_bits=self.kv_bits)
+
     def _warm_up(self):
         """One short prefill and decode: the first request then pays no start-up costs."""
         ids = (self.tokenizer.encode("Hello there. " * 16) or [0])[:64]
-        cache = make_cache(self.model, index_bits=self.index_bits)
+        cache = self.new_cache()
         for _ in stream_generate(self.model, self.tokenizer, ids, prompt_cache=cache,
                                  max_tokens=2, prefill_step_size=self.prefill_step_size):
             pass
@@ -178,7 +182,7 @@ class Engine:
         """Make the live cache hold the longest cached prefix of `ids`; returns its length.
         Without a prefix cache nothing is reused: every prompt is computed in full."""
         if self.prefix_cache is None or not self._live:
-            self._live = make_cache(self.model, index_bits=self.index_bits)
+            self._live = self.new_cache()
             self._live_tokens = []
         if self.prefix_cache is None:
             return 0

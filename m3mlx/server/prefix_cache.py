@@ -27,17 +27,16 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..cache import LayerCache
+from ..cache import STATE_AXES, LayerCache
 from ..chat import common_prefix_length
 
 # The position axis of each array a LayerCache holds (see LayerCache.state).
-SEQUENCE_AXIS = {"keys": 2, "values": 2, "index_keys": 1, "index_scales": 1}
 FORMAT = "m3mlx-prefix-cache/1"
 
 
 def _slice(array: mx.array, name: str, start: int, stop: int) -> mx.array:
     index = [slice(None)] * array.ndim
-    index[SEQUENCE_AXIS[name]] = slice(start, stop)
+    index[STATE_AXES[name]] = slice(start, stop)
     return array[tuple(index)]
 
 
@@ -68,8 +67,7 @@ class _Node:
 class PrefixCache:
     def __init__(self, layer_meta: List[dict], max_bytes: int, directory=None,
                  max_disk_bytes: Optional[int] = None, log=None):
-        self.layer_meta = [{"index": m["index"], "index_bits": m["index_bits"]}
-                           for m in layer_meta]
+        self.layer_meta = [{k: v for k, v in m.items() if k != "offset"} for m in layer_meta]
         self.max_bytes = max_bytes
         self.max_disk_bytes = max_disk_bytes
         self.root = _Node((), None, _key(()))
@@ -122,7 +120,7 @@ class PrefixCache:
             for name in names:
                 parts = [_slice(state[layer][name], name, 0, take)
                          for state, (_, take) in zip(states, pieces)]
-                merged[name] = mx.concatenate(parts, axis=SEQUENCE_AXIS[name]) \
+                merged[name] = mx.concatenate(parts, axis=STATE_AXES[name]) \
                     if len(parts) > 1 else parts[0]
             caches.append(LayerCache.from_state(merged, {**meta, "offset": n}))
         mx.eval([c.state for c in caches])
@@ -132,7 +130,7 @@ class PrefixCache:
     def _state(self, node: _Node) -> List[Dict[str, mx.array]]:
         if node.state is None:
             arrays = mx.load(str(self._file(node)))
-            node.state = [{name: arrays[f"{i}.{name}"] for name in SEQUENCE_AXIS
+            node.state = [{name: arrays[f"{i}.{name}"] for name in STATE_AXES
                            if f"{i}.{name}" in arrays} for i in range(len(self.layer_meta))]
             node.nbytes = sum(a.nbytes for layer in node.state for a in layer.values())
             self.memory_bytes += node.nbytes
