@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs
 from .model import Model, is_precision_sensitive
 from .tokenizer import Tokenizer
-from .weights import MTP_FILE, expert_slot, is_mtp, is_vision, mxfp8_to_mlx, stack_experts
+from .weights import (MTP_FILE, expert_slot, is_vision, mtp_layer_count, mxfp8_to_mlx,
+                      stack_experts)
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab*"]
 
@@ -156,7 +157,7 @@ def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) ->
         weights = _from_original(weights, args)
     else:
         weights = {k: v for k, v in weights.items() if not is_vision(k)}
-    model = Model(args, with_mtp=any(is_mtp(k) for k in weights))
+    model = Model(args, mtp_layers=mtp_layer_count(weights))
     quant = _quantization(config, weights)
     if quant:
         _quantize(model, quant, weights)
