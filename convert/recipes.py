@@ -168,6 +168,25 @@ def _mlx_lm(base: Spec) -> Dict[str, Spec]:
 
 RECIPES = {"m3": _m3, "uniform": _uniform, "mlx-lm": _mlx_lm}
 DEFAULT_RECIPE = "m3"
+# Recipes that set every role themselves: --mode/--bits/--group-size do not apply to them.
+FIXED_RECIPES = {}
+
+
+def check_recipe_options(recipe: str, mode: str, bits: Optional[int], group_size: Optional[int]):
+    if recipe in FIXED_RECIPES and (mode != "affine" or bits is not None
+                                    or group_size is not None):
+        raise ConvertError(f"--recipe {recipe} sets the precision of every role itself; drop "
+                           "--mode/--bits/--group-size (use --role ROLE=PRECISION to change one)")
+
+
+def resolve(recipe: str, mode: str, bits: Optional[int], group_size: Optional[int],
+            overrides: Optional[Mapping[str, object]] = None, dtype: str = "bfloat16"):
+    """(base Spec, role -> Spec) for the options of one conversion, checked. The base is the
+    routed experts' setting (a fixed recipe's own, for those)."""
+    check_recipe_options(recipe, mode, bits, group_size)
+    base = base_spec(mode, bits, group_size)
+    specs = role_specs(recipe, base, overrides, dtype)
+    return (specs["experts"] if recipe in FIXED_RECIPES else base), specs
 
 
 def role_specs(recipe: str, base: Spec, overrides: Optional[Mapping[str, object]] = None,
