@@ -98,7 +98,7 @@ def demo(directory, max_tokens):
     It is M3's architecture at 6M parameters (a dense layer, then MSA + 32-expert MoE layers),
     trained for an hour on the Python standard library. The demo copies it in the original
     Hugging Face layout, converts it to MLX 4-bit with the default recipe, and continues a
-    Python prompt long enough to make MSA sparse, greedily.
+    Python prompt long enough to make MSA sparse (greedy, repetition penalty 1.3).
     """
     import shutil
 
@@ -125,7 +125,9 @@ def demo(directory, max_tokens):
     model, tokenizer = load(converted, dtype=mx.float32)
     click.echo(DEMO_PROMPT, nl=False)
     last = None
-    for last in stream_generate(model, tokenizer, DEMO_PROMPT, max_tokens=max_tokens):
+    # Greedy, with a repetition penalty: a model this small otherwise settles into a loop.
+    for last in stream_generate(model, tokenizer, DEMO_PROMPT, max_tokens=max_tokens,
+                                repetition_penalty=1.3):
         click.secho(last.text, nl=False, bold=True)
     click.echo()
     click.echo(format_stats(last))
