@@ -1,5 +1,5 @@
-"""The tiny M3 that ships with m3mlx (tools/train_tiny_m3.py): it is M3's layout, it speaks
-Python, its experts are balanced and its indexer picks the blocks attention wants."""
+"""The tiny M3 that ships with m3mlx (tools/train_tiny_m3.py): M3's layout, it writes Python,
+the same way every time, and its experts are balanced."""
 
 import json
 

@@ -12,7 +12,8 @@ on the real M3 fits the budget, the ones the sensitivities rank best are measure
 the least KL divergence wins.
 
 Writes convert/measured_kld.json (what `convert --dry-run` quotes) and prints the README
-tables. Sizes are the real M3's, from its plan (m3mlx.convert.sizing).
+tables (`--tables` prints them again from the file). Sizes are the real M3's, from its plan
+(m3mlx.convert.sizing).
 """
 
 import argparse
@@ -25,7 +26,7 @@ import mlx.core as mx
 
 import m3mlx
 from m3mlx.convert import convert
-from m3mlx.convert.measured import DATA_FILE
+from m3mlx.convert.measured import DATA_FILE, readme_tables
 from m3mlx.convert.plan import role_table
 from m3mlx.convert.recipes import AFFINE_BITS, AFFINE_GROUPS, FIXED_RECIPES, parse_spec
 from m3mlx.convert.sizing import plan_for
@@ -113,6 +114,20 @@ def search(sens, budget_bytes, fixed_bytes):
     return sorted(found, key=lambda f: f[0])
 
 
+def overall_kld(entry) -> float:
+    """What the low-memory recipes minimize: the mean KLD, averaged over the contexts."""
+    return sum(q["kld_mean"] for q in entry["quality"].values()) / len(entry["quality"])
+
+
+def choose(entries, gib: int) -> dict:
+    """The measured recipe (searched candidate or grid entry) with the least KLD that fits."""
+    budget = WEIGHT_SHARE * gib * 2**30
+    fits = [e for e in entries if e["m3_bytes"] <= budget and len(e["quality"]) == len(CONTEXTS)]
+    best = min(fits, key=overall_kld)
+    return {"budget_gib": gib, "weights_at_most_gb": round(budget / 1e9, 1),
+            "chosen_from": best["name"], "roles": best["roles"], "m3_bytes": best["m3_bytes"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/m3mlx-measure"))
@@ -120,7 +135,12 @@ def main(argv=None):
     p.add_argument("--named-only", action="store_true",
                    help="measure only the named recipes (FIXED_RECIPES) and replace their "
                         "entries in --out")
+    p.add_argument("--tables", action="store_true",
+                   help="print the README tables from --out and stop")
     args = p.parse_args(argv)
+    if args.tables:
+        print(readme_tables(json.loads(args.out.read_text())))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     bench = Bench(args.work)
@@ -139,8 +159,13 @@ def main(argv=None):
     if args.named_only:
         data = json.loads(args.out.read_text())
         data["recipes"] = [e for e in data["recipes"] if e["name"] not in FIXED_RECIPES]
+        data["budgets"] = {name: choose(data["recipes"], gib) for name, gib in BUDGETS.items()}
         for name in FIXED_RECIPES:
-            data["recipes"].append(record(name, f"--recipe {name}", recipe=name))
+            entry = record(name, f"--recipe {name}", recipe=name)
+            if entry["roles"] != data["budgets"][name]["roles"]:
+                raise SystemExit(f"{name} in convert/recipes.py is not the measured choice "
+                                 f"{data['budgets'][name]}")
+            data["recipes"].append(entry)
         args.out.write_text(json.dumps(data, indent=1))
         return
 
@@ -173,19 +198,14 @@ def main(argv=None):
                 for r in REAL_PARAMS if r not in SEARCHED_ROLES and r != "experts")
     chosen = {}
     for name, gib in BUDGETS.items():
-        budget = WEIGHT_SHARE * gib * 2**30
-        finalists = []
-        for predicted, size, combo in search(sens, budget, fixed)[:FINALISTS]:
+        for predicted, _, combo in search(sens, WEIGHT_SHARE * gib * 2**30, fixed)[:FINALISTS]:
             roles = {r: o for r, o in combo.items() if o != "bf16"}
             e = record(f"{name} candidate", "--recipe uniform --mode none " + " ".join(
                 f"--role {r}={o}" for r, o in roles.items()), recipe="uniform", mode="none",
                 roles=roles)
             e["predicted_kld_512"] = round(predicted, 6)
-            finalists.append(e)
-        best = min(finalists, key=lambda e: sum(q["kld_mean"] for q in e["quality"].values()))
-        chosen[name] = {"budget_gib": gib, "weights_at_most_gb": round(budget / 1e9, 1),
-                        "roles": best["roles"], "m3_bytes": best["m3_bytes"]}
-        print(f"{name}: {best['roles']} -> {best['m3_bytes'] / 1e9:.1f} GB", flush=True)
+        chosen[name] = choose(entries, gib)
+        print(f"{name}: {chosen[name]}", flush=True)
     for name in FIXED_RECIPES:  # the named recipes as shipped, under their names
         record(name, f"--recipe {name}", recipe=name)
 
@@ -196,6 +216,7 @@ def main(argv=None):
         "budgets": chosen, "recipes": entries, "sensitivity": sensitivity,
         "minutes": round((time.time() - t0) / 60, 1),
     }, indent=1))
+    print(readme_tables(json.loads(args.out.read_text())))
     print(f"wrote {args.out} in {(time.time() - t0) / 60:.1f} min")
 
 

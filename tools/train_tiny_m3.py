@@ -242,6 +242,8 @@ def main(argv=None):
     p.add_argument("--bias-rate", type=float, default=1e-2)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue from --work/checkpoint")
+    p.add_argument("--max-files", type=int, default=None,
+                   help="train on the first N training files only (a quick run of the recipe)")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     log_file = open(args.work / "train.log", "a")
@@ -253,7 +255,7 @@ def main(argv=None):
 
     t0 = time.time()
     files = stdlib_files()
-    train = [t for rel, t in files if not is_heldout(rel)]
+    train = [t for rel, t in files if not is_heldout(rel)][:args.max_files]
     held = [t for rel, t in files if is_heldout(rel)]
     digest = hashlib.sha256("\0".join(rel for rel, _ in files).encode()).hexdigest()[:16]
     tok = train_tokenizer(VOCAB_SIZE, train)
