@@ -4,14 +4,17 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 
-from .options import generation_options, load_or_fail
+from .errors import Command, describe
+from .options import PrefillMeter, decode_input, generation_options, load_or_fail, read_stdin
 
 # /think arguments; the first three are what `--thinking` accepts.
 THINK_MODES = {"enabled": "enabled", "disabled": "disabled", "adaptive": "adaptive",
@@ -112,7 +115,9 @@ def stats_text(session) -> str:
     lines = [
         f"context: {session.context_used:,} of {limit:,} tokens" if limit
         else f"context: {session.context_used:,} tokens",
-        f"cache: {session.cache_nbytes / 1e6:.1f} MB",
+        f"cache: {session.cache_nbytes / 1e6:.1f} MB"
+        + (f" ({session.cache_resident_nbytes / 1e6:.1f} MB in memory)"
+           if session.cache_resident_nbytes < session.cache_nbytes else ""),
         f"messages: {len(session.messages)}, thinking: {session.thinking}",
     ]
     r = session.last_reply
@@ -158,35 +163,61 @@ def run_command(line: str, state: "ChatState"):
         if not arg:
             console.info(f"usage: /{name} PATH")
             return
-        path = Path(arg).expanduser()
-        try:
+        with state.guard(f"could not {name} {arg}: "):
+            path = user_path(arg)
             if name == "save":
                 path = session.save(path)
                 console.info(f"saved {len(session.messages)} messages to {path}")
             else:
-                state.session = type(session).load(path, session.model, session.tokenizer)
+                state.session = type(session).load(path, session.model, session.tokenizer,
+                                                   **session.cache_settings)
                 console.info(f"loaded {len(state.session.messages)} messages "
                              f"({state.session.context_used:,} tokens) from {path}")
-        except (OSError, ValueError, RuntimeError) as e:
-            console.info(f"could not {name} {path}: {e}")
     elif name == "stats":
         console.info(stats_text(session))
     else:
         console.info(f"unknown command /{name}; /help lists them")
 
 
+def user_path(text: str) -> Path:
+    """A path typed by the user, ~ and ~user expanded."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~nosuchuser
+        raise InputError(f"{text.split('/')[0]} is not a user with a home directory") from None
+
+
 @dataclass
 class ChatState:
     console: Console
     session: object
+    failed: bool = False  # a line failed: piped chat ends with exit status 1
+
+    @contextmanager
+    def guard(self, prefix: str = "error: "):
+        """The chat's error boundary, one per line handled: any failure (Ctrl-C included)
+        becomes one line of feedback and the conversation goes on, as it was."""
+        try:
+            yield
+        except (Quit, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:
+            message = describe(e)
+            if message is None:
+                raise
+            if isinstance(e, KeyboardInterrupt):
+                self.console.info(message)
+            else:
+                self.failed = True
+                self.console.info(prefix + message)
 
     def reply_to(self, message: str):
+        meter = PrefillMeter()
         try:
-            stream = self.session.send(message)
-        except ValueError as e:  # e.g. the conversation outgrew the context
-            self.console.info(f"error: {e}")
-            return
-        reply = stream_reply(self.console, stream)
+            stream = self.session.send(message, prefill_progress=meter)
+            reply = stream_reply(self.console, stream)
+        finally:
+            meter.close()
         if self.console.interactive and reply is not None:
             self.console.write(self.console.style.dim(status_line(self.session, reply)) + "\n")
 
@@ -233,6 +264,9 @@ def interactive(state: ChatState, banner: str):
             except EOFError:
                 state.console.write("\n")
                 break
+            except UnicodeDecodeError:
+                state.console.info("that input is not UTF-8 text; type it again")
+                continue
             handle(message, state)
     except Quit:
         pass
@@ -246,27 +280,36 @@ def interactive(state: ChatState, banner: str):
 
 
 def handle(message: str, state: ChatState):
-    """A line starting with / is a command; any other non-blank text is a message."""
-    if message.startswith("/"):
-        run_command(message.strip(), state)
-    elif message.strip():
-        state.reply_to(message)
+    """A line starting with / is a command; any other non-blank text is a message. Whatever
+    goes wrong is reported and the chat goes on."""
+    with state.guard():
+        if message.startswith("/"):
+            run_command(message.strip(), state)
+        elif message.strip():
+            state.reply_to(message)
 
 
 def piped(state: ChatState, input_mode: str):
     if input_mode == "whole":
-        message = sys.stdin.read()
+        message = read_stdin("the message on stdin")
         if message.strip():
             state.reply_to(message)
         return
     try:
-        for line in sys.stdin:
-            handle(line.rstrip("\n"), state)
+        for number, raw in enumerate(sys.stdin.buffer, 1):
+            try:
+                line = decode_input(raw, f"line {number} of stdin")
+            except InputError as e:
+                state.console.info(f"{e}; skipped")
+                continue
+            handle(line.removesuffix("\n").removesuffix("\r"), state)
     except Quit:
         pass
+    if state.failed:
+        raise click.exceptions.Exit(1)
 
 
-@click.command()
+@click.command(cls=Command)
 @generation_options(max_tokens=CHAT_MAX_TOKENS, sampling=RECOMMENDED_SAMPLING,
                     temp_help="Sampling temperature (M3's recommended 1.0); 0 is greedy.")
 @click.option("--system", default=None, help="System prompt [default: the chat template's].")
@@ -278,7 +321,8 @@ def piped(state: ChatState, input_mode: str):
               help="When stdin is not a terminal: each line is a message (lines starting with / "
                    "are commands), or all of stdin is one message.")
 def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
-         repetition_penalty, seed, prefill_step_size, index_bits, dtype, input_mode):
+         repetition_penalty, seed, prefill_step_size, index_bits, kv_bits, kv_memory,
+         kv_cache_dir, dtype, input_mode):
     """Chat with a model in the terminal: streaming replies, reasoning dimmed.
 
     In the chat, /help lists the commands (/think, /system, /reset, /save, /load, /stats,
@@ -297,7 +341,8 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     model, tokenizer = load_or_fail(model_path, dtype)
     session = ChatSession(
         model, tokenizer, system=system, thinking=thinking,
-        index_bits=index_bits, max_tokens=max_tokens, temperature=temp,
+        index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory, kv_cache_dir=kv_cache_dir,
+        max_tokens=max_tokens, temperature=temp,
         top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         prefill_step_size=prefill_step_size,
     )
@@ -307,7 +352,3 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
                            "commands, Ctrl-D to leave.")
     else:
         piped(state, input_mode)
-
-
-if __name__ == "__main__":
-    chat()

@@ -1,31 +1,20 @@
 """`m3mlx convert SOURCE OUTPUT_DIR`: a thin click wrapper over `m3mlx.convert.convert`."""
 
-import re
-import sys
-
 import click
 
-from m3mlx.convert import RECIPES, ROLES, ConvertError
+from m3mlx.convert import RECIPES, ROLES
 from m3mlx.convert import convert as run_convert
 from m3mlx.convert.recipes import MODES, parse_role_overrides
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+from .errors import Command
+from .options import parse_size
 
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1.5G', '1048576' -> bytes (binary units, as mlx-lm's 5 GB limit)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
-    unit = (m[2] or "").lower().rstrip("b").rstrip("i")
-    return int(float(m[1]) * _UNITS[unit])
 
 
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 
 
-@click.command("convert", context_settings={"help_option_names": ["-h", "--help"],
+@click.command("convert", cls=Command, context_settings={"help_option_names": ["-h", "--help"],
                                             "max_content_width": 100})
 @click.argument("source")
 @click.argument("output_dir", type=click.Path(file_okay=False))
@@ -75,15 +64,10 @@ def convert(source, output_dir, mode, bits, group_size, recipe, roles, dtype, ma
       m3mlx convert MiniMaxAI/MiniMax-M3-MXFP8 m3-mxfp8 --mode mxfp8
       m3mlx convert ./MiniMax-M3 m3-3bit --bits 3 --role attention=6 --dry-run
     """
-    try:
-        run_convert(
-            source, output_dir, mode=mode, bits=bits, group_size=group_size, recipe=recipe,
-            roles=parse_role_overrides(roles), dtype=dtype,
-            max_shard_size=parse_size(max_shard_size), revision=revision, dry_run=dry_run,
-            resume=resume, force=force, upload_repo=upload_repo, progress=not quiet,
-            log=click.echo,
-        )
-    except ConvertError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_convert(
+        source, output_dir, mode=mode, bits=bits, group_size=group_size, recipe=recipe,
+        roles=parse_role_overrides(roles), dtype=dtype,
+        max_shard_size=parse_size(max_shard_size), revision=revision, dry_run=dry_run,
+        resume=resume, force=force, upload_repo=upload_repo, progress=not quiet,
+        log=click.echo,
+    )

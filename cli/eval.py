@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from m3mlx.defaults import PREFILL_STEP
+from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
 from m3mlx.eval import DEFAULT_CONTEXT, DEFAULT_TOP_K
 
 from .options import load_or_fail
@@ -65,10 +65,14 @@ class ProgressLine:
               default="auto", show_default=True, help="Activation dtype (float32 on CPU).")
 @click.option("--prefill-step-size", default=PREFILL_STEP, show_default=True,
               type=click.IntRange(1), help="Tokens per prefill chunk within a window.")
+@click.option("--index-bits", type=click.Choice(["8", "16"]), default=str(INDEX_BITS),
+              show_default=True, callback=lambda ctx, param, v: int(v),
+              help="Storage of MSA index keys, as in generate: int8 with a scale per key, or "
+                   "the activation dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_command(model_path, reference, data, context, samples, save_logits, top_k, dtype,
-                 prefill_step_size, as_json, quiet):
+                 prefill_step_size, index_bits, as_json, quiet):
     """Perplexity of a model over a text, and its KL divergence from a reference.
 
     The text is cut into windows of --context tokens; every position predicts the next token
@@ -97,7 +101,7 @@ def eval_command(model_path, reference, data, context, samples, save_logits, top
             ReferenceReader(ref).close()  # a bad file fails before any work
         result = evaluate(model, tokenizer, data, context=context, samples=samples,
                           reference=ref, save_logits=save_logits, top_k=top_k,
-                          prefill_step=prefill_step_size,
+                          prefill_step=prefill_step_size, index_bits=index_bits,
                           progress=None if quiet else ProgressLine())
     except EvalError as e:
         raise click.ClickException(str(e)) from None

@@ -1,44 +1,56 @@
-"""The `m3mlx` command."""
+"""The `m3mlx` command. Every subcommand runs inside the error boundary of cli/errors.py."""
 
-import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from m3mlx.defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING
 
-from .options import generation_options, load_or_fail
+from .errors import DEBUG_ENV, Group
+from .options import PrefillMeter, generation_options, load_or_fail, read_stdin, stop_option
 
 
-@click.group()
+@click.group(cls=Group, epilog=f"Errors are one line; set {DEBUG_ENV}=1 to see tracebacks.")
 @click.version_option(package_name="m3mlx")
 def cli():
     """MiniMax-M3 on Apple silicon with MLX."""
+    # Warnings (NaN weights, malformed model output) are messages to the user: one line each.
+    warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
 
 
 @cli.command()
 @generation_options(max_tokens=GENERATE_MAX_TOKENS, sampling=GREEDY_SAMPLING)
 @click.option("--prompt", "-p", required=True, help="Prompt text, or - to read it from stdin.")
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@stop_option
 def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
-             seed, stop, prefill_step_size, index_bits, dtype):
-    """Continue a plain-text PROMPT, streaming to the terminal, then print statistics."""
+             seed, stop, prefill_step_size, index_bits, kv_bits, kv_memory, kv_cache_dir, dtype):
+    """Continue a plain-text PROMPT, streaming to the terminal, then print statistics.
+
+    A prompt that takes more than a few seconds to prefill shows its progress on stderr.
+    """
     from m3mlx import make_cache
     from m3mlx.generate import format_stats, stream_generate
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin("the prompt on stdin")
     if not prompt:
         raise click.UsageError("the prompt is empty")
     model, tokenizer = load_or_fail(model_path, dtype)
-    cache = make_cache(model, index_bits=index_bits)
+    cache = make_cache(model, index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory,
+                       kv_cache_dir=kv_cache_dir)
+    meter = PrefillMeter()
     last = None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                repetition_penalty=repetition_penalty, seed=seed,
-                                stop_strings=stop, prompt_cache=cache,
-                                prefill_step_size=prefill_step_size):
-        click.echo(last.text, nl=False)
+    try:
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                    temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed,
+                                    stop_strings=stop, prompt_cache=cache,
+                                    prefill_step_size=prefill_step_size,
+                                    prefill_progress=meter):
+            click.echo(last.text, nl=False)
+    finally:
+        meter.close()
     click.echo()
     if last is not None:
         click.echo(format_stats(last), err=True)
@@ -48,14 +60,10 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
 @click.argument("path")
 def info(path):
     """Describe the model at PATH: layer map, parameters, bytes, quantization."""
-    from m3mlx import ConfigError, LoadError
     from m3mlx.info import describe, format_info
     from m3mlx.loading import resolve
 
-    try:
-        click.echo(format_info(describe(resolve(path))))
-    except (LoadError, ConfigError) as e:
-        raise click.ClickException(str(e)) from e
+    click.echo(format_info(describe(resolve(path))))
 
 
 DEMO_PROMPT = '''import os
@@ -100,20 +108,16 @@ def demo(directory, max_tokens):
     Hugging Face layout, converts it to MLX 4-bit with the default recipe, and continues a
     Python prompt long enough to make MSA sparse (greedy, repetition penalty 1.3).
     """
-    import shutil
-
     import mlx.core as mx
 
     from m3mlx import load
     from m3mlx.convert import convert
-    from m3mlx.demo import TINY_M3_DIR, default_demo_dir
+    from m3mlx.demo import copy_tiny_m3, default_demo_dir
     from m3mlx.generate import format_stats, stream_generate
     from m3mlx.info import describe, format_info
 
     root = Path(directory) if directory else default_demo_dir()
-    source = root / "hf"
-    shutil.rmtree(source, ignore_errors=True)  # an older demo's files would linger
-    shutil.copytree(TINY_M3_DIR, source)
+    source = copy_tiny_m3(root / "hf")
     click.echo(f"1. copied the tiny trained M3 (Hugging Face layout) to {source}")
     converted = root / "mlx-4bit"
     click.echo(f"2. m3mlx convert {source} {converted} --force")

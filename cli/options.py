@@ -1,8 +1,54 @@
-"""What the `generate` and `chat` commands share: model loading and generation options."""
+"""What the `generate` and `chat` commands share: model loading, generation options (their
+ranges are the Python API's, from m3mlx.checks.OPTION_RANGES), stdin text and the prefill
+progress line."""
+
+import math
+import sys
+import time
+from typing import Optional
 
 import click
 
-from m3mlx.defaults import PREFILL_STEP
+from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
+from m3mlx.checks import parse_size as checked_size
+from m3mlx.convert.plan import duration
+from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5G', '1048576' -> bytes (m3mlx.checks.parse_size, as a click error)."""
+    try:
+        return checked_size(str(text), "the size")
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _optional_size(ctx, param, value):
+    return None if value is None else parse_size(value)
+
+
+class _FiniteFloatRange(click.FloatRange):
+    """click.FloatRange lets nan through (every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+def option_type(name: str) -> click.ParamType:
+    """The click type of generation option `name`: the range the API checks."""
+    r = OPTION_RANGES[name]
+    kind = click.IntRange if r.kind is int else _FiniteFloatRange
+    return kind(r.low, r.high, min_open=r.low_open, max_open=r.high_open)
+
+
+def _stop_strings(ctx, param, value):
+    try:
+        return tuple(check_stop_strings(list(value)))
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def generation_options(*, max_tokens: int, sampling: dict,
@@ -14,23 +60,36 @@ def generation_options(*, max_tokens: int, sampling: dict,
         click.option("--model", "model_path", required=True,
                      help="Model directory or Hub repo id."),
         click.option("--max-tokens", "-m", default=max_tokens, show_default=True,
-                     type=click.IntRange(0), help="Most tokens to generate."),
-        click.option("--temp", default=temp, show_default=True, type=click.FloatRange(0),
+                     type=option_type("max_tokens"), help="Most tokens to generate."),
+        click.option("--temp", default=temp, show_default=True, type=option_type("temperature"),
                      help=temp_help),
-        click.option("--top-p", default=top_p, show_default=True,
-                     type=click.FloatRange(0, 1, min_open=True)),
-        click.option("--top-k", default=top_k, show_default=True, type=click.IntRange(0),
+        click.option("--top-p", default=top_p, show_default=True, type=option_type("top_p")),
+        click.option("--top-k", default=top_k, show_default=True, type=option_type("top_k"),
                      help="0 is off."),
-        click.option("--min-p", default=0.0, show_default=True,
-                     type=click.FloatRange(0, 1, max_open=True)),
+        click.option("--min-p", default=0.0, show_default=True, type=option_type("min_p")),
         click.option("--repetition-penalty", default=1.0, show_default=True,
-                     type=click.FloatRange(0, min_open=True), help="1.0 is off."),
-        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+                     type=option_type("repetition_penalty"), help="1.0 is off."),
+        click.option("--seed", type=option_type("seed"), default=None,
+                     help="Seed for reproducible sampling."),
         click.option("--prefill-step-size", default=PREFILL_STEP, show_default=True,
-                     type=click.IntRange(1), help="Prompt tokens per prefill chunk."),
-        click.option("--index-bits", type=click.Choice(["16", "8"]), default="16",
-                     show_default=True, callback=lambda ctx, param, v: 8 if v == "8" else None,
-                     help="Storage of MSA index keys; 8 halves the long-context index scan."),
+                     type=option_type("prefill_step_size"),
+                     help="Prompt tokens per prefill chunk."),
+        click.option("--index-bits", type=click.Choice(["8", "16"]), default=str(INDEX_BITS),
+                     show_default=True, callback=lambda ctx, param, v: int(v),
+                     help="Storage of MSA index keys: int8 with a scale per key (half the "
+                          "long-context index scan of 16), or the activation dtype."),
+        click.option("--kv-bits", type=click.Choice(["16", "8", "4"]), default="16",
+                     show_default=True, callback=lambda ctx, param, v: int(v),
+                     help="Storage of the K/V cache: the activation dtype (16), or 8 or 4 bits "
+                          "per value with a scale per group of head_dim (about 0.53x, 0.31x)."),
+        click.option("--kv-memory", default=None, callback=_optional_size, metavar="SIZE",
+                     help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V in "
+                          "memory; the other blocks go to a file in --kv-cache-dir and are read "
+                          "back when selected [default: all in memory]."),
+        click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where --kv-memory puts the K/V blocks not in memory, one file per "
+                          "session, removed at exit [default: $M3MLX_HOME/kv or "
+                          "~/.cache/m3mlx/kv]."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      default="auto", show_default=True,
                      help="Activation dtype (float32 on CPU)."),
@@ -44,13 +103,67 @@ def generation_options(*, max_tokens: int, sampling: dict,
     return apply
 
 
-def load_or_fail(model_path, dtype):
-    """(model, tokenizer), or a clean CLI error that says what is wrong."""
+def stop_option(command):
+    return click.option("--stop", multiple=True, callback=_stop_strings,
+                        help="Stop string (repeatable, not empty).")(command)
+
+
+def load_or_fail(model_path: str, dtype: str):
+    """(model, tokenizer); a failure is reported by the error boundary as one line."""
     import mlx.core as mx
 
-    from m3mlx import ConfigError, LoadError, load
+    from m3mlx import load
 
+    return load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype))
+
+
+def decode_input(data: bytes, what: str) -> str:
+    """Bytes read from stdin as text, or a one-line error naming the first bad byte."""
     try:
-        return load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype))
-    except (LoadError, ConfigError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start}); convert it to UTF-8 first, e.g. with iconv") from None
+
+
+def read_stdin(what: str = "stdin") -> str:
+    return decode_input(sys.stdin.buffer.read(), what)
+
+
+class PrefillMeter:
+    """`progress(done, total)` for a prefill: silent for the first seconds, then a line on
+    stderr (redrawn in place on a terminal) with tokens done, speed and time left, cleared
+    when the prefill ends."""
+
+    DELAY = 2.0  # seconds before anything is shown: short prompts print nothing
+
+    def __init__(self, stream=None, delay: Optional[float] = None):
+        self.stream = stream or sys.stderr
+        self.delay = self.DELAY if delay is None else delay
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.start = time.monotonic()
+        self.shown = False
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int):
+        now = time.monotonic()
+        elapsed = now - self.start
+        if done >= total:
+            self.close()
+            return
+        if elapsed < self.delay or now - self.last < (0.2 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = done / elapsed
+        left = duration((total - done) / rate) if rate > 0 else "--"
+        text = (f"prefill: {done:,}/{total:,} tokens ({100 * done / total:.0f}%), "
+                f"{rate:,.0f} tok/s, {left} left; Ctrl-C stops")
+        self.stream.write(f"\r\x1b[K{text}" if self.tty else text + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self):
+        if self.shown and self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        self.shown = False

@@ -5,13 +5,17 @@ Order of work, so that a bad input never leaves anything behind:
   2. open the source (local, or the Hub: only config, index, tokenizer files and text shards),
      check every header, name, shape and dtype against config.json;
   3. plan every output tensor, print the plan; stop here for --dry-run;
-  4. check free disk space; only now create the output directory;
-  5. stream the shards (temporary names, renamed when complete, recorded for --resume);
+  4. identify the source files (convert/identity.py: a resume from another source is refused),
+     check that OUTPUT_DIR is writable and that the disk has room, a reserve included; only now
+     create the output directory;
+  5. stream the shards (temporary names, renamed when complete, recorded for --resume; a full
+     disk or another OSError keeps the finished ones for --resume);
   6. copy tokenizer and chat files, write the index, verify the result against the config it is
      about to get, then write config.json last: a directory with a config.json is complete.
 """
 
 import copy
+import errno
 import json
 import os
 import shutil
@@ -19,22 +23,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Tuple, Union
 
+from m3mlx.checkpoint import INDEX_FILE, read_json, warn_nonfinite
+from m3mlx.errors import reported_as
+from m3mlx.files import atomic_copy, atomic_write
+
 from .errors import ConvertError
 from .hub import (
     download_shards, fetch_small, looks_like_repo_id, remote_headers, upload, write_model_card,
 )
+from .identity import difference, source_identity
 from .plan import MAX_SHARD_BYTES, Plan, build_plan, describe, estimate_seconds, human
 from .progress import Progress
 from .recipes import DEFAULT_RECIPE, resolve
 from .safetensors_io import FLOAT_NAMES
-from .source import INDEX_FILE, Source, open_local
-from .verify import CONVERSION_KEY, verify
+from .source import Source, open_local
+from .verify import CONVERSION_KEY, REDO, verify
 from .writer import (
     PARTIAL, STATE_FILE, read_state, shard_is_complete, write_shards, write_state,
 )
 
 ASSUMED_READ_RATE = 1e9  # bytes/s, for the time estimate (an internal NVMe reads faster)
-DISK_RESERVE = 64 << 20  # leave this much free beyond the output
+
+
+def disk_reserve(nbytes: int) -> int:
+    """Space left free beyond what a conversion writes: 1% of it, at least 250 MB, so that the
+    system (and the conversion's own metadata) never runs on a full disk."""
+    return max(250_000_000, nbytes // 100)
 
 
 @dataclass
@@ -102,24 +116,29 @@ def convert(
         return ConvertResult(plan, output, written=False)
 
     fingerprint = plan.fingerprint()
+    side = copyable_side_files(src, log)
+    identity = source_identity(_source_files(src, side))
     done = []
     if state is not None:  # --resume on an existing directory
         if state.get("complete"):
-            return _already_complete(plan, output, fingerprint, upload_repo, hub_api, log)
+            return _already_complete(plan, output, fingerprint, identity, upload_repo, hub_api,
+                                     log)
         if state.get("fingerprint") != fingerprint:
             raise ConvertError(
                 f"{output} holds an interrupted conversion made with other options or another "
                 "source; run it again with the same command, or use --force to start over")
+        _check_same_source(output, state.get("source_files"), identity, partial=bool(pending))
         done = [f for f in state.get("done", []) if f in plan.files
                 and shard_is_complete(output, f, plan)]
 
     # 4. disk space (what --force deletes counts as free), the download, then the first write
     needed = sum(b for f, b in plan.file_bytes.items() if f not in done) + sum(
-        p.stat().st_size for p in src.side_files)
+        p.stat().st_size for p in side)
     if force and output.exists():
         needed -= sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
     download = sum(w.nbytes for w in src.weights if w.data.file.name in pending)
-    _check_disk(output, needed, src.path, download)
+    _check_writable(output)
+    _check_disk(output, needed, src.path, download, log)
     if pending:
         download_shards(src.repo_id, pending, revision=revision, api=hub_api, log=log)
         src = open_local(src.path, repo_id=src.repo_id)  # now with the real headers
@@ -128,11 +147,15 @@ def convert(
         if plan.fingerprint() != fingerprint:
             raise ConvertError(f"the shards downloaded from {src.repo_id} do not match the "
                                "headers the Hub reported for them; run the command again")
+        identity = source_identity(_source_files(src, side))
+        if state is not None:
+            _check_same_source(output, state.get("source_files"), identity)
     if force and output.exists():
         _clear_output(output)
     fresh, created = not done and state is None, not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": fingerprint, "done": list(done), "source": str(src.repo_id or src.path)}
+    state = {"fingerprint": fingerprint, "done": list(done), "source": str(src.repo_id or src.path),
+             "source_files": identity}
     write_state(output, state)
     for stale in output.glob(f"*{PARTIAL}"):
         stale.unlink()
@@ -146,14 +169,20 @@ def convert(
         write_shards(plan, output, done=done, state=state, on_bytes=bar.update,
                      after_shard=after_shard)
         bar.close()
-        config = output_config(plan, fingerprint)
-        _finish(plan, output, config, src)
+        warn_nonfinite([w.weight.name for w in src.weights if w.nonfinite], src.path)
+        config = output_config(plan, fingerprint, identity)
+        _finish(plan, output, config, src, side)
         verified = verify(output, config)
-        _atomic_write(output / "config.json", json.dumps(config, indent=4))
+        atomic_write(output / "config.json", json.dumps(config, indent=4))
     except KeyboardInterrupt:
         log(f"\ninterrupted: {len(done)} of {len(plan.files)} files written to {output}; run the "
             "same command with --resume to continue")
         raise
+    except OSError as e:  # the disk filled up, a disk went away: keep what is finished
+        kept = bool(done) or not fresh
+        if not kept:
+            _remove_written(output, plan, created)
+        raise ConvertError(_write_failure(e, output, plan, done, side, kept)) from None
     except BaseException:
         if fresh:  # a fresh run that failed: leave nothing behind
             _remove_written(output, plan, created)
@@ -166,6 +195,26 @@ def convert(
     if upload_repo:
         upload(output, upload_repo, api=hub_api, log=log)
     return ConvertResult(plan, output, written=True, seconds=seconds, verified=verified)
+
+
+def _source_files(src: Source, side: List[Path]) -> List[Path]:
+    """The source files the output depends on that are on this machine (a Hub source's shards
+    are not until they are downloaded)."""
+    shards = {t.file for w in src.weights for t in (w.data, w.scale, w.scale2) if t is not None}
+    files = [src.path / "config.json", src.path / "hf_quant_config.json", *shards, *side]
+    return [f for f in files if f.is_file()]
+
+
+def _check_same_source(output: Path, recorded: Optional[dict], identity: dict,
+                       partial: bool = False):
+    if not isinstance(recorded, dict):
+        raise ConvertError(f"{output} does not record which source files it was converted from "
+                           "(made by an older m3mlx?), so resuming it could mix two models; "
+                           "use --force to convert again")
+    different = difference(recorded, identity, partial=partial)
+    if different:
+        raise ConvertError(f"{output} was converted from another source: {different}. Resume "
+                           "with the source it was made from, or use --force to start over")
 
 
 def _open_source(source, *, revision, api) -> Tuple[Source, List[str]]:
@@ -240,11 +289,27 @@ def _remove_written(output: Path, plan: Plan, created: bool):
             p.unlink(missing_ok=True)
 
 
-def _check_disk(output: Path, needed: int, cache: Path, download: int):
-    """Room for the output, and for the shards still to download (on the same disk or not)."""
-    probe = output
-    while not probe.exists():
-        probe = probe.parent
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_writable(output: Path):
+    """Refuse up front (before any download) an OUTPUT_DIR that cannot be written."""
+    probe = _nearest_existing(output)
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        raise ConvertError(f"cannot write OUTPUT_DIR {output}: {probe} is on a read-only file "
+                           "system; write the conversion somewhere else")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConvertError(f"cannot write OUTPUT_DIR {output}: permission denied on {probe}; "
+                           "choose a directory you may write to")
+
+
+def _check_disk(output: Path, needed: int, cache: Path, download: int, log):
+    """Room for the output, and for the shards still to download (on the same disk or not),
+    with a reserve kept free."""
+    probe = _nearest_existing(output)
     wants = {probe.stat().st_dev: [probe, needed, "the output needs"]}
     if download:
         dev = cache.stat().st_dev
@@ -255,18 +320,42 @@ def _check_disk(output: Path, needed: int, cache: Path, download: int):
             wants[dev] = [cache, download, "the download needs"]
     for where, nbytes, what in wants.values():
         free = shutil.disk_usage(where).free
-        if nbytes + DISK_RESERVE > free:
-            raise ConvertError(f"not enough disk space: {what} {human(nbytes)}, {where} has "
-                               f"{human(free)} free; free some space or write elsewhere")
+        reserve = disk_reserve(nbytes)
+        if nbytes + reserve > free:
+            raise ConvertError(
+                f"not enough disk space: {what} {human(nbytes)}, plus a reserve of "
+                f"{human(reserve)} that m3mlx keeps free; {where} has {human(free)} free: free "
+                f"{human(nbytes + reserve - free)} more or write elsewhere")
+        log(f"disk: {what} {human(nbytes)} (+ {human(reserve)} kept free); {human(free)} free "
+            f"on {where}")
 
 
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_failure(e: OSError, output: Path, plan: Plan, done: List[str], side: List[Path],
+                   kept: bool) -> str:
+    """What to tell the user when writing stopped on an OSError (the file being written is
+    removed; finished ones are kept when `kept`)."""
+    if kept:
+        state = (f"{len(done)} of {len(plan.files)} files are written and kept in {output} "
+                 "(the file being written was removed)")
+        again = "run the same command with --resume"
+    else:
+        state = f"nothing was finished, and nothing is left in {output}"
+        again = "run the command again"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        remaining = sum(b for f, b in plan.file_bytes.items() if f not in done) + sum(
+            p.stat().st_size for p in side)
+        free = shutil.disk_usage(_nearest_existing(output)).free
+        reserve = disk_reserve(remaining)
+        missing = max(remaining + reserve - free, 0)
+        return (f"the disk filled up: {state}. The rest needs {human(remaining)} plus a reserve "
+                f"of {human(reserve)}, and {human(free)} is free: free at least {human(missing)}, "
+                f"then {again}")
+    what = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    return f"writing the conversion failed: {what}{where}; {state}. Fix that, then {again}"
 
 
-def output_config(plan: Plan, fingerprint: str) -> dict:
+def output_config(plan: Plan, fingerprint: str, source_files: dict) -> dict:
     """The source config with the vision tower gone and the mlx-lm quantization block added."""
     src = plan.source
     config = copy.deepcopy(src.config)
@@ -291,20 +380,37 @@ def output_config(plan: Plan, fingerprint: str) -> dict:
         "mtp_layers": src.mtp_layers,
         "mtp_files": mtp_files,
         "fingerprint": fingerprint,
+        "source_files": source_files,
     }
     return config
 
 
-def _finish(plan: Plan, output: Path, config: dict, src: Source):
+def copyable_side_files(src: Source, log) -> List[Path]:
+    """The tokenizer and chat files to copy: regular files inside the source only. A link is
+    followed only when it stays inside the checkpoint (for a Hub snapshot, inside its cache
+    folder, where the blobs are), so nothing from elsewhere on the disk ends up in the output
+    (and on the Hub, with --upload-repo)."""
+    root = src.path.resolve()
+    if src.repo_id:
+        root = root.parent.parent  # snapshots/<revision> -> the repo's cache folder
+    out = []
     for f in src.side_files:
-        tmp = output / (f.name + PARTIAL)
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, output / f.name)
+        real = f.resolve()
+        if root in real.parents and real.is_file():
+            out.append(f)
+        else:
+            log(f"skipped {f.name}: it links to {real}, outside the checkpoint")
+    return out
+
+
+def _finish(plan: Plan, output: Path, config: dict, src: Source, side: List[Path]):
+    for f in side:
+        atomic_copy(f, output / f.name)
     weight_map = {t.name: fname for fname, ts in plan.files.items() for t in ts}
     index = {"metadata": {"total_size": plan.out_bytes, "total_parameters": plan.params,
                           "format": "mlx"},
              "weight_map": dict(sorted(weight_map.items()))}
-    _atomic_write(output / INDEX_FILE, json.dumps(index, indent=4))
+    atomic_write(output / INDEX_FILE, json.dumps(index, indent=4))
     write_model_card(output, src.repo_id, describe_short(plan))
 
 
@@ -316,11 +422,17 @@ def describe_short(plan: Plan) -> str:
             f"{8 * plan.out_bytes / plan.params:.2f} bits per weight.")
 
 
-def _already_complete(plan, output, fingerprint, upload_repo, api, log) -> ConvertResult:
-    config = json.loads((output / "config.json").read_text())
-    if (config.get(CONVERSION_KEY) or {}).get("fingerprint") != fingerprint:
+def _already_complete(plan, output, fingerprint, identity, upload_repo, api, log
+                      ) -> ConvertResult:
+    with reported_as(ConvertError, advice=REDO):
+        config = read_json(output / "config.json")
+    record = config.get(CONVERSION_KEY) or {}
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
         raise ConvertError(f"{output} holds a finished conversion made with other options or "
                            "another source; use --force to replace it")
+    # A Hub source's shards may not be downloaded: what is here is compared.
+    _check_same_source(output, record.get("source_files"), identity,
+                       partial=plan.source.repo_id is not None)
     verified = verify(output)
     log(f"{output} is already complete ({verified['tensors']} tensors verified)")
     if upload_repo:

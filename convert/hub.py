@@ -5,16 +5,17 @@ the network. Downloads go to the huggingface-hub cache and resume where they sto
 """
 
 import fnmatch
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from m3mlx.checkpoint import INDEX_FILE, TensorInfo, read_index, tensors_from_header
+from m3mlx.errors import reported_as
+from m3mlx.files import atomic_write
 from m3mlx.weights import is_vision
 
 from .errors import ConvertError
-from .safetensors_io import DTYPE_SIZE, TensorInfo
-from .source import INDEX_FILE, SIDE_FILES, SIDE_GLOBS
+from .source import SIDE_FILES, SIDE_GLOBS
 
 SMALL_FILES = ("config.json", INDEX_FILE, "hf_quant_config.json") + SIDE_FILES
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -32,10 +33,11 @@ def default_api():
 
 def _needed_shards(local: Path, files: List[str]) -> List[str]:
     """Shards holding at least one text tensor (vision-only shards are never fetched)."""
-    index = local / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({f for name, f in weight_map.items() if not is_vision(name)})
+    with reported_as(ConvertError):
+        weight_map = read_index(local)
+    if weight_map is not None:
+        return sorted({f for name, f in weight_map.items() if not is_vision(name)
+                       and f.endswith(".safetensors")})
     return sorted(f for f in files if f.endswith(".safetensors"))
 
 
@@ -95,12 +97,12 @@ def remote_headers(repo_id: str, local: Path, shards: List[str], *,
     for fname, file_meta in meta.files_metadata.items():
         if fname not in shards:
             continue
-        for name, t in file_meta.tensors.items():
-            if t.dtype not in DTYPE_SIZE:
-                raise ConvertError(f"{fname}: {name} has dtype {t.dtype}, which this converter "
-                                   "does not read")
-            begin, end = t.data_offsets
-            out[name] = TensorInfo(name, t.dtype, tuple(t.shape), local / fname, -1, end - begin)
+        header = {name: {"dtype": t.dtype, "shape": list(t.shape),
+                         "data_offsets": list(t.data_offsets)}
+                  for name, t in file_meta.tensors.items()}
+        with reported_as(ConvertError):  # the same checks as a local header, bar the file size
+            out.update(tensors_from_header(header, local / fname, data_start=None,
+                                           data_size=None))
     return out
 
 
@@ -115,9 +117,7 @@ def write_model_card(output: Path, base_model: Optional[str], summary: str):
               + ".", "", summary, "",
               "Loads with `m3mlx.load(path)` and with mlx-lm (`mlx_lm.load(path)`); the vision "
               "tower is not included.", ""]
-    tmp = output / "README.md.partial"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(output / "README.md")
+    atomic_write(output / "README.md", "\n".join(lines))
 
 
 def upload(output: Path, repo_id: str, *, api=None, log=print) -> str:

@@ -291,7 +291,7 @@ def describe(plan: Plan, *, seconds: Optional[float] = None) -> str:
         f"{human(sum(plan.file_bytes.values()))} on disk",
     ]
     if seconds is not None:
-        lines.append(f"estimated time {_duration(seconds)} on this machine")
+        lines.append(f"estimated time {duration(seconds)} on this machine")
     lines.append(measured.describe({r["role"]: r["precision"] for r in role_table(plan)}))
     return "\n".join(lines)
 
@@ -311,7 +311,7 @@ def _file_summary(plan: Plan) -> List[str]:
     return out
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

@@ -4,7 +4,7 @@ a line every few seconds otherwise (logs, CI)."""
 import sys
 import time
 
-from .plan import _duration, human
+from .plan import duration, human
 
 
 class Progress:
@@ -31,7 +31,7 @@ class Progress:
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         width = 30
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        eta = "done" if final else (f"{_duration(left)} left" if left != float("inf") else "--")
+        eta = "done" if final else (f"{duration(left)} left" if left != float("inf") else "--")
         text = (f"{self.label} [{bar}] {100 * frac:5.1f}%  {human(self.done)} / {human(self.total)}"
                 f"  {rate / 1e6:.1f} MB/s  {eta}")
         if self.tty:

@@ -6,15 +6,16 @@ made of headers alone gives the exact output size that `convert --dry-run` print
 release, for any recipe, on any machine.
 """
 
+import math
 from pathlib import Path
 from typing import Mapping, Optional
 
+from m3mlx.checkpoint import DTYPE_SIZE, Checkpoint, TensorInfo
 from m3mlx.config import ModelArgs
 from m3mlx.layout import text_weights
 
 from .plan import Plan, build_plan
 from .recipes import resolve
-from .safetensors_io import DTYPE_SIZE, TensorInfo
 from .source import Source, SourceWeight
 
 NOWHERE = Path("<headers only>")
@@ -26,12 +27,12 @@ def headers_source(args: Optional[ModelArgs] = None) -> Source:
     weights = []
     for w in text_weights(args):
         dtype = "F32" if w.fp32 else "BF16"
-        n = 1
-        for d in w.shape:
-            n *= d
-        weights.append(SourceWeight(w, "float", TensorInfo(w.name, dtype, w.shape, NOWHERE, 0,
-                                                           n * DTYPE_SIZE[dtype])))
-    return Source(NOWHERE, {}, args, "bf16", weights, 0, [], [], remote=True)
+        info = TensorInfo(w.name, dtype, w.shape, NOWHERE, -1,
+                          math.prod(w.shape) * DTYPE_SIZE[dtype])
+        weights.append(SourceWeight(w, "float", info))
+    checkpoint = Checkpoint(NOWHERE, {}, args, None, None, {},
+                            {s.data.name: s.data for s in weights})
+    return Source(NOWHERE, {}, args, "bf16", weights, 0, [], [], checkpoint, remote=True)
 
 
 def plan_for(recipe: str = "m3", *, mode: str = "affine", bits: Optional[int] = None,

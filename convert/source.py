@@ -19,14 +19,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from m3mlx.config import ConfigError, ModelArgs
+from m3mlx.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, has_nonfinite
+from m3mlx.config import ModelArgs
+from m3mlx.errors import reported_as
+from m3mlx.layout import Weight, text_weights
+from m3mlx.tokenizer import read_tokenizer_files
 from m3mlx.weights import is_mtp, is_vision
 
+from .decode import E4M3, e2m1_unpack, to_f32, ue8m0_to_f32
 from .errors import ConvertError
-from m3mlx.layout import Weight, text_weights
-from .safetensors_io import (
-    E4M3, FLOAT_DTYPES, TensorInfo, e2m1_unpack, read_bytes, read_header, to_f32, ue8m0_to_f32,
-)
 
 FORMATS = ("bf16", "mxfp8", "nvfp4")
 # Files copied next to the weights: tokenizer, chat template, generation defaults.
@@ -36,7 +37,6 @@ SIDE_FILES = (
     "generation_config.json",
 )
 SIDE_GLOBS = ("*.jinja", "*.tiktoken")
-INDEX_FILE = "model.safetensors.index.json"
 _MTP_LAYER = re.compile(r"\.mtp\.layers\.(\d+)\.")
 
 
@@ -49,6 +49,7 @@ class SourceWeight:
     data: TensorInfo
     scale: Optional[TensorInfo] = None  # mxfp8 weight_scale_inv, nvfp4 weight_scale
     scale2: Optional[TensorInfo] = None  # nvfp4 weight_scale_2
+    nonfinite: bool = False  # rows read so far held NaN or Inf
     _global: Optional[float] = field(default=None, repr=False)
 
     @property
@@ -81,9 +82,24 @@ class SourceWeight:
 
     def global_scale(self) -> np.float32:
         if self._global is None:
-            raw = read_bytes(self.scale2.file, self.scale2.start, 4)
-            self._global = raw.view(np.float32)[0]
+            self._global = self.scale2.read_array().reshape(-1)[0]
         return self._global
+
+    def scan(self, kind: str, data):
+        """Note NaN or Inf in rows just read: float32 values ("f32"), bf16 bits ("bf16") or the
+        stored bytes of the data and scale tensors ("copy")."""
+        if kind == "f32":
+            bad = not np.isfinite(data).all()
+        elif kind == "bf16":
+            bad = has_nonfinite(data, "BF16")
+        else:
+            dtypes = (self.data.dtype, _SCALE_DTYPE.get(self.fmt))
+            bad = any(has_nonfinite(raw, dtype) for raw, dtype in zip(data, dtypes))
+        self.nonfinite = self.nonfinite or bad
+
+
+# What the bytes of each format's scale tensor are (mxfp8 stores its UE8M0 exponents as U8).
+_SCALE_DTYPE = {"mxfp8": "F8_E8M0", "nvfp4": "F8_E4M3"}
 
 
 @dataclass
@@ -96,6 +112,7 @@ class Source:
     mtp_layers: int
     dropped: List[str]  # vision tensors (and NVFP4 input scales) left behind
     side_files: List[Path]
+    checkpoint: Checkpoint  # what the reader read and checked: headers, file stamps
     repo_id: Optional[str] = None
     remote: bool = False  # headers came from the Hub; the shards are not local (dry run)
 
@@ -108,38 +125,16 @@ class Source:
         return sum(int(np.prod(w.weight.shape)) for w in self.weights)
 
 
-def read_config(path: Path) -> Tuple[dict, ModelArgs]:
-    file = path / "config.json"
-    if not file.is_file():
-        raise ConvertError(f"{path} has no config.json; pass a MiniMax-M3 checkpoint directory "
-                           "or Hub repo id")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as e:
-        raise ConvertError(f"{file} is not valid JSON ({e}); download it again") from None
-    try:
-        args = ModelArgs.from_config(config)
-    except ConfigError as e:
-        raise ConvertError(f"{file}: {e}") from None
-    except TypeError as e:
-        raise ConvertError(f"{file}: a text_config field has the wrong type ({e})") from None
-    return config, args
-
-
-def quant_format(path: Path, config: dict) -> str:
-    """The checkpoint format that config.json (or hf_quant_config.json) declares."""
-    qc = config.get("quantization_config") or (config.get("text_config") or {}).get(
-        "quantization_config")
-    hf_quant = path / "hf_quant_config.json"
-    if qc is None and hf_quant.is_file():
-        qc = json.loads(hf_quant.read_text())
+def quant_format(qc: Optional[dict]) -> str:
+    """The checkpoint format its quantization_config (config.json's or hf_quant_config.json's,
+    as the checkpoint reader found and checked it) declares."""
     if not qc:
         return "bf16"
     method = str(qc.get("quant_method", "")).lower()
     settings = qc.get("quantization", qc)
     algo = str(settings.get("quant_algo", "")).upper()
     # The scale tensors themselves are checked later: UE8M0 bytes, one per 1x32 block.
-    if method == "mxfp8" or (method == "fp8" and list(qc.get("weight_block_size", [])) == [1, 32]
+    if method == "mxfp8" or (method == "fp8" and qc.get("weight_block_size") == [1, 32]
                              and qc.get("scale_fmt", "ue8m0") == "ue8m0"):
         return "mxfp8"
     if algo == "NVFP4" and method in ("modelopt", ""):
@@ -151,26 +146,6 @@ def quant_format(path: Path, config: dict) -> str:
     raise ConvertError(
         f"quantization_config {json.dumps(qc)[:200]} is not a format this converter reads: "
         "it takes BF16, MXFP8 (e4m3 + UE8M0 1x32 blocks) and NVFP4 (ModelOpt) checkpoints")
-
-
-def weight_files(path: Path) -> List[str]:
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ConvertError(f"{index} is not a valid safetensors index ({e}); download it "
-                               "again") from None
-        return sorted(set(weight_map.values()))
-    files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise ConvertError(f"{path} has no *.safetensors weights and no {INDEX_FILE}")
-    return files
-
-
-def index_map(path: Path) -> Optional[Dict[str, str]]:
-    index = path / INDEX_FILE
-    return json.loads(index.read_text())["weight_map"] if index.is_file() else None
 
 
 def side_files(path: Path) -> List[Path]:
@@ -290,41 +265,14 @@ def open_local(path: Path, *, tensors: Optional[Dict[str, TensorInfo]] = None,
     """Read and check a checkpoint directory. `tensors` stands in for the shard headers when
     they come from the Hub and the shards are not downloaded (a dry run)."""
     path = Path(path)
-    if not path.is_dir():
-        raise ConvertError(f"{path} is not a directory")
-    config, args = read_config(path)
-    fmt = quant_format(path, config)
-    files = weight_files(path)
-    remote = tensors is not None
-    if tensors is None:
-        weight_map = index_map(path)
-        if weight_map is not None:
-            # A shard of vision tensors only is never downloaded from the Hub: absent is fine.
-            vision_only = {f for f in files
-                           if all(is_vision(n) for n, g in weight_map.items() if g == f)}
-            files = [f for f in files if f not in vision_only or (path / f).is_file()]
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise ConvertError(f"shard(s) {', '.join(missing)} listed in {INDEX_FILE} are "
-                               f"missing from {path}; download them again")
-        tensors = {}
-        for f in files:
-            header, _ = read_header(path / f)
-            clash = set(header) & set(tensors)
-            if clash:
-                raise ConvertError(f"{f} repeats tensor(s) from another shard, e.g. "
-                                   f"{sorted(clash)[:3]}; the checkpoint is inconsistent")
-            tensors.update(header)
-        if weight_map is not None:
-            wrong = [n for n, f in weight_map.items() if f in files
-                     and (n not in tensors or tensors[n].file.name != f)]
-            if wrong:
-                raise ConvertError(f"{INDEX_FILE} places {len(wrong)} tensor(s) in shards that do "
-                                   f"not hold them, e.g. {wrong[:3]}; the index and the shards "
-                                   "disagree: download the checkpoint again")
-    weights, mtp_layers, dropped = inventory(path, config, args, tensors, fmt)
+    with reported_as(ConvertError):
+        ckpt = Checkpoint.open(path, tensors=tensors)
+        if (path / "tokenizer.json").is_file():  # copied to the output: refuse a broken one now
+            read_tokenizer_files(path)
+    fmt = quant_format(ckpt.quantization_config)
+    weights, mtp_layers, dropped = inventory(path, ckpt.config, ckpt.args, ckpt.tensors, fmt)
     if fmt != "bf16" and not any(w.fmt != "float" for w in weights):
         raise ConvertError(f"config.json declares a {fmt} checkpoint but no tensor carries "
                            f"{fmt} scales; the config and the weights disagree")
-    return Source(path, config, args, fmt, weights, mtp_layers, dropped, side_files(path),
-                  repo_id=repo_id, remote=remote)
+    return Source(path, ckpt.config, ckpt.args, fmt, weights, mtp_layers, dropped,
+                  side_files(path), ckpt, repo_id=repo_id, remote=tensors is not None)

@@ -6,28 +6,30 @@ headers. Every expected tensor must be present with its shape and dtype, nothing
 and every file must hold all the bytes its header promises.
 """
 
-import json
 from pathlib import Path
 from typing import Dict, Optional
 
-from m3mlx.config import ConfigError, ModelArgs
+from m3mlx.checkpoint import FLOAT_DTYPES, INDEX_FILE, read_header, read_index, read_json
+from m3mlx.config import ModelArgs, check_quantization
+from m3mlx.errors import reported_as
+from m3mlx.layout import text_weights
 
 from .errors import ConvertError
-from m3mlx.layout import text_weights
 from .recipes import FP_MODES
-from .safetensors_io import FLOAT_DTYPES, read_header
-from .source import INDEX_FILE
 
 CONVERSION_KEY = "m3mlx_conversion"
+REDO = "convert again with --force"  # the advice for a damaged output
 
 
 def expected_tensors(config: dict) -> Dict[str, tuple]:
     """name -> (allowed dtypes, shape) for the output of a conversion with this config."""
-    try:
+    with reported_as(ConvertError):
         args = ModelArgs.from_config(config)
-    except ConfigError as e:
-        raise ConvertError(f"config.json: {e}") from None
-    mtp_layers = int((config.get(CONVERSION_KEY) or {}).get("mtp_layers", 0))
+        check_quantization(config)
+    mtp_layers = (config.get(CONVERSION_KEY) or {}).get("mtp_layers", 0)
+    if not isinstance(mtp_layers, int) or not 0 <= mtp_layers <= 64:
+        raise ConvertError(f"config.json: {CONVERSION_KEY}.mtp_layers is {str(mtp_layers)[:20]}; "
+                           "it must be a small non-negative integer")
     quant = config.get("quantization")
     out: Dict[str, tuple] = {}
     stacked: Dict[str, list] = {}
@@ -49,11 +51,13 @@ def _expect(out, path, kind, shape, lead, quant):
     if quant is not None:
         default = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
         params = quant.get(path, default)
+        params = default if params is True else params
     if not params:
         out[f"{path}.weight"] = (FLOAT_DTYPES, lead + tuple(shape))
         return
     mode = params.get("mode", "affine")
-    bits, group = params["bits"], params["group_size"]
+    bits, group = params.get("bits", quant.get("bits")), params.get("group_size",
+                                                                     quant.get("group_size"))
     rows, cols = shape
     out[f"{path}.weight"] = (("U32",), lead + (rows, cols * bits // 32))
     if mode == "affine":
@@ -74,16 +78,17 @@ def verify(output, config: Optional[dict] = None) -> dict:
         if not file.is_file():
             raise ConvertError(f"{output} has no config.json: the conversion did not finish; "
                                "run it again with --resume")
-        config = json.loads(file.read_text())
-    index_file = output / INDEX_FILE
-    if not index_file.is_file():
+        with reported_as(ConvertError, advice=REDO):
+            config = read_json(file)
+    if not (output / INDEX_FILE).is_file():
         raise ConvertError(f"{output} has no {INDEX_FILE}: the conversion did not finish; run it "
                            "again with --resume")
-    weight_map = json.loads(index_file.read_text())["weight_map"]
+    with reported_as(ConvertError, advice=REDO):
+        weight_map = read_index(output)
+        shards = {f: read_header(output / f) for f in sorted(set(weight_map.values()))}
     actual = {}
-    for fname in sorted(set(weight_map.values())):
-        tensors, _ = read_header(output / fname)
-        for name, info in tensors.items():
+    for fname, shard in shards.items():
+        for name, info in shard.tensors.items():
             if weight_map.get(name) != fname:
                 raise ConvertError(f"{fname} holds {name}, which {INDEX_FILE} places elsewhere")
             actual[name] = info
@@ -104,3 +109,4 @@ def verify(output, config: Optional[dict] = None) -> dict:
                                f"{'/'.join(dtypes)} {list(shape)}")
     return {"tensors": len(actual), "bytes": sum(t.nbytes for t in actual.values()),
             "files": len(set(weight_map.values()))}
+

@@ -6,6 +6,8 @@ tensor [E, out, in] is never whole in memory: each expert's rows are read, quant
 into that expert's slice. MLX quantizes each row's groups independently, so quantizing row
 chunks gives the bytes quantizing the stack would. Shards are written as `NAME.partial` and
 renamed when complete; a small state file records finished shards so `--resume` skips them.
+Temporary files are created exclusively and nothing is written through a link planted in the
+output directory (m3mlx/files.py).
 """
 
 import json
@@ -17,13 +19,15 @@ from typing import Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .errors import ConvertError
+from m3mlx.checkpoint import read_header
+from m3mlx.errors import CheckpointError
+from m3mlx.files import PARTIAL, atomic_write, create_exclusive, is_regular_file
+
 from .plan import SHARD_METADATA, Plan, Unit
-from .safetensors_io import FLOAT_NAMES, layout_header, pwrite_all, read_header
+from .safetensors_io import FLOAT_NAMES, layout_header, pwrite_all
 from .source import SourceWeight
 
 STATE_FILE = ".m3mlx-convert.json"
-PARTIAL = ".partial"
 CHUNK_BYTES = 16 << 20  # float32 bytes per row chunk: bounds the working set
 
 
@@ -93,7 +97,7 @@ class ShardFile:
         header, self.offsets = layout_header(tensors, SHARD_METADATA)
         self.sizes = {t.name: t.nbytes for t in tensors}
         self.size = len(header) + sum(self.sizes.values())
-        self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = create_exclusive(self.temp, os.O_RDWR)
         try:
             os.ftruncate(self.fd, self.size)
             pwrite_all(self.fd, np.frombuffer(header, dtype=np.uint8), 0)
@@ -126,7 +130,9 @@ def _read_ahead(unit: Unit, jobs, dtype: str, reader: Optional[ThreadPoolExecuto
 
     def read(job):
         _, src, first, count = job
-        return read_rows(unit, src, first, count, dtype)
+        rows = read_rows(unit, src, first, count, dtype)
+        src.scan(*rows)  # NaN/Inf noted as the bytes go by: the source is read once
+        return rows
 
     if reader is None:
         for job in jobs:
@@ -165,25 +171,26 @@ def write_unit(shard: ShardFile, unit: Unit, dtype: str, on_bytes: Callable[[int
 
 
 def read_state(output: Path) -> Optional[dict]:
+    """The resume state, or None when there is none (or it is a link, or not ours)."""
     f = output / STATE_FILE
-    if not f.is_file():
+    if not is_regular_file(f):
         return None
     try:
-        return json.loads(f.read_text())
+        state = json.loads(f.read_text())
     except ValueError:
         return None
+    return state if isinstance(state, dict) else None
 
 
 def write_state(output: Path, state: dict):
-    tmp = output / (STATE_FILE + PARTIAL)
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, output / STATE_FILE)
+    atomic_write(output / STATE_FILE, json.dumps(state, indent=1))
 
 
 def shard_is_complete(output: Path, name: str, plan: Plan) -> bool:
-    """A finished shard from an earlier run: right size, and exactly the planned header."""
+    """A finished shard from an earlier run: a regular file (not a link), the right size, and
+    exactly the planned header."""
     f = output / name
-    if not f.is_file():
+    if not is_regular_file(f):
         return False
     header, _ = layout_header(plan.files[name], SHARD_METADATA)
     if f.stat().st_size != len(header) + sum(t.nbytes for t in plan.files[name]):
@@ -193,7 +200,7 @@ def shard_is_complete(output: Path, name: str, plan: Plan) -> bool:
             return False
     try:
         read_header(f)
-    except ConvertError:
+    except CheckpointError:
         return False
     return True
 

@@ -4,7 +4,10 @@ from .cache import LayerCache, load_prompt_cache, save_prompt_cache, trim_prompt
 from .chat import ChatReply, ChatSession, ChatStream
 from .chat_format import (M3_CHAT_TEMPLATE, MalformedOutputWarning, ToolCall, parse_reply,
                           render_chat)
+from .checkpoint import Checkpoint, NonFiniteWeightWarning
+from .checks import InputError
 from .config import ConfigError, ModelArgs
+from .errors import CheckpointError
 from .generate import GenerationResponse, generate, make_sampler, stream_generate
 from .loading import LoadError, load, load_model
 from .model import Model, make_cache
@@ -15,8 +18,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ChatReply", "ChatSession", "ChatStream", "M3_CHAT_TEMPLATE", "MalformedOutputWarning",
     "ToolCall", "parse_reply", "render_chat",
-    "ConfigError", "GenerationResponse", "LayerCache", "LoadError", "Model", "ModelArgs",
-    "Tokenizer", "generate", "load",
+    "Checkpoint", "CheckpointError", "ConfigError", "GenerationResponse", "InputError",
+    "LayerCache", "LoadError", "Model", "ModelArgs", "NonFiniteWeightWarning", "Tokenizer",
+    "generate", "load",
     "load_model", "load_prompt_cache", "make_cache", "make_sampler", "save_prompt_cache",
     "stream_generate", "trim_prompt_cache",
 ]

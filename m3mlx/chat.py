@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from .cache import load_prompt_cache, prompt_cache_bytes, save_prompt_cache
+from .cache import (
+    LayerCache, check_cache_fits, load_prompt_cache, model_signature, prompt_cache_bytes,
+    save_prompt_cache,
+)
 from .chat_format import (
     THINK_BEGIN,
     ParsedReply,
@@ -21,12 +24,15 @@ from .chat_format import (
     ReplyParser,
     ToolCall,
     check_thinking_mode,
+    normalize_messages,
     normalize_tools,
     render_chat,
     tool_result_text,
 )
-from .defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING
-from .generate import stream_generate
+from .checks import OPTION_RANGES, InputError, check_option, check_text
+from .defaults import CHAT_MAX_TOKENS, INDEX_BITS, RECOMMENDED_SAMPLING
+from .generate import context_limit, stream_generate
+from .kv_tier import tiers_of
 from .model import make_cache
 
 # M3's recommended sampling (model card); temperature 0 makes replies greedy.
@@ -38,7 +44,9 @@ DEFAULT_OPTIONS = {
     "seed": None,
 }
 OPTION_NAMES = frozenset(DEFAULT_OPTIONS) | {"repetition_context_size", "prefill_step_size"}
-SESSION_FORMAT = "m3mlx-chat-session/1"
+SESSION_FORMAT = "m3mlx-chat-session/2"
+SESSION_KEYS = frozenset({"format", "model", "system", "tools", "thinking", "options",
+                          "messages", "tokens"})
 
 
 @dataclass
@@ -103,10 +111,11 @@ class ChatSession:
 
     `add_tool_result(...)` answers the model's tool calls, after which `send()` continues.
     `system`, `tools` and `thinking` ("enabled", "disabled", "adaptive") may be changed between
-    turns; the next reply re-prefills from the first token they change. `index_bits=8` stores
-    MSA index keys in 8 bits. Generation options (`max_tokens`, `temperature`, `top_p`,
-    `top_k`, `min_p`, `repetition_penalty`, `seed`, `prefill_step_size`, ...) default to M3's
-    recommended sampling.
+    turns; the next reply re-prefills from the first token they change. `index_bits`,
+    `kv_bits`, `kv_memory`, `kv_cache_dir` and `kv_policy` set up the cache as `make_cache`
+    does. Generation options (`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`,
+    `repetition_penalty`, `seed`, `prefill_step_size`, ...) default to M3's recommended
+    sampling.
     """
 
     def __init__(
@@ -118,12 +127,16 @@ class ChatSession:
         tools: Optional[Sequence[Dict[str, Any]]] = None,
         thinking: str = "adaptive",
         chat_template: Optional[str] = None,
-        index_bits: Optional[int] = None,
+        index_bits: Optional[int] = INDEX_BITS,
+        kv_bits: Optional[int] = None,
+        kv_memory=None,
+        kv_cache_dir=None,
+        kv_policy: Optional[str] = None,
         **options,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.system = system
+        self.system = None if system is None else check_text(system, "the system prompt")
         self.tools = tools
         self.thinking = thinking
         # The checkpoint's template when it ships one, else the built-in renderer.
@@ -131,7 +144,11 @@ class ChatSession:
         self.options = {**DEFAULT_OPTIONS, **_checked_options(options)}
         self.messages: List[Dict[str, Any]] = []
         self.last_reply: Optional[ChatReply] = None
-        self._cache = make_cache(model, index_bits=index_bits)
+        # How the cache is kept (a loaded session keeps its saved K/V as they were saved, in
+        # this session's memory tier).
+        self.cache_settings = dict(index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory,
+                                   kv_cache_dir=kv_cache_dir, kv_policy=kv_policy)
+        self._cache = make_cache(model, **self.cache_settings)
         self._tokens: List[int] = []  # exactly the tokens the cache holds
 
     # -- settings --------------------------------------------------------------------------
@@ -159,12 +176,17 @@ class ChatSession:
 
     @property
     def cache_nbytes(self) -> int:
+        """Bytes the conversation's cache holds, in memory or in a memory tier's file."""
         return prompt_cache_bytes(self._cache)
 
     @property
+    def cache_resident_nbytes(self) -> int:
+        """Bytes of the cache held in memory (less than cache_nbytes with kv_memory)."""
+        return sum(c.resident_nbytes for c in self._cache)
+
+    @property
     def context_limit(self) -> Optional[int]:
-        args = getattr(self.model, "args", None)
-        return getattr(args, "max_position_embeddings", None)
+        return context_limit(self.model)
 
     # -- conversation ----------------------------------------------------------------------
 
@@ -173,7 +195,8 @@ class ChatSession:
         return self._render(self.messages, add_generation_prompt)
 
     def _render(self, messages: List[Dict[str, Any]], add_generation_prompt: bool) -> str:
-        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        system = [] if self.system is None else [
+            {"role": "system", "content": check_text(self.system, "the system prompt")}]
         return render_chat(
             system + messages,
             tools=self.tools,
@@ -182,23 +205,28 @@ class ChatSession:
             template=self.chat_template,
         )
 
-    def send(self, message: Optional[str] = None, **options) -> ChatStream:
+    def send(self, message: Optional[str] = None, *,
+             prefill_progress: Optional[Callable[[int, int], None]] = None,
+             **options) -> ChatStream:
         """Stream the reply to a user message (none: continue after tool results).
 
         The message and the reply join the conversation as the stream runs; a stream stopped
-        before any output leaves the conversation as it was. `options` override the session's
-        generation options for this reply only.
+        before any output (Ctrl-C during a long prefill, say) leaves the conversation as it
+        was, and the part of the prompt already prefilled stays cached. `options` override the
+        session's generation options for this reply only; `prefill_progress(done, total)` is
+        called after each prefill chunk.
         """
         if message is None:
             if not self.messages or self.messages[-1]["role"] == "assistant":
-                raise ValueError("nothing to reply to: pass a message, or add tool results "
+                raise InputError("nothing to reply to: pass a message, or add tool results "
                                  "with add_tool_result()")
             new = []
         elif isinstance(message, str):
-            new = [{"role": "user", "content": message}]
+            new = [{"role": "user", "content": check_text(message, "the message")}]
         else:
             raise TypeError(f"message must be a string, got {type(message).__name__}")
-        options = {**self.options, **_checked_options(options)}
+        options = {**self.options, **_checked_options(options),
+                   "prefill_progress": prefill_progress}
         prompt = self._render(self.messages + new, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt)
         self._check_context(len(ids))
@@ -231,7 +259,7 @@ class ChatSession:
     def _check_context(self, n: int):
         limit = self.context_limit
         if limit is not None and n >= limit:
-            raise ValueError(
+            raise InputError(
                 f"the conversation is {n} tokens, beyond the model's context of {limit}; "
                 "reset the session or start a shorter one"
             )
@@ -298,7 +326,7 @@ class ChatSession:
             path = path.with_name(path.name + ".safetensors")
         state = {
             "format": SESSION_FORMAT,
-            "model": _model_signature(self.model, self.tokenizer),
+            "model": _model_identity(self.model, self.tokenizer),
             "system": self.system,
             "tools": self.tools,
             "thinking": self.thinking,
@@ -306,14 +334,19 @@ class ChatSession:
             "messages": self.messages,
             "tokens": self._tokens,
         }
-        save_prompt_cache(str(path), self._cache, {"chat_session": json.dumps(state)})
+        save_prompt_cache(str(path), self._cache, {"chat_session": json.dumps(state)},
+                          model=self.model)
         return path
 
     @classmethod
     def load(cls, path, model, tokenizer, **overrides) -> "ChatSession":
         """Restore a session saved with `save`, to continue with the same model.
 
-        `overrides` replace saved settings (system, tools, thinking, generation options).
+        The file is checked completely before anything is used: its cache (as
+        `load_prompt_cache` checks it), and every saved setting, option, message and token.
+        InputError says what is wrong. `overrides` replace saved settings (system, tools,
+        thinking, generation options) and set the cache up (`kv_memory`, ...: the saved K/V go
+        into that memory tier as they were saved).
         """
         path = Path(path)
         if not path.exists() and path.with_name(path.name + ".safetensors").exists():
@@ -323,49 +356,88 @@ class ChatSession:
         try:
             cache, metadata = load_prompt_cache(str(path), return_metadata=True)
             state = json.loads(metadata["chat_session"])
-            if state.get("format") != SESSION_FORMAT:
-                raise ValueError(f"format {state.get('format')!r}, expected {SESSION_FORMAT!r}")
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise ValueError(f"{path} is not a saved m3mlx chat session ({e})") from None
-        if state["model"] != _model_signature(model, tokenizer):
-            raise ValueError(
-                f"{path} was saved with another model ({state['model']}); load it with that model"
-            )
-        settings = {
-            "system": state["system"],
-            "tools": state["tools"],
-            "thinking": state["thinking"],
-            **state["options"],
-            **overrides,
-        }
-        session = cls(model, tokenizer, **settings)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path} is not a saved m3mlx chat session ({e})") from None
+        try:
+            settings = _checked_state(state, model, tokenizer)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{path} is not a usable m3mlx chat session: {e}") from None
+        try:
+            check_cache_fits(cache, model)
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
+        if any(c.offset != len(state["tokens"]) for c in cache):
+            raise InputError(f"{path}: the saved cache does not match its token record")
+        session = cls(model, tokenizer, **{**settings, **overrides})
         session.messages = state["messages"]
-        if len(cache) != len(session._cache) or any(
-            c.offset != len(state["tokens"]) for c in cache
-        ):
-            raise ValueError(f"{path}: the saved cache does not match its token record")
-        session._cache = cache
+        try:
+            session.render()
+        except Exception as e:  # whatever the saved messages make the template do: refused
+            raise InputError(f"{path}: the saved conversation does not render ({e})") from None
+        tiers = tiers_of(session._cache)
+        # The saved cache as saved (compact K/V are not quantized again), in the session's
+        # memory tier when it has one.
+        session._cache = [LayerCache.from_state(c.state, c.meta(), tiers[0] if tiers and c.index
+                                                else None) for c in cache] if tiers else cache
         session._tokens = state["tokens"]
         return session
 
 
 def _checked_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """`options` when every name is a generation option and every value is in its range."""
     unknown = set(options) - OPTION_NAMES
     if unknown:
         raise TypeError(
             f"unknown generation option(s) {', '.join(sorted(unknown))}; "
             f"expected {', '.join(sorted(OPTION_NAMES))}"
         )
-    return options
+    return {name: check_option(name, value) if name in OPTION_RANGES else value
+            for name, value in options.items()}
 
 
-def _model_signature(model, tokenizer) -> Dict[str, Any]:
-    args = getattr(model, "args", None)
-    return {
-        "layers": len(model.layers),
-        "hidden_size": getattr(args, "hidden_size", None),
-        "vocab_size": tokenizer.vocab_size,
-    }
+def _checked_state(state: Any, model, tokenizer) -> Dict[str, Any]:
+    """The settings of a saved session state, every field checked; ValueError or TypeError
+    naming the first that is wrong."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the saved state is a {type(state).__name__}, not an object")
+    if state.get("format") != SESSION_FORMAT:
+        raise ValueError(f"format {state.get('format')!r}, expected {SESSION_FORMAT!r} (saved "
+                         "by another version of m3mlx?)")
+    missing, extra = sorted(SESSION_KEYS - set(state)), sorted(set(state) - SESSION_KEYS)
+    if missing:
+        raise ValueError(f"the saved state lacks {', '.join(missing)}")
+    if extra:
+        raise ValueError(f"the saved state has unknown fields {', '.join(extra)}")
+    if state["model"] != _model_identity(model, tokenizer):
+        raise ValueError("it was saved with another model; load it with that model")
+    system = state["system"]
+    if system is not None:
+        check_text(system, "the saved system prompt")
+    if not isinstance(state["tools"], list):
+        raise ValueError("the saved tools are not a list")
+    normalize_tools(state["tools"])
+    check_thinking_mode(state["thinking"])
+    if not isinstance(state["options"], dict):
+        raise ValueError("the saved options are not an object")
+    _checked_options(state["options"])
+    messages = state["messages"]
+    if not isinstance(messages, list):
+        raise ValueError("the saved messages are not a list")
+    normalize_messages(messages)
+    if any(m["role"] == "system" for m in messages):
+        raise ValueError("a saved message has the system role (the system prompt is saved "
+                         "apart)")
+    tokens, vocab = state["tokens"], tokenizer.vocab_size
+    if not isinstance(tokens, list) or not all(
+            type(t) is int and 0 <= t < vocab for t in tokens):
+        raise ValueError(f"the saved tokens are not a list of token ids below {vocab}")
+    return {"system": system, "tools": state["tools"], "thinking": state["thinking"],
+            **state["options"]}
+
+
+def _model_identity(model, tokenizer) -> Dict[str, Any]:
+    return {"signature": model_signature(model), "layers": len(model.layers),
+            "vocab_size": tokenizer.vocab_size}
 
 
 def _reply(parsed: ParsedReply, reason: str, tokens: List[int], last, prompt_tokens: int,

@@ -7,8 +7,12 @@ path, it does not speak. `m3mlx demo` and the tests build on it.
 """
 
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -129,12 +133,45 @@ def write_tokenizer(path: Path, tokenizer=None) -> "object":
     return tok
 
 
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A temporary folder next to `path`, whose files move into `path` only once all are
+    written: a full disk or a read-only location leaves `path` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield staging
+        path.mkdir(exist_ok=True)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, path / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_tiny_m3(path) -> Path:
+    """Copy the tiny trained M3 (Hugging Face layout) to `path`, in place of what is there."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)  # an older copy's files would linger
+    with _staged(path) as staging:
+        for f in sorted(TINY_M3_DIR.iterdir()):
+            shutil.copyfile(f, staging / f.name)
+    return path
+
+
 def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards: int = 2,
                           dtype=mx.bfloat16, config_style: str = "raw",
                           extra_files: Optional[Dict[str, str]] = None, **overrides) -> Path:
-    """Write a tiny random M3 checkpoint (HF layout) with a tokenizer to `path`; returns it."""
+    """Write a tiny random M3 checkpoint (HF layout) with a tokenizer to `path`; returns it,
+    written all at once (`_staged`)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    with _staged(path) as staging:
+        _write_checkpoint(staging, seed=seed, with_mtp=with_mtp, shards=shards, dtype=dtype,
+                          config_style=config_style, extra_files=extra_files, **overrides)
+    return path
+
+
+def _write_checkpoint(path: Path, *, seed, with_mtp, shards, dtype, config_style, extra_files,
+                      **overrides):
     tok = write_tokenizer(path)
     overrides.setdefault("vocab_size", tok.get_vocab_size())
     overrides.setdefault("bos_token_id", tok.token_to_id(BOD))
@@ -176,7 +213,6 @@ def write_weights(path, args: ModelArgs, weights: Dict[str, mx.array], *, shards
     files = {"chat_template.jinja": M3_CHAT_TEMPLATE, **(extra_files or {})}
     for name, text in files.items():
         (path / name).write_text(text)
-    return path
 
 
 def default_demo_dir() -> Path:

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, List, Optional, TextIO, Union
 import mlx.core as mx
 import numpy as np
 
-from .defaults import PREFILL_STEP
+from .defaults import INDEX_BITS, PREFILL_STEP
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
 
@@ -102,12 +102,13 @@ def open_text(data: Union[str, os.PathLike, None]) -> TextIO:
 # Log-probabilities of one window, a few rows at a time
 
 
-def logprob_chunks(model: Model, tokens: np.ndarray,
-                   prefill_step: int = PREFILL_STEP) -> Iterator[mx.array]:
+def logprob_chunks(model: Model, tokens: np.ndarray, prefill_step: int = PREFILL_STEP,
+                   index_bits: Optional[int] = INDEX_BITS) -> Iterator[mx.array]:
     """float32 log-probabilities [rows, vocab] for positions 0 .. context-2 of the window, in
-    order, in chunks of rows (each position predicts the token after it)."""
+    order, in chunks of rows (each position predicts the token after it). The cache stores MSA
+    index keys as generation does (`index_bits`)."""
     lm = model.language_model
-    cache = make_cache(model)
+    cache = make_cache(model, index_bits)
     rows = max(1, LOGIT_BYTES // (4 * model.args.vocab_size))
     inputs = mx.array(tokens[:-1])[None]
     for start in range(0, inputs.shape[1], prefill_step):
@@ -298,13 +299,15 @@ class EvalResult:
 def evaluate(model: Model, tokenizer: Tokenizer, data=None, *, context: Optional[int] = None,
              samples: Optional[int] = None, reference=None, save_logits=None,
              top_k: int = DEFAULT_TOP_K, prefill_step: int = PREFILL_STEP,
+             index_bits: Optional[int] = INDEX_BITS,
              progress: Optional[Callable[[int, Optional[int], int], None]] = None) -> EvalResult:
     """Perplexity of `model` over `data` (a text file path, '-' for stdin, or None for the
     held-out Python text that ships with m3mlx), in windows of `context` tokens, at most
     `samples` windows; against `reference` (a Model, or the path of a saved reference-logits
     file) also the KL divergence and its friends. `save_logits` writes this model's logits
     (top_k per token) for later runs to use as their reference. `progress(windows done,
-    windows expected or None, tokens done)` is called after each window."""
+    windows expected or None, tokens done)` is called after each window. `index_bits` is how
+    the caches store MSA index keys, as in generation (16: unquantized)."""
     saved = None
     if reference is not None and not isinstance(reference, Model):
         saved = ReferenceReader(reference)
@@ -343,7 +346,8 @@ def evaluate(model: Model, tokenizer: Tokenizer, data=None, *, context: Optional
                 raise EvalError(f"window {done} of the data differs from the one {reference} "
                                 "was saved on: use the same --data (and tokenizer) as the run "
                                 "that saved it")
-            _score_window(model, tokens, reference, ref, writer, top_k, prefill_step, parts)
+            _score_window(model, tokens, reference, ref, writer, top_k, parts,
+                          prefill_step=prefill_step, index_bits=index_bits)
             done += 1
             if progress is not None:
                 progress(done, samples, done * context)
@@ -370,15 +374,15 @@ def evaluate(model: Model, tokenizer: Tokenizer, data=None, *, context: Optional
     return result
 
 
-def _score_window(model, tokens, reference, ref, writer, top_k, prefill_step, parts):
-    """Score one window's predictions into `parts`; save this model's rows to `writer`."""
+def _score_window(model, tokens, reference, ref, writer, top_k, parts, **run):
+    """Score one window's predictions into `parts`; save this model's rows to `writer`. `run`:
+    logprob_chunks' prefill_step and index_bits."""
     targets = mx.array(tokens[1:])
-    live = logprob_chunks(reference, tokens, prefill_step) if isinstance(reference, Model) \
-        else None
+    live = logprob_chunks(reference, tokens, **run) if isinstance(reference, Model) else None
     if writer is not None:
         writer.begin_window(tokens)
     row = 0
-    for lp in logprob_chunks(model, tokens, prefill_step):
+    for lp in logprob_chunks(model, tokens, **run):
         n = lp.shape[0]
         t = targets[row:row + n, None]
         nll = -mx.take_along_axis(lp, t, axis=-1)[:, 0]

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
+from .checks import InputError, check_option, check_stop_strings, check_text
 from .defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING, PREFILL_STEP
+from .kv_tier import check_cache_room
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
 
@@ -24,12 +27,17 @@ class GenerationResponse:
     peak_memory: float  # GB
 
 
+def context_limit(model: Model) -> Optional[int]:
+    """The most positions the model was made for (max_position_embeddings)."""
+    return getattr(getattr(model, "args", None), "max_position_embeddings", None)
+
+
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  min_p: float = 0.0) -> Callable[[mx.array, mx.array], mx.array]:
     """A function (logprobs [V], key) -> token. temperature 0 is greedy."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p < 1:
-        raise ValueError(f"bad sampling options: temperature={temperature} (>= 0), top_p={top_p} "
-                         f"(0, 1], top_k={top_k} (>= 0), min_p={min_p} [0, 1)")
+    temperature = check_option("temperature", temperature)
+    top_p, top_k = check_option("top_p", top_p), check_option("top_k", top_k)
+    min_p = check_option("min_p", min_p)
     if temperature == 0:
         return lambda logprobs, key: mx.argmax(logprobs, axis=-1)
 
@@ -54,8 +62,8 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
 
 def make_repetition_penalty(penalty: float, context: int = 64) -> Callable[[List[int], mx.array], mx.array]:
     """Divide positive (multiply negative) logits of recently seen tokens by `penalty`."""
-    if penalty <= 0:
-        raise ValueError(f"repetition_penalty={penalty} must be > 0 (1.0 means off)")
+    penalty = check_option("repetition_penalty", penalty)
+    context = check_option("repetition_context_size", context)
 
     def apply(tokens: List[int], logits: mx.array) -> mx.array:
         recent = tokens[-context:]
@@ -86,13 +94,14 @@ def wired_limit():
 
 def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
             progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
-    """Run all tokens through the model in chunks; returns the last position's logits [V]."""
-    if step < 1:
-        raise ValueError(f"prefill step {step} must be >= 1")
+    """Run all tokens through the model in chunks; returns the last position's logits [V].
+
+    `progress(done, total)` is called after each chunk."""
     n = tokens.size
+    step = min(check_option("prefill_step_size", step), max(n, 1))
     for start in range(0, n, step):
         logits = model(tokens[None, start : start + step], cache=cache)[0, -1]
-        mx.eval(logits, [c.state for c in cache])
+        mx.eval(logits, [c.arrays for c in cache])
         if progress:
             progress(min(n, start + step), n)
     return logits
@@ -102,15 +111,19 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
                     max_tokens: int = GENERATE_MAX_TOKENS,
                     sampler=None, logits_processors=(), seed: Optional[int] = None,
                     prefill_step_size: int = PREFILL_STEP,
-                    on_prefilled: Optional[Callable[[], None]] = None) -> Iterator[int]:
+                    on_prefilled: Optional[Callable[[], None]] = None,
+                    prefill_progress: Optional[Callable[[int, int], None]] = None
+                    ) -> Iterator[int]:
     """Yield up to max_tokens sampled tokens after the prompt, continuing `cache` if given."""
     if not len(prompt):
-        raise ValueError("the prompt is empty: give at least one token")
+        raise InputError("the prompt is empty: give at least one token")
+    max_tokens = check_option("max_tokens", max_tokens)
+    seed = check_option("seed", seed)
     cache = cache if cache is not None else make_cache(model)
     sampler = sampler or make_sampler()
     key = mx.random.key(seed if seed is not None else int(time.time_ns() % (1 << 31)))
     history = list(prompt)
-    logits = prefill(model, mx.array(prompt), cache, prefill_step_size)
+    logits = prefill(model, mx.array(prompt), cache, prefill_step_size, prefill_progress)
     if on_prefilled:
         on_prefilled()
     for _ in range(max_tokens):
@@ -143,17 +156,72 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
                     min_p: float = 0.0, repetition_penalty: float = 1.0,
                     repetition_context_size: int = 64, seed: Optional[int] = None,
                     stop_strings: Sequence[str] = (), prompt_cache=None,
-                    prefill_step_size: int = PREFILL_STEP) -> Iterator[GenerationResponse]:
+                    prefill_step_size: int = PREFILL_STEP,
+                    prefill_progress: Optional[Callable[[int, int], None]] = None
+                    ) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text or token ids) as GenerationResponses.
 
     With `prompt_cache` the prompt continues what the cache holds: only its tokens are prefilled.
     Generation ends at an end-of-turn/EOS token ("stop"), a stop string ("stop"; the string
-    is not returned) or max_tokens ("length").
+    is not returned), max_tokens or the end of the model's context ("length").
+    `prefill_progress(done, total)` is called after each prefill chunk. Every option is checked
+    before any work (InputError names the one that is wrong).
     """
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    processors = [] if repetition_penalty == 1.0 else [
+    # Checked here, before the generator starts: a bad call fails at the call, not at the
+    # first next().
+    for name, value in (("seed", seed), ("prefill_step_size", prefill_step_size),
+                        ("repetition_context_size", repetition_context_size)):
+        check_option(name, value)
+    processors = [] if check_option("repetition_penalty", repetition_penalty) == 1.0 else [
         make_repetition_penalty(repetition_penalty, repetition_context_size)]
     sampler = make_sampler(temperature, top_p, top_k, min_p)
+    stop_strings = check_stop_strings(stop_strings)
+    ids = _prompt_ids(model, tokenizer, prompt)
+    max_tokens = _fit_context(model, prompt_cache, len(ids), check_option("max_tokens", max_tokens))
+    if prompt_cache is not None:  # a memory tier must have disk room for the whole context
+        held = min((c.offset for c in prompt_cache), default=0)
+        check_cache_room(prompt_cache, held + len(ids) + max_tokens)
+    return _stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+                   processors=processors, seed=seed, stop_strings=stop_strings,
+                   prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+                   prefill_progress=prefill_progress)
+
+
+def _prompt_ids(model: Model, tokenizer: Tokenizer, prompt) -> List[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(check_text(prompt, "the prompt"))
+    else:
+        try:
+            array = np.asarray(prompt)
+        except ValueError:  # ragged nesting
+            array = np.asarray([None])
+        if array.size and (array.ndim != 1 or array.dtype.kind not in "iu"):
+            raise InputError("a token-id prompt must be a flat list of integers")
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        if array.size and vocab is not None and (array.min() < 0 or array.max() >= vocab):
+            raise InputError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
+        ids = array.tolist()
+    if not ids:
+        raise InputError("the prompt is empty: give at least one token")
+    return ids
+
+
+def _fit_context(model: Model, cache, n: int, max_tokens: int) -> int:
+    """max_tokens, cut to what fits in the context after an n-token prompt (the last token
+    sampled is never fed, hence the + 1); InputError when the prompt itself does not fit."""
+    limit = context_limit(model)
+    if limit is None:
+        return max_tokens
+    held = min((c.offset for c in cache), default=0) if cache else 0
+    if held + n > limit:
+        cached = f" after {held} cached" if held else ""
+        raise InputError(f"the prompt is {n} tokens{cached}, beyond the model's context of "
+                         f"{limit}; shorten it")
+    return min(max_tokens, limit - held - n + 1)
+
+
+def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, stop_strings,
+            prompt_cache, prefill_step_size, prefill_progress) -> Iterator[GenerationResponse]:
     detok = tokenizer.detokenizer()
     eos = set(tokenizer.eos_token_ids)
     mx.reset_peak_memory()
@@ -177,7 +245,8 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
 
     tokens = generate_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
                              sampler=sampler, logits_processors=processors, seed=seed,
-                             prefill_step_size=prefill_step_size, on_prefilled=prefilled)
+                             prefill_step_size=prefill_step_size, on_prefilled=prefilled,
+                             prefill_progress=prefill_progress)
     with wired_limit():
         for token in tokens:
             n += 1

@@ -6,9 +6,11 @@ from typing import Dict, List
 
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from .checkpoint import Checkpoint
+from .config import ConfigError, ModelArgs
+from .errors import reported_as
 from .layout import text_weights
-from .loading import load_model, read_config, weight_files
+from .loading import LoadError, model_from_checkpoint
 
 
 def parameter_counts(args: ModelArgs) -> Dict[str, int]:
@@ -98,9 +100,13 @@ def source_kind(config: dict) -> str:
 
 
 def describe(path) -> dict:
+    """What `m3mlx info` prints, from the checked checkpoint and the model built lazily (no
+    weight is read)."""
     path = Path(path)
-    config, args = read_config(path)
-    model = load_model(path, lazy=True)
+    with reported_as(LoadError, ConfigError):
+        ckpt = Checkpoint.open(path)
+        model = model_from_checkpoint(ckpt, lazy=True)
+    config, args = ckpt.config, ckpt.args
     memory = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
     roles = role_precisions(model, args)
     main = max(roles.values(), key=lambda r: r["params"])
@@ -113,7 +119,7 @@ def describe(path) -> dict:
                    f" + {args.n_shared_experts} shared",
         "parameters": parameter_counts(args),
         "mtp": model.has_mtp,
-        "disk_bytes": sum(f.stat().st_size for f in weight_files(path)),
+        "disk_bytes": ckpt.disk_bytes,
         "memory_bytes": memory,
         "source": source_kind(config),
         "quantization": main["precision"],

@@ -1,29 +1,31 @@
 """Loading M3 weights: m3mlx or mlx-lm conversions, and original Hugging Face checkpoints.
 
-An original checkpoint (per-expert `w1/w2/w3`, `language_model.*`, vision tensors) is converted in
-memory: vision tensors dropped, experts stacked, MXFP8 weights taken as MLX mxfp8 as they are.
+The checkpoint is read and checked first (`m3mlx.checkpoint`: config, index, every header, the
+config against the weights), so nothing is built for a directory that cannot load. An original
+checkpoint (per-expert `w1/w2/w3`, `language_model.*`, vision tensors) is converted in memory:
+vision tensors dropped, experts stacked, MXFP8 weights taken as MLX mxfp8 as they are. Weights are
+checked for NaN and Inf as they are read, once.
 """
 
-import glob
-import json
-import struct
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs
+from .checkpoint import Checkpoint, warn_nonfinite
+from .config import ConfigError, ModelArgs
+from .errors import CheckpointError, reported_as
+from .kv_tier import kv_group_size
 from .model import Model, is_precision_sensitive
 from .tokenizer import Tokenizer
-from .weights import (MTP_FILE, expert_slot, is_vision, mtp_layer_count, mxfp8_to_mlx,
-                      stack_experts)
+from .weights import expert_slot, is_vision, mtp_layer_count, mxfp8_to_mlx, stack_experts
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab*"]
 
 
-class LoadError(RuntimeError):
+class LoadError(CheckpointError):
     """A model directory that cannot be loaded, with what is wrong and what to do."""
 
 
@@ -44,56 +46,6 @@ def resolve(path_or_repo: str) -> Path:
         raise LoadError(f"could not download {path_or_repo} from the Hugging Face Hub: {e}") from e
 
 
-def read_config(path: Path) -> Tuple[dict, ModelArgs]:
-    file = path / "config.json"
-    if not file.exists():
-        raise LoadError(f"{path} has no config.json; is it an M3 model directory?")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{file} is not valid JSON: {e}") from e
-    return config, ModelArgs.from_config(config)
-
-
-def check_safetensors(file: Path):
-    """Refuse a shard whose header is unreadable or whose data is shorter than the header says."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LoadError(f"{file} is truncated (no safetensors header); download it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise LoadError(f"{file} is truncated or corrupt (header of {n} bytes in a "
-                            f"{size}-byte file); download it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LoadError(f"{file} has a corrupt safetensors header ({e}); download it again")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise LoadError(f"{file} is truncated: its header needs {8 + n + end} bytes, the file has "
-                        f"{size}; download it again")
-
-
-def weight_files(path: Path) -> List[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (path / n).exists()]
-        if missing:
-            raise LoadError(f"{path} is missing shard(s) {', '.join(missing)} listed in "
-                            f"{index.name}; download them again")
-        files = [path / n for n in names]
-    else:
-        files = [Path(f) for f in sorted(glob.glob(str(path / "model*.safetensors")))]
-    if (path / MTP_FILE).exists() and path / MTP_FILE not in files:
-        files.append(path / MTP_FILE)
-    if not files:
-        raise LoadError(f"{path} has no model*.safetensors weights")
-    return files
-
-
 def _is_original_layout(weights: Dict[str, mx.array]) -> bool:
     return any(expert_slot(k) or k.endswith(".weight_scale_inv") for k in weights)
 
@@ -106,17 +58,17 @@ def _from_original(weights: Dict[str, mx.array], args: ModelArgs) -> Dict[str, m
     return stack_experts(mxfp8_to_mlx(weights), args.num_local_experts)
 
 
-def _quantization(config: dict, weights: Dict[str, mx.array]) -> Optional[dict]:
+def _quantization(ckpt: Checkpoint, weights: Dict[str, mx.array]) -> Optional[dict]:
     """The mlx-lm `quantization` block, or the one an MXFP8 original implies."""
-    if "quantization" in config:
-        return config["quantization"]
-    qc = config.get("quantization_config") or {}
+    if "quantization" in ckpt.config:
+        return ckpt.config["quantization"]
+    qc = ckpt.quantization_config or {}
     if qc.get("quant_method") == "mxfp8" or any(k.endswith(".scales") for k in weights):
         return {"group_size": 32, "bits": 8, "mode": "mxfp8"}
     return None
 
 
-def _quantize(model: Model, quant: dict, weights: Dict[str, mx.array]):
+def _quantize(model: Model, quant: dict, weights: Dict[str, mx.array], path: Path):
     defaults = {k: quant[k] for k in ("group_size", "bits", "mode") if k in quant}
 
     def predicate(path, module):
@@ -126,7 +78,11 @@ def _quantize(model: Model, quant: dict, weights: Dict[str, mx.array]):
             return False
         return defaults if f"{path}.scales" in weights else False
 
-    nn.quantize(model, class_predicate=predicate)
+    try:
+        nn.quantize(model, class_predicate=predicate)
+    except (ValueError, TypeError) as e:  # MLX refusing a setting, e.g. group_size 48
+        raise LoadError(f"{path}/config.json: its quantization block ({str(quant)[:80]}...) "
+                        f"asks for a setting MLX cannot build: {e}") from None
 
 
 def _check_names(model: Model, weights: Dict[str, mx.array], path: Path):
@@ -140,28 +96,116 @@ def _check_names(model: Model, weights: Dict[str, mx.array], path: Path):
         raise LoadError(f"{path}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}; is a shard "
                         "missing or from another model?")
     for name, w in weights.items():
-        if w.shape != expected[name].shape:
+        want = expected[name]
+        if w.shape != want.shape:
             raise LoadError(f"{path}: {name} has shape {tuple(w.shape)}, the config implies "
-                            f"{tuple(expected[name].shape)}")
+                            f"{tuple(want.shape)}")
+        floating = mx.issubdtype(want.dtype, mx.floating)
+        stored_floating = mx.issubdtype(w.dtype, mx.floating)
+        if floating != stored_floating or not floating and w.dtype != want.dtype:
+            raise LoadError(f"{path}: {name} is stored as {w.dtype}, the model needs "
+                            f"{'a float type' if floating else want.dtype}; the file is damaged "
+                            "or from another format")
 
 
-def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) -> Model:
-    """Build the model from a local directory; `dtype` casts the float weights (router stays fp32)."""
-    path = Path(path)
-    config, args = read_config(path)
+# Elements per exact finiteness reduction: bounds the temporary it allocates.
+_CHECK_ELEMENTS = 1 << 26
+# Weights read per evaluation while loading: bounds how much is read before it is checked.
+_EVAL_BYTES = 1 << 30
+# The exponent bits of each float type: all ones is Inf or NaN. Testing them as integers keeps
+# the check exact whatever the float compiler assumes about NaN.
+_EXPONENT = {mx.float32: (mx.uint32, 0x7F800000), mx.bfloat16: (mx.uint16, 0x7F80),
+             mx.float16: (mx.uint16, 0x7C00)}
+
+
+def _nonfinite(x: mx.array) -> mx.array:
+    bits, mask = _EXPONENT[x.dtype]
+    return (x.view(bits) & mask) == mask
+
+
+def _all(pred, w: mx.array) -> mx.array:
+    """mx.all(pred(w)), reduced a slab of rows at a time."""
+    rows = w.shape[0] if w.ndim else 1
+    step = max(1, _CHECK_ELEMENTS * rows // max(w.size, 1))
+    if w.ndim == 0 or step >= rows:
+        return mx.all(pred(w))
+    return mx.all(mx.stack([mx.all(pred(w[i : i + step])) for i in range(0, rows, step)]))
+
+
+def _exactly_finite(name: str, w: mx.array, modes: Dict[str, str]) -> Optional[mx.array]:
+    """A lazy flag: `w` holds no NaN or Inf (float tensors, and the fp8 bytes and exponent
+    scales of MLX's microscaling formats); None for tensors that cannot hold either."""
+    if w.dtype in _EXPONENT:
+        return _all(lambda x: ~_nonfinite(x), w)
+    if mx.issubdtype(w.dtype, mx.floating):
+        return _all(mx.isfinite, w)
+    module, _, leaf = name.rpartition(".")
+    mode = modes.get(module)
+    if leaf == "scales" and mode in ("mxfp4", "mxfp8"):  # UE8M0: 0xFF is NaN
+        return _all(lambda x: x != 0xFF, w)
+    if (leaf, mode) in (("scales", "nvfp4"), ("weight", "mxfp8")):  # e4m3: S.1111.111 is NaN
+        return _all(lambda x: (x.view(mx.uint8) & 0x7F) != 0x7F, w)
+    return None
+
+
+def _finite(name: str, w: mx.array, modes: Dict[str, str]) -> Optional[mx.array]:
+    """A cheap lazy flag, True when `w` surely holds no NaN or Inf: for float tensors, their
+    sum is finite (one reduction, no temporary); a False is confirmed by `_exactly_finite`
+    (the sum may also overflow)."""
+    if w.dtype in _EXPONENT:
+        return ~_nonfinite(mx.sum(w).reshape(1))[0]
+    return _exactly_finite(name, w, modes)
+
+
+def _evaluate(model: Model, weights: Dict[str, mx.array], path: Path):
+    """Read every weight once, batch by batch, checking each for NaN and Inf as it lands."""
+    modes = {p: m.mode for p, m in model.named_modules() if hasattr(m, "mode")}
+    suspects, batch, size = [], [], 0
+    items = list(weights.items())
+    for i, (name, w) in enumerate(items):
+        batch.append((name, w, _finite(name, w, modes)))
+        size += w.nbytes
+        if size >= _EVAL_BYTES or i + 1 == len(items):
+            checked = [(n, flag) for n, _, flag in batch if flag is not None]
+            flags = mx.stack([flag for _, flag in checked]) if checked else mx.array([])
+            mx.eval([tensor for _, tensor, _ in batch] + [flags])
+            suspects += [n for (n, _), ok in zip(checked, flags.tolist()) if not ok]
+            batch, size = [], 0
+    mx.eval(model.parameters())
+    warn_nonfinite([n for n in suspects if not _exactly_finite(n, weights[n], modes).item()],
+                   path)
+
+
+def _read(file: Path) -> Dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError) as e:
+        raise LoadError(f"{file}: MLX cannot read it ({e}); download it again") from None
+
+
+def model_from_checkpoint(ckpt: Checkpoint, *, lazy: bool = False,
+                          dtype: Optional[mx.Dtype] = None) -> Model:
+    """Build the model from an opened (checked) checkpoint."""
     weights: Dict[str, mx.array] = {}
-    for file in weight_files(path):
-        check_safetensors(file)
-        weights.update(mx.load(str(file)))
-    if _is_original_layout(weights):
-        weights = _from_original(weights, args)
-    else:
-        weights = {k: v for k, v in weights.items() if not is_vision(k)}
-    model = Model(args, mtp_layers=mtp_layer_count(weights))
-    quant = _quantization(config, weights)
+    for file in ckpt.files:
+        weights.update(_read(file))
+    try:
+        if _is_original_layout(weights):
+            weights = _from_original(weights, ckpt.args)
+        else:
+            weights = {k: v for k, v in weights.items() if not is_vision(k)}
+    except LoadError:
+        raise
+    except CheckpointError as e:
+        raise LoadError(f"{ckpt.path}: {e}") from None
+    except (ValueError, RuntimeError) as e:  # a tensor MLX cannot reinterpret as its format says
+        raise LoadError(f"{ckpt.path}: the weights do not fit their format ({e}); the checkpoint "
+                        "is damaged: download it again") from None
+    model = Model(ckpt.args, mtp_layers=mtp_layer_count(weights))
+    quant = _quantization(ckpt, weights)
     if quant:
-        _quantize(model, quant, weights)
-    _check_names(model, weights, path)
+        _quantize(model, quant, weights, ckpt.path)
+    _check_names(model, weights, ckpt.path)
     if dtype is not None:
         weights = {
             k: v.astype(dtype)
@@ -171,13 +215,31 @@ def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) ->
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     if not lazy:
-        mx.eval(model.parameters())
+        _evaluate(model, weights, ckpt.path)
     return model
 
 
-def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None):
-    """(model, tokenizer) from a model directory or a Hub repo id."""
-    path = resolve(str(path_or_repo))
-    model = load_model(path, lazy=lazy, dtype=dtype)
-    return model, Tokenizer.from_dir(path, eos_token_ids=model.args.eos_token_ids)
+def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) -> Model:
+    """Build the model from a local directory; `dtype` casts the float weights (router stays fp32)."""
+    with reported_as(LoadError, ConfigError):
+        return model_from_checkpoint(Checkpoint.open(path), lazy=lazy, dtype=dtype)
 
+
+def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
+         kv_bits: Optional[int] = None):
+    """(model, tokenizer) from a model directory or a Hub repo id. Everything is checked, the
+    tokenizer included, before the weights are read. kv_bits (8 or 4) makes the model's caches
+    (`make_cache(model)`, generation without a prompt cache) store K/V compact; InputError
+    before anything is read when the model cannot."""
+    path = resolve(str(path_or_repo))
+    with reported_as(LoadError, ConfigError):
+        ckpt = Checkpoint.open(path)
+        kv_group_size(ckpt.args, kv_bits)
+        tokenizer = Tokenizer.from_dir(path, eos_token_ids=ckpt.args.eos_token_ids)
+        if tokenizer.vocab_size > ckpt.args.vocab_size:
+            raise LoadError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, more than "
+                            f"the model's vocab_size={ckpt.args.vocab_size}: use the tokenizer "
+                            "that came with these weights")
+        model = model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype)
+        model.kv_bits = kv_bits
+        return model, tokenizer

@@ -10,10 +10,10 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import LayerCache
+from .cache import KVView, LayerCache
 from .config import ModelArgs
-from .metal_kernels import (ExpertWeights, index_topk, moe_decode, moe_decode_supported,
-                            sparse_attention, use_metal)
+from .defaults import INDEX_BITS
+from .metal_kernels import ExpertWeights, index_topk, moe_experts, swiglu_oai
 
 
 class GemmaRMSNorm(nn.Module):
@@ -26,12 +26,6 @@ class GemmaRMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
-
-
-def swiglu_oai(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
-    gate = mx.minimum(gate, limit)
-    up = mx.clip(up, -limit, limit)
-    return (up + 1.0) * gate * mx.sigmoid(alpha * gate)
 
 
 class MLP(nn.Module):
@@ -48,17 +42,12 @@ class MLP(nn.Module):
 
 
 class ExpertLinear(nn.Module):
-    """One linear map per expert, weight [experts, out, in], applied to routed rows."""
+    """One linear map per expert, weight [experts, out, in]; applied by the MoE op."""
 
     def __init__(self, num_experts: int, input_dims: int, output_dims: int):
         super().__init__()
         scale = input_dims**-0.5
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
-
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_mm(
-            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
-        )
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
         return QuantizedExpertLinear.from_expert_linear(self, group_size, bits, mode)
@@ -84,19 +73,9 @@ class QuantizedExpertLinear(nn.Module):
             q.biases = biases[0]
         return q
 
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
-
 
 class Experts(nn.Module):
-    """The routed experts, stacked per projection (mlx-lm's `switch_mlp`)."""
-
-    # Sorting rows by expert pays off once several rows share an expert (prefill).
-    SORT_THRESHOLD = 64
+    """The routed experts' weights, stacked per projection (mlx-lm's `switch_mlp`)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -104,25 +83,6 @@ class Experts(nn.Module):
         self.gate_proj = ExpertLinear(E, D, F)
         self.up_proj = ExpertLinear(E, D, F)
         self.down_proj = ExpertLinear(E, F, D)
-        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
-
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        """x [N, D], indices [N, k] -> [N, k, D]."""
-        N, k = indices.shape
-        if indices.size >= self.SORT_THRESHOLD:
-            order = mx.argsort(indices.flatten())
-            # Index after adding the row axis: gather_mm is several times slower on the
-            # strides that `x[order // k][:, None]` would give.
-            rows = x[:, None][order // k]
-            y = self._ffn(rows, indices.flatten()[order], True)
-            return y[mx.argsort(order)].reshape(N, k, -1)
-        return self._ffn(x[:, None, None], indices, False).squeeze(-2)
-
-    def _ffn(self, x, indices, sorted_indices):
-        gate = self.gate_proj(x, indices, sorted_indices)
-        up = self.up_proj(x, indices, sorted_indices)
-        h = swiglu_oai(gate, up, self.alpha, self.limit)
-        return self.down_proj(h, indices, sorted_indices)
 
 
 class MoE(nn.Module):
@@ -130,6 +90,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.routed_scaling_factor = args.routed_scaling_factor
+        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
         self.e_score_correction_bias = mx.zeros((args.num_local_experts,))
         self.switch_mlp = Experts(args)
@@ -153,25 +114,12 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         experts, weights = self.route(x)
-        y = self._metal_decode(x, experts, weights)
-        if y is None:
-            y = (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=1)
-            if "shared_experts" in self:
-                y = y + self.shared_experts(x)
-        return y.reshape(shape)
-
-    def _metal_decode(self, x, experts, weights) -> Optional[mx.array]:
-        """The Metal MoE kernel's result for a few tokens over quantized experts, or None where
-        it does not apply (always off Metal): then the gather_qmm path runs."""
-        if not use_metal():
-            return None
-        routed = ExpertWeights.of(self.switch_mlp)
+        # The routed and shared experts in one op: Metal kernels for a few tokens over
+        # quantized experts on a Mac, gather_qmm / gather_mm otherwise.
         shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
-        if (routed is None or ("shared_experts" in self and shared is None)
-                or not moe_decode_supported(x, experts, weights, routed, shared)):
-            return None
-        return moe_decode(x, experts, weights, routed, shared, alpha=self.switch_mlp.alpha,
-                          limit=self.switch_mlp.limit, use_metal=True)
+        y = moe_experts(x, experts, weights, ExpertWeights.of(self.switch_mlp), shared,
+                        alpha=self.alpha, limit=self.limit)
+        return y.reshape(shape)
 
 
 class Attention(nn.Module):
@@ -231,26 +179,20 @@ class Attention(nn.Module):
         q, k, v = self.project(x, offset)
         index_k = self.index_keys(x, offset) if self.sparse else None
 
-        if cache is not None:
-            keys, values, index_keys, index_scales = cache.update(k, v, index_k)
-        else:
-            keys, values, index_keys, index_scales = k, v, index_k, None
-        length = offset + L
+        # What attention reads: the cache's K/V (maybe compact, maybe partly on the SSD), or
+        # this step's own.
+        kv = cache.update(k, v, index_k) if cache is not None else KVView(k, v, index_k, None, 0)
 
-        if self.sparse and length > self.topk * self.block_size:
+        if self.sparse and offset + L > self.topk * self.block_size:
             index_q = self.index_queries(x, offset)
             # The block choice is discrete: no gradient flows through it (as with the experts).
             selection = mx.stop_gradient(index_topk(
-                index_q, index_keys, offset=offset, block_size=self.block_size, topk=self.topk,
-                index_scales=index_scales))
-            out = sparse_attention(q, keys, values, selection, offset=offset,
-                                   scale=self.scale, block_size=self.block_size)
+                index_q, kv.index_keys, offset=offset, block_size=self.block_size,
+                topk=self.topk, index_scales=kv.index_scales))
+            out = kv.sparse_attention(q, selection, scale=self.scale, block_size=self.block_size)
         else:
             # Up to top-k x block keys MSA selects every visible block: dense attention is exact.
-            out = mx.fast.scaled_dot_product_attention(
-                q, keys[..., :length, :], values[..., :length, :], scale=self.scale,
-                mask="causal" if L > 1 else None,
-            )
+            out = kv.dense_attention(q, scale=self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -338,6 +280,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.language_model = LanguageModel(args, mtp_layers)
+        self.kv_bits: Optional[int] = None  # how make_cache stores K/V by default (load sets it)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
         """inputs [B, L] token ids -> logits [B, L, vocab]."""
@@ -352,10 +295,31 @@ class Model(nn.Module):
         return "mtp" in self.language_model.model
 
 
-def make_cache(model: Model, index_bits: Optional[int] = None) -> List[LayerCache]:
-    """Per-layer caches; sparse layers also keep index keys (8-bit when index_bits=8)."""
+def make_cache(model: Model, index_bits: Optional[int] = INDEX_BITS, *,
+               kv_bits: Optional[int] = None, kv_memory=None, kv_cache_dir=None,
+               kv_policy: Optional[str] = None) -> List[LayerCache]:
+    """Per-layer caches; sparse layers also keep index keys: int8 with a scale per key
+    (index_bits=8, the default) or in the activation dtype (16, or None).
+
+    kv_bits=8 or 4 stores K/V compact (quantized per row of head_dim), 16 in the activation
+    dtype, None as the model was loaded (`load(..., kv_bits=...)`). kv_memory (bytes, or a
+    size such as "8GB") keeps at most that much of the sparse layers' K/V in memory, the other
+    blocks in a file in kv_cache_dir (default $M3MLX_HOME/kv); kv_policy picks which blocks
+    stay (see `kv_tier.POLICIES`). InputError when the model cannot store K/V that way.
+    """
+    from .kv_tier import KVTier, kv_group_size
+
+    kv_bits = getattr(model, "kv_bits", None) if kv_bits is None else kv_bits
+    kv_bits = None if kv_bits == 16 else kv_bits
+    group = kv_group_size(model.args, kv_bits)
+    tier = None
+    if kv_memory is not None:
+        dtype = model.layers[0].input_layernorm.weight.dtype  # the activations' (never quantized)
+        tier = KVTier.for_model(model.args, kv_memory, kv_bits=kv_bits, dtype=dtype,
+                                directory=kv_cache_dir, policy=kv_policy)
     return [
-        LayerCache(index=layer.self_attn.sparse, index_bits=index_bits)
+        LayerCache(index=layer.self_attn.sparse, index_bits=index_bits, kv_bits=kv_bits,
+                   kv_group_size=group, tier=tier if layer.self_attn.sparse else None)
         for layer in model.layers
     ]
 

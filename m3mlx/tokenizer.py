@@ -1,9 +1,10 @@
 """M3's tokenizer: `tokenizer.json` through `tokenizers`, special tokens kept as single tokens."""
 
-import json
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
+from .checkpoint import read_json
+from .errors import CheckpointError
 from .tokens import END_OF_TURN
 
 
@@ -19,18 +20,15 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
+        """tokenizer.json (and tokenizer_config.json when present) of a model directory;
+        CheckpointError when either cannot be read."""
         path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.exists():
-            raise FileNotFoundError(
-                f"{path} has no tokenizer.json; copy it from the original checkpoint")
+        tokenizer, settings = read_tokenizer_files(path)
         template = path / "chat_template.jinja"
         text = template.read_text() if template.exists() else None
-        if text is None and (path / "tokenizer_config.json").exists():
-            text = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-        return cls(HFTokenizer.from_file(str(file)), eos_token_ids, text)
+        if text is None:
+            text = settings.get("chat_template")
+        return cls(tokenizer, eos_token_ids, text)
 
     @property
     def vocab_size(self) -> int:
@@ -48,6 +46,30 @@ class Tokenizer:
 
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
+
+
+def read_tokenizer_files(path: Path) -> Tuple[object, dict]:
+    """(tokenizer.json parsed by `tokenizers`, tokenizer_config.json or {}); CheckpointError
+    when either cannot be read."""
+    config = path / "tokenizer_config.json"
+    settings = read_json(config) if config.exists() else {}
+    return _read_tokenizer(path / "tokenizer.json"), settings
+
+
+def _read_tokenizer(file: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if not file.is_file():
+        raise CheckpointError(f"{file.parent} has no tokenizer.json; copy it from the original "
+                              "checkpoint")
+    try:
+        return HFTokenizer.from_file(str(file))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # `tokenizers` raises bare Exceptions, and Rust panics
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{file} is not a tokenizer the `tokenizers` library can read "
+                              f"({reason}); copy it from the original checkpoint") from None
 
 
 class StreamingDetokenizer:

@@ -11,6 +11,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import mlx.core as mx
 
+from .errors import CheckpointError
+
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
 EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 MTP_MARKER = ".mtp."
@@ -69,9 +71,14 @@ def stack_experts(weights: Dict[str, mx.array], num_experts: int) -> Dict[str, m
     for name, experts in groups.items():
         missing = sorted(set(range(num_experts)) - set(experts))
         if missing:
-            raise KeyError(
+            raise CheckpointError(
                 f"{name}: experts {missing[:8]}{'...' if len(missing) > 8 else ''} are "
                 f"missing from the checkpoint (config says {num_experts} experts)"
             )
+        shapes = {tuple(experts[e].shape) for e in range(num_experts)}
+        if len(shapes) > 1:
+            raise CheckpointError(f"{name}: the experts' tensors differ in shape "
+                                  f"({sorted(shapes)[:3]}); the checkpoint is damaged: download "
+                                  "it again")
         out[name] = mx.stack([experts[e] for e in range(num_experts)])
     return out

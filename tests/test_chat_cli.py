@@ -254,3 +254,94 @@ def test_bad_model_path_is_a_clear_error(tmp_path):
         input="", capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0 and "no such directory" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Careless input never ends a chat
+
+
+def bad_session_file(chat_dir, tmp_path):
+    """A session file whose saved options are out of range (temperature -1)."""
+    import json
+
+    model, tokenizer = m3mlx.load(chat_dir, dtype=mx.float32)
+    path = ChatSession(model, tokenizer).save(tmp_path / "good")
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    user = json.loads(meta["user"])
+    state = json.loads(user["chat_session"])
+    state["options"]["temperature"] = -1
+    user["chat_session"] = json.dumps(state)
+    meta["user"] = json.dumps(user)
+    bad = tmp_path / "bad.safetensors"
+    mx.save_safetensors(str(bad), arrays, metadata=meta)
+    return bad
+
+
+def test_piped_chat_survives_bad_lines_and_commands(chat_dir, tmp_path):
+    bad = bad_session_file(chat_dir, tmp_path)
+    stdin = (b"First message\n\xff\xfe broken\n/save ~nosuchuser/x\n/load " + str(bad).encode()
+             + b"\n/load /nonexistent/file\nSecond message\n")
+    result = subprocess.run(command(chat_dir, "--max-tokens", "4"), input=stdin,
+                            capture_output=True, timeout=120)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err  # lines failed: status 1 at the end
+    assert ("line 2 of stdin is not UTF-8 text (byte 0xff at offset 0); convert it to UTF-8 "
+            "first, e.g. with iconv; skipped") in err
+    assert "could not save ~nosuchuser/x: ~nosuchuser is not a user with a home directory" in err
+    assert f"could not load {bad}: {bad} is not a usable m3mlx chat session: temperature=-1.0: " \
+           "must be a number >= 0" in err
+    assert "could not load /nonexistent/file: /nonexistent/file: no such session file" in err
+    assert len(result.stdout.decode().strip().splitlines()) >= 2  # both messages were answered
+
+
+def test_terminal_chat_survives_bad_commands_and_a_long_prefill(chat_dir, tmp_path):
+    env = {**os.environ, "TERM": "xterm", "M3MLX_HOME": str(tmp_path)}
+    bad = bad_session_file(chat_dir, tmp_path)
+    # Many small prefill chunks make a 4,000-token message slow to prefill on any machine.
+    term = Terminal(command(chat_dir, "--prefill-step-size", "8"), env)
+    term.expect(">>> ")
+    term.send("/save ~nosuchuser/x\r")
+    term.expect("could not save ~nosuchuser/x: ~nosuchuser is not a user with a home directory")
+    term.expect(">>> ")
+    term.send(f"/load {bad}\r")
+    term.expect("temperature=-1.0: must be a number >= 0")
+    term.expect(">>> ")
+    # A message long enough to prefill for a while: progress appears, Ctrl-C stops it.
+    term.send("The quick brown fox jumps over the lazy dog. " * 400 + "\r")
+    term.expect("prefill: ", timeout=120)
+    term.expect(" tokens (")
+    term.send("\x03")
+    term.expect("[interrupted]", timeout=60)
+    term.expect(">>> ")
+    term.send("/stats\r")
+    stats = term.expect(">>> ")
+    assert "messages: 0" in stats  # the interrupted message did not join the conversation
+    term.send("Hello\r")
+    term.expect("[context ")  # and the chat still answers
+    term.expect(">>> ")
+    term.send("/quit\r")
+    assert term.wait() == 0
+    assert "Traceback" not in term.output
+
+
+def test_prefill_meter_is_silent_at_first_then_shows_and_clears(monkeypatch):
+    import io
+
+    from m3mlx.cli import options
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = [100.0]
+    monkeypatch.setattr(options.time, "monotonic", lambda: clock[0])
+    out = Tty()
+    meter = options.PrefillMeter(out)
+    meter(2048, 100_000)
+    assert out.getvalue() == ""  # a prefill that ends within the delay prints nothing
+    clock[0] += 4.0
+    meter(8192, 100_000)
+    assert out.getvalue() == ("\r\x1b[Kprefill: 8,192/100,000 tokens (8%), 2,048 tok/s, "
+                              "45s left; Ctrl-C stops")
+    meter(100_000, 100_000)
+    assert out.getvalue().endswith("\r\x1b[K")  # the line is gone when the reply starts

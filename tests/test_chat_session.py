@@ -291,3 +291,104 @@ def test_reset_forgets_the_conversation(loaded):
     assert all(c.offset == 0 for c in session._cache)
     again = send(session, "Hello there")
     assert again.tokens == first.tokens and again.cached_tokens == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Session files are checked completely before they are accepted
+
+
+@pytest.fixture(scope="module")
+def saved_session(loaded, tmp_path_factory):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, system="Be kind.", **GREEDY)
+    send(session, "Hello there")
+    return session.save(tmp_path_factory.mktemp("session") / "good")
+
+
+def edited_session(saved, tmp_path, edit):
+    """A copy of the saved session whose state JSON went through `edit(state)` (which may
+    return a replacement)."""
+    import json
+
+    arrays, meta = mx.load(str(saved), return_metadata=True)
+    user = json.loads(meta["user"])
+    state = json.loads(user["chat_session"])
+    state = edit(state) or state
+    user["chat_session"] = json.dumps(state)
+    meta["user"] = json.dumps(user)
+    out = tmp_path / "edited.safetensors"
+    mx.save_safetensors(str(out), arrays, metadata=meta)
+    return out
+
+
+def _options(**changes):
+    return lambda state: state["options"].update(changes)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_options(temperature=-1), r"temperature=-1.0: must be a number >= 0"),
+    (_options(top_p=5), r"top_p=5.0: must be a number in \(0, 1\]"),
+    (_options(max_tokens="a lot"), r"max_tokens='a lot': must be an integer >= 0"),
+    (_options(seed=-4), r"seed=-4"),
+    (_options(temprature=0.5), "unknown generation option"),
+    (lambda s: s.pop("messages") and None, r"the saved state lacks messages"),
+    (lambda s: s.update(extra=1), r"the saved state has unknown fields extra"),
+    (lambda s: [s], "the saved state is a list, not an object"),
+    (lambda s: "hello", "the saved state is a str"),
+    (lambda s: s.update(options=[1]), "the saved options are not an object"),
+    (lambda s: s.update(messages={"role": "user"}), "the saved messages are not a list"),
+    (lambda s: s["messages"].append({"role": "wizard", "content": "x"}), "role 'wizard'"),
+    (lambda s: s["messages"].append({"role": "user", "content": 3}), "content must be a string"),
+    (lambda s: s["messages"].insert(0, {"role": "system", "content": "x"}), "system"),
+    (lambda s: s.update(thinking="maybe"), "thinking mode must be one of"),
+    (lambda s: s.update(tools="all of them"), "the saved tools are not a list"),
+    (lambda s: s.update(tools=[{"function": {}}]), "tool 0 has no function name"),
+    (lambda s: s.update(system=7), "the saved system prompt must be a string"),
+    (lambda s: s["tokens"].append(10**9), "not a list of token ids below"),
+    (lambda s: s.update(tokens=s["tokens"][:-1]), "does not match its token record"),
+    (lambda s: s.update(format="m3mlx-chat-session/1"), "saved by another version"),
+    (lambda s: s["model"].update(signature="0" * 32), "saved with another model"),
+])
+def test_invalid_session_files_are_refused(loaded, saved_session, tmp_path, edit, message):
+    model, tokenizer = loaded
+    bad = edited_session(saved_session, tmp_path, edit)
+    with pytest.raises(m3mlx.InputError, match=message) as info:
+        ChatSession.load(bad, model, tokenizer)
+    assert str(bad) in str(info.value)  # the message names the file
+
+
+def test_a_valid_session_file_still_loads(loaded, saved_session, tmp_path):
+    model, tokenizer = loaded
+    same = edited_session(saved_session, tmp_path, lambda s: None)
+    session = ChatSession.load(same, model, tokenizer)
+    assert session.system == "Be kind." and len(session.messages) == 2
+    assert send(session, "And then?").finish_reason in ("stop", "length")
+
+
+def test_ctrl_c_during_a_long_prefill_keeps_the_session_usable(loaded):
+    """Interrupting the prefill of a long message leaves the conversation as it was, keeps
+    what was prefilled in the cache, and the next reply is what a fresh session would say."""
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, **GREEDY)
+    first = send(session, "Hello there")
+    long_message = "The quick brown fox jumps over the lazy dog. " * 30
+    chunks = []
+
+    def progress(done, total):
+        chunks.append(done)
+        if len(chunks) == 2:
+            raise KeyboardInterrupt
+
+    stream = session.send(long_message, prefill_progress=progress, prefill_step_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        list(stream)
+    assert stream.reply.finish_reason == "interrupted" and stream.reply.tokens == []
+    assert len(session.messages) == 2  # the long message did not join the conversation
+    assert session.context_used >= chunks[-1] > len(first.tokens)
+    assert all(c.offset == session.context_used for c in session._cache)
+    fresh = ChatSession(model, tokenizer, **GREEDY)
+    fresh.messages = session.messages + [{"role": "user", "content": long_message}]
+    expected = from_scratch(fresh, model, tokenizer)
+    reply = send(session, long_message)
+    assert reply.cached_tokens >= chunks[-1]  # the interrupted prefill was not wasted
+    assert reply.tokens == expected

@@ -14,7 +14,7 @@ from convert_fixtures import bf16_checkpoint, to_mxfp8, write_safetensors
 from m3mlx.cli.convert import convert as convert_cmd
 from m3mlx.cli.convert import parse_size
 from m3mlx.convert import ConvertError, convert, hub
-from m3mlx.convert.safetensors_io import read_header
+from m3mlx.checkpoint import read_header
 
 QUIET = dict(progress=False, log=lambda s: None)
 
@@ -114,9 +114,11 @@ class FakeHub:
         self.metadata_calls += 1
         files = {}
         for f in self._repo(repo_id).glob("*.safetensors"):
+            shard = read_header(f)
             tensors = {n: SimpleNamespace(dtype=t.dtype, shape=list(t.shape),
-                                          data_offsets=(0, t.nbytes))
-                       for n, t in read_header(f)[0].items()}
+                                          data_offsets=(t.start - shard.data_start,
+                                                        t.start - shard.data_start + t.nbytes))
+                       for n, t in shard.tensors.items()}
             files[f.name] = SimpleNamespace(tensors=tensors)
         return SimpleNamespace(files_metadata=files)
 

@@ -1,7 +1,9 @@
 """Every bad input gets a ConvertError that says what is wrong and what to do, and leaves
 nothing behind: no output directory, or the existing one untouched."""
 
+import errno
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from convert_fixtures import bf16_checkpoint, to_mxfp8, write_safetensors
 from m3mlx.convert import ConvertError, convert
 from m3mlx.convert import converter as converter_module
-from m3mlx.convert.safetensors_io import TensorInfo
+from m3mlx.checkpoint import TensorInfo
 
 QUIET = dict(progress=False, log=lambda s: None)
 
@@ -122,8 +124,8 @@ def test_shape_disagrees_with_config(src, tmp_path):
     config = json.loads((src / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 48
     (src / "config.json").write_text(json.dumps(config))
-    msg = fails(src, tmp_path, "config.json implies")
-    assert "intermediate_size=48" in msg and "different models" in msg
+    msg = fails(src, tmp_path, "config.json says intermediate_size=48, but the weights'")
+    assert "w1.weight has shape [32, 64]" in msg and "disagree" in msg
 
 
 def test_unsupported_dtype(src, tmp_path):
@@ -174,7 +176,10 @@ def test_not_enough_disk(src, tmp_path, monkeypatch):
         return real(path)._replace(free=100_000)
 
     monkeypatch.setattr(converter_module.shutil, "disk_usage", tiny)
-    assert "free some space" in fails(src, tmp_path, "not enough disk space")
+    msg = fails(src, tmp_path, "not enough disk space: the output needs")
+    # the reserve kept free is said, and how big; and how much to free
+    assert "plus a reserve of 250.00 MB that m3mlx keeps free" in msg
+    assert "has 100.00 KB free: free 250.3" in msg and "more or write elsewhere" in msg
 
 
 def test_existing_output_needs_resume_or_force(src, tmp_path):
@@ -238,18 +243,45 @@ def test_bad_options(src, tmp_path, kwargs, match):
     fails(src, tmp_path, match, **kwargs)
 
 
-def test_failure_while_writing_leaves_nothing(src, tmp_path, monkeypatch):
+def failing_reads(monkeypatch, at: int) -> list:
+    """Source reads fail with EIO from the `at`-th on; returns the list of calls."""
     real = TensorInfo.read
     calls = []
 
     def flaky(self, first=0, count=None):
         calls.append(1)
-        if len(calls) == 40:
-            raise OSError("I/O error reading the source disk")
+        if len(calls) == at:
+            raise OSError(errno.EIO, "Input/output error")
         return real(self, first, count)
 
     monkeypatch.setattr(TensorInfo, "read", flaky)
+    return calls
+
+
+def test_read_error_before_any_shard_is_finished_leaves_nothing(src, tmp_path, monkeypatch):
+    calls = failing_reads(monkeypatch, 3)
     out = tmp_path / "out"
-    with pytest.raises(OSError):
+    with pytest.raises(ConvertError, match=r"writing the conversion failed: Input/output error; "
+                                           "nothing was finished, and nothing is left in"):
+        convert(src, out, **QUIET)
+    assert len(calls) == 3 and not out.exists()
+
+
+def test_read_error_mid_conversion_keeps_finished_shards_for_resume(src, tmp_path, monkeypatch):
+    """Hours of work are not thrown away for one I/O error: the finished shards stay, the
+    message says how many and what to do, and --resume finishes the job."""
+    failing_reads(monkeypatch, 40)
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError) as info:
         convert(src, out, max_shard_size=50_000, **QUIET)
-    assert len(calls) == 40 and not out.exists()
+    msg = str(info.value)
+    assert re.search(r"Input/output error; \d+ of \d+ files are written and kept", msg), msg
+    assert "run the same command with --resume" in msg
+    assert not list(out.glob("*.partial")) and not (out / "config.json").exists()
+    kept = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert kept
+    monkeypatch.undo()
+    lines = []
+    convert(src, out, max_shard_size=50_000, resume=True, log=lines.append, progress=False)
+    assert any(f"resuming: {len(kept)} of" in line for line in lines)
+    assert (out / "config.json").exists()

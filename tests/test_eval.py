@@ -72,10 +72,11 @@ def test_a_model_against_itself_has_its_perplexity_and_zero_divergence(demo_mode
 
 def test_a_known_perturbation_matches_numpy(demo_model, perturbed, text, monkeypatch):
     model, tokenizer = demo_model
-    # Small logit chunks and prefill steps: the cached, chunked path must equal whole windows.
+    # Small logit chunks and prefill steps: the cached, chunked path must equal whole windows
+    # (which keep MSA index keys unquantized: index_bits=16).
     monkeypatch.setattr(ev, "LOGIT_BYTES", 4 * model.args.vocab_size * 7)
     r = evaluate(perturbed, tokenizer, text, context=CONTEXT, samples=3, reference=model,
-                 prefill_step=40)
+                 prefill_step=40, index_bits=16)
     ref = numpy_reference(perturbed, model, tokenizer, text, CONTEXT, 3)
     assert r.kld.mean() > 1e-3  # the perturbation is visible
     np.testing.assert_allclose(r.nll, ref["nll"], rtol=1e-4, atol=1e-4)
