@@ -70,3 +70,14 @@ def test_experts_are_balanced(tiny):
             h = h + layer.mlp(x)
     for load in loads:
         assert load.min() > 0 and load.max() < 3 * load.mean(), load
+
+
+def test_it_runs_in_the_bfloat16_it_ships_in(tiny):
+    """At --dtype auto the activations stay bfloat16 and the unquantized experts go through
+    gather_mm (float32 only on a CPU: the twin computes there in float32)."""
+    model32, tokenizer = tiny
+    model16, _ = m3mlx.load(TINY_M3_DIR)
+    assert model16.layers[1].block_sparse_moe.switch_mlp.gate_proj.weight.dtype == mx.bfloat16
+    r16 = evaluate(model16, tokenizer, context=512, samples=2)
+    r32 = evaluate(model32, tokenizer, context=512, samples=2)
+    assert r16.perplexity == pytest.approx(r32.perplexity, rel=0.03)

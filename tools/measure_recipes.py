@@ -34,6 +34,7 @@ from m3mlx.demo import HELDOUT_TEXT, TINY_M3_DIR
 from m3mlx.eval import evaluate
 
 CONTEXTS = {512: 16, 4096: 2}  # context -> windows: about 8K scored tokens each
+INDEX_BITS = 16  # MSA index keys unquantized in both models: the divergence is the recipe's alone
 BASES = ([dict(mode="affine", bits=b, group_size=g) for b in AFFINE_BITS for g in AFFINE_GROUPS]
          + [dict(mode=m) for m in ("mxfp4", "mxfp8", "nvfp4")])
 # Sensitivity: each role alone at these precisions (the search below picks from them).
@@ -65,7 +66,8 @@ class Bench:
             if not path.exists():
                 # Every log-probability: the KL divergences below are exact.
                 evaluate(reference, tokenizer, HELDOUT_TEXT, context=ctx, samples=n,
-                         save_logits=path, top_k=self.model_args.vocab_size)
+                         save_logits=path, top_k=self.model_args.vocab_size,
+                         index_bits=INDEX_BITS)
             self.refs[ctx] = path
 
     def measure(self, recipe="m3", roles=None, contexts=tuple(CONTEXTS), **base) -> dict:
@@ -75,7 +77,8 @@ class Bench:
         model = m3mlx.load_model(out, dtype=mx.float32)
         quality = {}
         for ctx in contexts:
-            r = evaluate(model, self.tokenizer, HELDOUT_TEXT, reference=self.refs[ctx])
+            r = evaluate(model, self.tokenizer, HELDOUT_TEXT, reference=self.refs[ctx],
+                         index_bits=INDEX_BITS)
             s = r.summary()
             quality[str(ctx)] = {k: round(s[k], 6) for k in (
                 "perplexity", "reference_perplexity", "kld_mean", "kld_median", "kld_p99",
@@ -212,7 +215,7 @@ def main(argv=None):
     args.out.write_text(json.dumps({
         "model": "tiny M3 (m3mlx/data/tiny-m3, tools/train_tiny_m3.py), unquantized reference",
         "data": "m3mlx/data/python-heldout.txt",
-        "windows": {str(c): n for c, n in CONTEXTS.items()},
+        "windows": {str(c): n for c, n in CONTEXTS.items()}, "index_bits": INDEX_BITS,
         "budgets": chosen, "recipes": entries, "sensitivity": sensitivity,
         "minutes": round((time.time() - t0) / 60, 1),
     }, indent=1))
