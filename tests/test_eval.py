@@ -189,3 +189,20 @@ def test_eval_command_reports_and_saves(demo_dir, text, tmp_path):
     r = run(cli, ["eval", "--model", str(demo_dir), "--reference", str(text)])
     assert r.exit_code == 1 and "not an m3mlx reference" in r.output
     assert "Traceback" not in r.output
+
+
+def test_index_bits_set_how_both_caches_store_index_keys(demo_dir, demo_model, text):
+    """--index-bits as in generate: 8 (the default) stores MSA index keys as int8, 16 keeps
+    them; past the dense range (CONTEXT) the choice reaches the logits, and the command gives
+    what the API gives."""
+    model, tokenizer = demo_model
+    api = {bits: evaluate(model, tokenizer, text, context=CONTEXT, samples=2,
+                          index_bits=bits).perplexity for bits in (8, 16)}
+    assert api[8] != api[16] and api[8] == pytest.approx(api[16], rel=0.02)
+    for bits in ("8", "16"):
+        r = CliRunner().invoke(cli, ["eval", "--model", str(demo_dir), "--data", str(text),
+                                     "--context", str(CONTEXT), "--samples", "2", "--dtype",
+                                     "float32", "--index-bits", bits, "--json", "--quiet"])
+        assert r.exit_code == 0, r.output
+        summary = json.loads(r.output.strip().splitlines()[-1])
+        assert summary["perplexity"] == pytest.approx(api[int(bits)], rel=1e-6)
