@@ -144,10 +144,12 @@ def _register_subcommands():
     from .chat import chat
     from .convert import convert
     from .eval import eval_command
+    from .serve import serve
 
     cli.add_command(chat)
     cli.add_command(convert)
     cli.add_command(eval_command)
+    cli.add_command(serve)
 
 
 _register_subcommands()

@@ -2,8 +2,7 @@
 
 from .cache import LayerCache, load_prompt_cache, save_prompt_cache, trim_prompt_cache
 from .chat import ChatReply, ChatSession, ChatStream
-from .chat_format import (M3_CHAT_TEMPLATE, MalformedOutputWarning, ToolCall, parse_reply,
-                          render_chat)
+from .chat_format import M3_CHAT_TEMPLATE, render_chat
 from .checkpoint import Checkpoint, NonFiniteWeightWarning
 from .checks import InputError
 from .config import ConfigError, ModelArgs
@@ -11,13 +10,14 @@ from .errors import CheckpointError
 from .generate import GenerationResponse, generate, make_sampler, stream_generate
 from .loading import LoadError, load, load_model
 from .model import Model, make_cache
+from .reply_parser import MalformedOutputWarning, ReplyParser, ToolCall, parse_reply
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChatReply", "ChatSession", "ChatStream", "M3_CHAT_TEMPLATE", "MalformedOutputWarning",
-    "ToolCall", "parse_reply", "render_chat",
+    "ReplyParser", "ToolCall", "parse_reply", "render_chat",
     "Checkpoint", "CheckpointError", "ConfigError", "GenerationResponse", "InputError",
     "LayerCache", "LoadError", "Model", "ModelArgs", "NonFiniteWeightWarning", "Tokenizer",
     "generate", "load",

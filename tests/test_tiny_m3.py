@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import m3mlx
+from m3mlx.chat_format import builtin_template
 from m3mlx.demo import HELDOUT_TEXT, TINY_M3_DIR
 from m3mlx.eval import evaluate, open_text, windows
 from m3mlx.layout import text_weights
@@ -34,6 +35,8 @@ def test_it_is_shipped_in_the_original_layout():
     assert not args.sparse_layers[0] and all(args.sparse_layers[1:])
     assert args.rotary_dim < args.head_dim  # partial RoPE
     assert HELDOUT_TEXT.stat().st_size > 100_000
+    # The chat template the tools write (m3mlx's own), not an older copy.
+    assert (TINY_M3_DIR / "chat_template.jinja").read_text() == builtin_template()
 
 
 def test_heldout_perplexity_is_far_below_the_vocabulary(tiny):
