@@ -20,7 +20,7 @@ from .errors import CheckpointError, reported_as
 from .kv_tier import kv_group_size
 from .model import Model, is_precision_sensitive
 from .tokenizer import Tokenizer
-from .weights import expert_slot, is_mtp, is_vision, mxfp8_to_mlx, stack_experts
+from .weights import expert_slot, is_vision, mtp_layer_count, mxfp8_to_mlx, stack_experts
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab*"]
 
@@ -201,7 +201,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, lazy: bool = False,
     except (ValueError, RuntimeError) as e:  # a tensor MLX cannot reinterpret as its format says
         raise LoadError(f"{ckpt.path}: the weights do not fit their format ({e}); the checkpoint "
                         "is damaged: download it again") from None
-    model = Model(ckpt.args, with_mtp=any(is_mtp(k) for k in weights))
+    model = Model(ckpt.args, mtp_layers=mtp_layer_count(weights))
     quant = _quantization(ckpt, weights)
     if quant:
         _quantize(model, quant, weights, ckpt.path)

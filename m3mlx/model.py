@@ -97,17 +97,23 @@ class MoE(nn.Module):
         if args.n_shared_experts:
             self.shared_experts = MLP(args, args.shared_intermediate_size)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        # Routing is fp32: the bias only picks experts, the weights use the plain sigmoid.
+    def route(self, x: mx.array):
+        """x [N, D] -> (experts int32 [N, k], weights [N, k]).
+
+        Routing is fp32: the correction bias only picks the experts, the weights are the plain
+        sigmoid scores of the picked ones, renormalized and scaled."""
         scores = mx.sigmoid(self.gate(x.astype(mx.float32)).astype(mx.float32))
         biased = scores + self.e_score_correction_bias.astype(mx.float32)
         k = self.top_k
         experts = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k])
         weights = mx.take_along_axis(scores, experts, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        weights = (weights * self.routed_scaling_factor).astype(x.dtype)
+        return experts, (weights * self.routed_scaling_factor).astype(x.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        experts, weights = self.route(x)
         # The routed and shared experts in one op: Metal kernels for a few tokens over
         # quantized experts on a Mac, gather_qmm / gather_mm otherwise.
         shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
@@ -151,26 +157,38 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
 
+    # Each projection is normed, then rotated, as M3 does. x is [B, L, hidden].
+    def project(self, x: mx.array, offset: int):
+        """-> q [B, Hq, L, D], k and v [B, Hkv, L, D]."""
+        q = self._rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset)
+        k = self._rope(self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads)), offset)
+        return q, k, self._heads(self.v_proj(x), self.n_kv_heads)
+
+    def index_keys(self, x: mx.array, offset: int) -> mx.array:
+        """-> the one index-key head [B, L, Di]."""
+        return self._rope(self.index_k_norm(self.index_k_proj(x)), offset)
+
+    def index_queries(self, x: mx.array, offset: int) -> mx.array:
+        """-> index queries [B, H_index, L, Di]."""
+        heads = self._heads(self.index_q_proj(x), self.index_heads)
+        return self._rope(self.index_q_norm(heads), offset)
+
     def __call__(self, x: mx.array, cache: Optional[LayerCache] = None) -> mx.array:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q = self._rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset)
-        k = self._rope(self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads)), offset)
-        v = self._heads(self.v_proj(x), self.n_kv_heads)
-        index_k = None
-        if self.sparse:
-            index_k = self._rope(self.index_k_norm(self.index_k_proj(x)), offset)  # [B, L, Di]
+        q, k, v = self.project(x, offset)
+        index_k = self.index_keys(x, offset) if self.sparse else None
 
         # What attention reads: the cache's K/V (maybe compact, maybe partly on the SSD), or
         # this step's own.
         kv = cache.update(k, v, index_k) if cache is not None else KVView(k, v, index_k, None, 0)
 
         if self.sparse and offset + L > self.topk * self.block_size:
-            index_q = self._rope(self.index_q_norm(self._heads(self.index_q_proj(x),
-                                                               self.index_heads)), offset)
-            selection = index_topk(index_q, kv.index_keys, offset=offset,
-                                   block_size=self.block_size, topk=self.topk,
-                                   index_scales=kv.index_scales)
+            index_q = self.index_queries(x, offset)
+            # The block choice is discrete: no gradient flows through it (as with the experts).
+            selection = mx.stop_gradient(index_topk(
+                index_q, kv.index_keys, offset=offset, block_size=self.block_size,
+                topk=self.topk, index_scales=kv.index_scales))
             out = kv.sparse_attention(q, selection, scale=self.scale, block_size=self.block_size)
         else:
             # Up to top-k x block keys MSA selects every visible block: dense attention is exact.
@@ -215,13 +233,13 @@ class MTPLayer(nn.Module):
 
 
 class MTP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, num_layers: int):
         super().__init__()
-        self.layers = [MTPLayer(args) for _ in range(max(1, args.num_mtp_modules))]
+        self.layers = [MTPLayer(args) for _ in range(num_layers)]
 
 
 class TextModel(nn.Module):
-    def __init__(self, args: ModelArgs, with_mtp: bool):
+    def __init__(self, args: ModelArgs, mtp_layers: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [
@@ -229,8 +247,8 @@ class TextModel(nn.Module):
             for sparse, moe in zip(args.sparse_layers, args.moe_layers)
         ]
         self.norm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
-        if with_mtp:
-            self.mtp = MTP(args)
+        if mtp_layers:
+            self.mtp = MTP(args, mtp_layers)
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
         h = self.embed_tokens(inputs)
@@ -240,10 +258,10 @@ class TextModel(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, args: ModelArgs, with_mtp: bool):
+    def __init__(self, args: ModelArgs, mtp_layers: int):
         super().__init__()
         self.tie = args.tie_word_embeddings
-        self.model = TextModel(args, with_mtp)
+        self.model = TextModel(args, mtp_layers)
         if not self.tie:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -255,10 +273,13 @@ class LanguageModel(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs, with_mtp: bool = False):
+    """`mtp_layers`: how many MTP modules to build. Loaders count the ones the checkpoint has
+    tensors for, not `num_mtp_modules` (the BF16 release's config says 7 and ships none)."""
+
+    def __init__(self, args: ModelArgs, mtp_layers: int = 0):
         super().__init__()
         self.args = args
-        self.language_model = LanguageModel(args, with_mtp)
+        self.language_model = LanguageModel(args, mtp_layers)
         self.kv_bits: Optional[int] = None  # how make_cache stores K/V by default (load sets it)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
