@@ -105,9 +105,12 @@ class Experts(nn.Module):
         self.up_proj = ExpertLinear(E, D, F)
         self.down_proj = ExpertLinear(E, F, D)
         self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
+        # Expert parallel (m3mlx.sharding): this module holds `held` experts of the layer's
+        # `num_experts`, the ids [first, first + held).
+        self.num_experts, self.first, self.held = E, 0, E
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        """x [N, D], indices [N, k] -> [N, k, D]."""
+        """x [N, D], indices [N, k] (ids of held experts, from 0) -> [N, k, D]."""
         N, k = indices.shape
         if indices.size >= self.SORT_THRESHOLD:
             order = mx.argsort(indices.flatten())
@@ -123,6 +126,36 @@ class Experts(nn.Module):
         up = self.up_proj(x, indices, sorted_indices)
         h = swiglu_oai(gate, up, self.alpha, self.limit)
         return self.down_proj(h, indices, sorted_indices)
+
+    @property
+    def partial(self) -> bool:
+        return self.held < self.num_experts
+
+    def local_slots(self, indices: mx.array, weights: mx.array):
+        """For a few tokens on an expert-parallel rank: (ids of held experts, weights), a slot
+        routed elsewhere weighted 0 and pointed at an expert the token already uses here (or
+        the first held one), so that it reads no expert weights of its own."""
+        local = indices - self.first
+        here = (local >= 0) & (local < self.held)
+        some = mx.take_along_axis(local, mx.argmax(here, axis=-1, keepdims=True), axis=-1)
+        fill = mx.where(here.any(axis=-1, keepdims=True), some, 0)
+        return mx.where(here, local, fill).astype(indices.dtype), mx.where(here, weights, 0)
+
+    def routed_rows(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """Many tokens on an expert-parallel rank: only the slots routed to held experts are
+        computed (sorted by expert they are one contiguous run; finding its ends waits for the
+        routing), each weighted: x [N, D] -> this rank's part of the routed sum, [N, D]."""
+        N, k = indices.shape
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        ids = flat[order]
+        lo, hi = mx.sum(ids < self.first).item(), mx.sum(ids < self.first + self.held).item()
+        out = mx.zeros((N * k, x.shape[-1]), x.dtype)
+        if hi > lo:
+            mine = order[lo:hi]
+            y = self._ffn(x[:, None][mine // k], ids[lo:hi] - self.first, True).squeeze(-2)
+            out[mine] = y * weights.flatten()[mine][:, None]
+        return out.reshape(N, k, -1).sum(axis=1)
 
 
 class MoE(nn.Module):
@@ -147,9 +180,17 @@ class MoE(nn.Module):
         weights = mx.take_along_axis(scores, experts, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
         weights = (weights * self.routed_scaling_factor).astype(x.dtype)
+        routed = self.switch_mlp
+        if routed.partial and experts.size >= routed.SORT_THRESHOLD:
+            y = routed.routed_rows(x, experts, weights)
+            if "shared_experts" in self:
+                y = y + self.shared_experts(x)
+            return y.reshape(shape)
+        if routed.partial:
+            experts, weights = routed.local_slots(experts, weights)
         y = self._metal_decode(x, experts, weights)
         if y is None:
-            y = (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=1)
+            y = (routed(x, experts) * weights[..., None]).sum(axis=1)
             if "shared_experts" in self:
                 y = y + self.shared_experts(x)
         return y.reshape(shape)
@@ -246,11 +287,18 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(args, args.dense_intermediate_size)
         self.input_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
+        # Tensor parallel (m3mlx.sharding): each rank of `group` computes a part of the
+        # attention (its KV heads) and of the FFN (its experts, its shared-expert and MLP
+        # columns); one all-reduce completes each.
+        self.group = None
 
     def __call__(self, x: mx.array, cache: Optional[LayerCache] = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+        h = x + self._sum(self.self_attn(self.input_layernorm(x), cache))
         ffn = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
-        return h + ffn(self.post_attention_layernorm(h))
+        return h + self._sum(ffn(self.post_attention_layernorm(h)))
+
+    def _sum(self, part: mx.array) -> mx.array:
+        return part if self.group is None else mx.distributed.all_sum(part, group=self.group)
 
 
 class MTPLayer(nn.Module):
@@ -289,11 +337,21 @@ class TextModel(nn.Module):
         self.norm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
         if with_mtp:
             self.mtp = MTP(args)
+        # Pipeline parallel (m3mlx.sharding.Stage): this rank runs a contiguous range of the
+        # layers; a later stage takes its input from the one before, an earlier one passes its
+        # output on and holds no final norm.
+        self.stage = None
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(inputs)
+        stage = self.stage
+        if stage is None or stage.first:
+            h = self.embed_tokens(inputs)
+        else:
+            h = stage.receive(inputs.shape)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, c)
+        if stage is not None and not stage.last:
+            return stage.send(h)
         return self.norm(h)
 
 
@@ -308,8 +366,9 @@ class LanguageModel(nn.Module):
     def logits(self, h: mx.array) -> mx.array:
         return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
 
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        return self.logits(self.model(inputs, cache))
+    def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        h = self.model(inputs, cache)
+        return self.logits(h[:, -1:] if last_only else h)
 
 
 class Model(nn.Module):
@@ -317,10 +376,15 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.language_model = LanguageModel(args, with_mtp)
+        # Set when the model is one rank's part of a model sharded over several processes
+        # (m3mlx.sharding.Sharding): its plan, group and, on rank 0, the driver of the others.
+        self.sharding = None
 
-    def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
-        """inputs [B, L] token ids -> logits [B, L, vocab]."""
-        return self.language_model(inputs, cache)
+    def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None,
+                 last_only: bool = False) -> mx.array:
+        """inputs [B, L] token ids -> logits [B, L, vocab] ([B, 1, vocab] with last_only:
+        generation needs the last position's only, and the vocabulary projection is large)."""
+        return self.language_model(inputs, cache, last_only)
 
     @property
     def layers(self) -> List[DecoderLayer]:
