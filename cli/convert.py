@@ -1,7 +1,5 @@
 """`m3mlx convert SOURCE OUTPUT_DIR`: a thin click wrapper over `m3mlx.convert.convert`."""
 
-import re
-
 import click
 
 from m3mlx.convert import RECIPES, ROLES
@@ -9,18 +7,8 @@ from m3mlx.convert import convert as run_convert
 from m3mlx.convert.recipes import MODES, parse_role_overrides
 
 from .errors import Command
+from .options import parse_size
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1.5G', '1048576' -> bytes (binary units, as mlx-lm's 5 GB limit)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
-    unit = (m[2] or "").lower().rstrip("b").rstrip("i")
-    return int(float(m[1]) * _UNITS[unit])
 
 
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())

@@ -10,8 +10,21 @@ from typing import Optional
 import click
 
 from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
+from m3mlx.checks import parse_size as checked_size
 from m3mlx.convert.plan import duration
-from m3mlx.defaults import PREFILL_STEP
+from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5G', '1048576' -> bytes (m3mlx.checks.parse_size, as a click error)."""
+    try:
+        return checked_size(str(text), "the size")
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _optional_size(ctx, param, value):
+    return None if value is None else parse_size(value)
 
 
 class _FiniteFloatRange(click.FloatRange):
@@ -61,9 +74,22 @@ def generation_options(*, max_tokens: int, sampling: dict,
         click.option("--prefill-step-size", default=PREFILL_STEP, show_default=True,
                      type=option_type("prefill_step_size"),
                      help="Prompt tokens per prefill chunk."),
-        click.option("--index-bits", type=click.Choice(["16", "8"]), default="16",
-                     show_default=True, callback=lambda ctx, param, v: 8 if v == "8" else None,
-                     help="Storage of MSA index keys; 8 halves the long-context index scan."),
+        click.option("--index-bits", type=click.Choice(["8", "16"]), default=str(INDEX_BITS),
+                     show_default=True, callback=lambda ctx, param, v: int(v),
+                     help="Storage of MSA index keys: int8 with a scale per key (half the "
+                          "long-context index scan of 16), or the activation dtype."),
+        click.option("--kv-bits", type=click.Choice(["16", "8", "4"]), default="16",
+                     show_default=True, callback=lambda ctx, param, v: int(v),
+                     help="Storage of the K/V cache: the activation dtype (16), or 8 or 4 bits "
+                          "per value with a scale per group of head_dim (about 0.53x, 0.31x)."),
+        click.option("--kv-memory", default=None, callback=_optional_size, metavar="SIZE",
+                     help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V in "
+                          "memory; the other blocks go to a file in --kv-cache-dir and are read "
+                          "back when selected [default: all in memory]."),
+        click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where --kv-memory puts the K/V blocks not in memory, one file per "
+                          "session, removed at exit [default: $M3MLX_HOME/kv or "
+                          "~/.cache/m3mlx/kv]."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      default="auto", show_default=True,
                      help="Activation dtype (float32 on CPU)."),

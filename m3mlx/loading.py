@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import Checkpoint, warn_nonfinite
 from .config import ConfigError, ModelArgs
 from .errors import CheckpointError, reported_as
+from .kv_tier import kv_group_size
 from .model import Model, is_precision_sensitive
 from .tokenizer import Tokenizer
 from .weights import expert_slot, is_mtp, is_vision, mxfp8_to_mlx, stack_experts
@@ -224,15 +225,21 @@ def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) ->
         return model_from_checkpoint(Checkpoint.open(path), lazy=lazy, dtype=dtype)
 
 
-def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None):
+def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
+         kv_bits: Optional[int] = None):
     """(model, tokenizer) from a model directory or a Hub repo id. Everything is checked, the
-    tokenizer included, before the weights are read."""
+    tokenizer included, before the weights are read. kv_bits (8 or 4) makes the model's caches
+    (`make_cache(model)`, generation without a prompt cache) store K/V compact; InputError
+    before anything is read when the model cannot."""
     path = resolve(str(path_or_repo))
     with reported_as(LoadError, ConfigError):
         ckpt = Checkpoint.open(path)
+        kv_group_size(ckpt.args, kv_bits)
         tokenizer = Tokenizer.from_dir(path, eos_token_ids=ckpt.args.eos_token_ids)
         if tokenizer.vocab_size > ckpt.args.vocab_size:
             raise LoadError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, more than "
                             f"the model's vocab_size={ckpt.args.vocab_size}: use the tokenizer "
                             "that came with these weights")
-        return model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype), tokenizer
+        model = model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype)
+        model.kv_bits = kv_bits
+        return model, tokenizer

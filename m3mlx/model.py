@@ -10,10 +10,14 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import LayerCache
+from .cache import KVView, LayerCache
 from .config import ModelArgs
-from .metal_kernels import (ExpertWeights, index_topk, moe_decode, moe_decode_supported,
-                            sparse_attention, use_metal)
+from .defaults import INDEX_BITS
+from .metal_kernels import ExpertWeights, index_topk, moe_experts, swiglu_oai
+
+# From this many (token, slot) pairs an expert-parallel rank computes only the pairs routed to
+# its own experts (prefill); below it, every slot, the others weighted 0 (decode: no sync).
+PREFILL_SLOTS = 64
 
 
 class GemmaRMSNorm(nn.Module):
@@ -26,12 +30,6 @@ class GemmaRMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
-
-
-def swiglu_oai(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
-    gate = mx.minimum(gate, limit)
-    up = mx.clip(up, -limit, limit)
-    return (up + 1.0) * gate * mx.sigmoid(alpha * gate)
 
 
 class MLP(nn.Module):
@@ -48,17 +46,12 @@ class MLP(nn.Module):
 
 
 class ExpertLinear(nn.Module):
-    """One linear map per expert, weight [experts, out, in], applied to routed rows."""
+    """One linear map per expert, weight [experts, out, in]; applied by the MoE op."""
 
     def __init__(self, num_experts: int, input_dims: int, output_dims: int):
         super().__init__()
         scale = input_dims**-0.5
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
-
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_mm(
-            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
-        )
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
         return QuantizedExpertLinear.from_expert_linear(self, group_size, bits, mode)
@@ -84,19 +77,9 @@ class QuantizedExpertLinear(nn.Module):
             q.biases = biases[0]
         return q
 
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
-
 
 class Experts(nn.Module):
-    """The routed experts, stacked per projection (mlx-lm's `switch_mlp`)."""
-
-    # Sorting rows by expert pays off once several rows share an expert (prefill).
-    SORT_THRESHOLD = 64
+    """The routed experts' weights, stacked per projection (mlx-lm's `switch_mlp`)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -104,58 +87,35 @@ class Experts(nn.Module):
         self.gate_proj = ExpertLinear(E, D, F)
         self.up_proj = ExpertLinear(E, D, F)
         self.down_proj = ExpertLinear(E, F, D)
-        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
-        # Expert parallel (m3mlx.sharding): this module holds `held` experts of the layer's
-        # `num_experts`, the ids [first, first + held).
+        # Expert parallel (m3mlx.sharding): this rank holds `held` of the layer's `num_experts`
+        # experts, the ids [first, first + held).
         self.num_experts, self.first, self.held = E, 0, E
-
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        """x [N, D], indices [N, k] (ids of held experts, from 0) -> [N, k, D]."""
-        N, k = indices.shape
-        if indices.size >= self.SORT_THRESHOLD:
-            order = mx.argsort(indices.flatten())
-            # Index after adding the row axis: gather_mm is several times slower on the
-            # strides that `x[order // k][:, None]` would give.
-            rows = x[:, None][order // k]
-            y = self._ffn(rows, indices.flatten()[order], True)
-            return y[mx.argsort(order)].reshape(N, k, -1)
-        return self._ffn(x[:, None, None], indices, False).squeeze(-2)
-
-    def _ffn(self, x, indices, sorted_indices):
-        gate = self.gate_proj(x, indices, sorted_indices)
-        up = self.up_proj(x, indices, sorted_indices)
-        h = swiglu_oai(gate, up, self.alpha, self.limit)
-        return self.down_proj(h, indices, sorted_indices)
 
     @property
     def partial(self) -> bool:
         return self.held < self.num_experts
 
     def local_slots(self, indices: mx.array, weights: mx.array):
-        """For a few tokens on an expert-parallel rank: (ids of held experts, weights), a slot
-        routed elsewhere weighted 0 and pointed at an expert the token already uses here (or
-        the first held one), so that it reads no expert weights of its own."""
+        """For a few tokens on an expert-parallel rank: (ids among the held experts, weights),
+        a slot routed elsewhere weighted 0 and pointed at an expert the token already uses here
+        (or the first held one), so that it reads no other expert's weights."""
         local = indices - self.first
         here = (local >= 0) & (local < self.held)
         some = mx.take_along_axis(local, mx.argmax(here, axis=-1, keepdims=True), axis=-1)
         fill = mx.where(here.any(axis=-1, keepdims=True), some, 0)
         return mx.where(here, local, fill).astype(indices.dtype), mx.where(here, weights, 0)
 
-    def routed_rows(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        """Many tokens on an expert-parallel rank: only the slots routed to held experts are
-        computed (sorted by expert they are one contiguous run; finding its ends waits for the
-        routing), each weighted: x [N, D] -> this rank's part of the routed sum, [N, D]."""
-        N, k = indices.shape
+    def held_slots(self, indices: mx.array):
+        """For many tokens on an expert-parallel rank: the flat (token * k + slot) numbers of
+        the slots routed to held experts and their ids among them, both sorted by expert (the
+        held ids are one contiguous run of the sorted ids; finding its ends waits for the
+        routing)."""
         flat = indices.flatten()
         order = mx.argsort(flat)
         ids = flat[order]
-        lo, hi = mx.sum(ids < self.first).item(), mx.sum(ids < self.first + self.held).item()
-        out = mx.zeros((N * k, x.shape[-1]), x.dtype)
-        if hi > lo:
-            mine = order[lo:hi]
-            y = self._ffn(x[:, None][mine // k], ids[lo:hi] - self.first, True).squeeze(-2)
-            out[mine] = y * weights.flatten()[mine][:, None]
-        return out.reshape(N, k, -1).sum(axis=1)
+        lo = mx.sum(ids < self.first).item()
+        hi = mx.sum(ids < self.first + self.held).item()
+        return order[lo:hi], ids[lo:hi] - self.first
 
 
 class MoE(nn.Module):
@@ -163,6 +123,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.routed_scaling_factor = args.routed_scaling_factor
+        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
         self.e_score_correction_bias = mx.zeros((args.num_local_experts,))
         self.switch_mlp = Experts(args)
@@ -180,33 +141,34 @@ class MoE(nn.Module):
         weights = mx.take_along_axis(scores, experts, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
         weights = (weights * self.routed_scaling_factor).astype(x.dtype)
+        # The routed and shared experts in one op: Metal kernels for a few tokens over
+        # quantized experts on a Mac, gather_qmm / gather_mm otherwise.
         routed = self.switch_mlp
-        if routed.partial and experts.size >= routed.SORT_THRESHOLD:
-            y = routed.routed_rows(x, experts, weights)
-            if "shared_experts" in self:
-                y = y + self.shared_experts(x)
-            return y.reshape(shape)
+        shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
+        if routed.partial and experts.size >= PREFILL_SLOTS:
+            return self._held_experts(x, experts, weights).reshape(shape)
         if routed.partial:
             experts, weights = routed.local_slots(experts, weights)
-        y = self._metal_decode(x, experts, weights)
-        if y is None:
-            y = (routed(x, experts) * weights[..., None]).sum(axis=1)
-            if "shared_experts" in self:
-                y = y + self.shared_experts(x)
+        y = moe_experts(x, experts, weights, ExpertWeights.of(self.switch_mlp), shared,
+                        alpha=self.alpha, limit=self.limit)
         return y.reshape(shape)
 
-    def _metal_decode(self, x, experts, weights) -> Optional[mx.array]:
-        """The Metal MoE kernel's result for a few tokens over quantized experts, or None where
-        it does not apply (always off Metal): then the gather_qmm path runs."""
-        if not use_metal():
-            return None
-        routed = ExpertWeights.of(self.switch_mlp)
-        shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
-        if (routed is None or ("shared_experts" in self and shared is None)
-                or not moe_decode_supported(x, experts, weights, routed, shared)):
-            return None
-        return moe_decode(x, experts, weights, routed, shared, alpha=self.switch_mlp.alpha,
-                          limit=self.switch_mlp.limit, use_metal=True)
+    def _held_experts(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """Prefill on an expert-parallel rank: this rank's part of the MoE output [N, D], from
+        the (token, slot) pairs routed to its experts only, plus its columns of the shared
+        expert."""
+        routed, k = self.switch_mlp, experts.shape[-1]
+        slots, ids = routed.held_slots(experts)
+        y = mx.zeros_like(x)
+        if slots.size:
+            rows = slots // k
+            part = moe_experts(x[rows], ids[:, None], weights.flatten()[slots][:, None],
+                               ExpertWeights.of(routed), None, alpha=self.alpha,
+                               limit=self.limit)
+            y = y.at[rows].add(part)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y
 
 
 class Attention(nn.Module):
@@ -254,26 +216,20 @@ class Attention(nn.Module):
         if self.sparse:
             index_k = self._rope(self.index_k_norm(self.index_k_proj(x)), offset)  # [B, L, Di]
 
-        if cache is not None:
-            keys, values, index_keys, index_scales = cache.update(k, v, index_k)
-        else:
-            keys, values, index_keys, index_scales = k, v, index_k, None
-        length = offset + L
+        # What attention reads: the cache's K/V (maybe compact, maybe partly on the SSD), or
+        # this step's own.
+        kv = cache.update(k, v, index_k) if cache is not None else KVView(k, v, index_k, None, 0)
 
-        if self.sparse and length > self.topk * self.block_size:
+        if self.sparse and offset + L > self.topk * self.block_size:
             index_q = self._rope(self.index_q_norm(self._heads(self.index_q_proj(x),
                                                                self.index_heads)), offset)
-            selection = index_topk(index_q, index_keys, offset=offset,
+            selection = index_topk(index_q, kv.index_keys, offset=offset,
                                    block_size=self.block_size, topk=self.topk,
-                                   index_scales=index_scales)
-            out = sparse_attention(q, keys, values, selection, offset=offset,
-                                   scale=self.scale, block_size=self.block_size)
+                                   index_scales=kv.index_scales)
+            out = kv.sparse_attention(q, selection, scale=self.scale, block_size=self.block_size)
         else:
             # Up to top-k x block keys MSA selects every visible block: dense attention is exact.
-            out = mx.fast.scaled_dot_product_attention(
-                q, keys[..., :length, :], values[..., :length, :], scale=self.scale,
-                mask="causal" if L > 1 else None,
-            )
+            out = kv.dense_attention(q, scale=self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -376,8 +332,9 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.language_model = LanguageModel(args, with_mtp)
+        self.kv_bits: Optional[int] = None  # how make_cache stores K/V by default (load sets it)
         # Set when the model is one rank's part of a model sharded over several processes
-        # (m3mlx.sharding.Sharding): its plan, group and, on rank 0, the driver of the others.
+        # (m3mlx.sharding.Sharding): its plan and group.
         self.sharding = None
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None,
@@ -395,10 +352,31 @@ class Model(nn.Module):
         return "mtp" in self.language_model.model
 
 
-def make_cache(model: Model, index_bits: Optional[int] = None) -> List[LayerCache]:
-    """Per-layer caches; sparse layers also keep index keys (8-bit when index_bits=8)."""
+def make_cache(model: Model, index_bits: Optional[int] = INDEX_BITS, *,
+               kv_bits: Optional[int] = None, kv_memory=None, kv_cache_dir=None,
+               kv_policy: Optional[str] = None) -> List[LayerCache]:
+    """Per-layer caches; sparse layers also keep index keys: int8 with a scale per key
+    (index_bits=8, the default) or in the activation dtype (16, or None).
+
+    kv_bits=8 or 4 stores K/V compact (quantized per row of head_dim), 16 in the activation
+    dtype, None as the model was loaded (`load(..., kv_bits=...)`). kv_memory (bytes, or a
+    size such as "8GB") keeps at most that much of the sparse layers' K/V in memory, the other
+    blocks in a file in kv_cache_dir (default $M3MLX_HOME/kv); kv_policy picks which blocks
+    stay (see `kv_tier.POLICIES`). InputError when the model cannot store K/V that way.
+    """
+    from .kv_tier import KVTier, kv_group_size
+
+    kv_bits = getattr(model, "kv_bits", None) if kv_bits is None else kv_bits
+    kv_bits = None if kv_bits == 16 else kv_bits
+    group = kv_group_size(model.args, kv_bits)
+    tier = None
+    if kv_memory is not None:
+        dtype = model.layers[0].input_layernorm.weight.dtype  # the activations' (never quantized)
+        tier = KVTier.for_model(model.args, kv_memory, kv_bits=kv_bits, dtype=dtype,
+                                directory=kv_cache_dir, policy=kv_policy)
     return [
-        LayerCache(index=layer.self_attn.sparse, index_bits=index_bits)
+        LayerCache(index=layer.self_attn.sparse, index_bits=index_bits, kv_bits=kv_bits,
+                   kv_group_size=group, tier=tier if layer.self_attn.sparse else None)
         for layer in model.layers
     ]
 

@@ -6,7 +6,7 @@ import pytest
 
 import m3mlx
 from m3mlx.demo import write_demo_checkpoint
-from m3mlx.metal_kernels import msa_ops
+from m3mlx.metal_kernels import dispatch, msa_ops
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +31,15 @@ def run_in_chunks(model, ids, chunks, cache):
 def test_chunked_prefill_and_decode_equal_full_forward(sparse_model, chunks):
     model, _ = sparse_model
     ids = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 320)))
-    full = model(ids)
-    got = run_in_chunks(model, ids, chunks, m3mlx.make_cache(model))
+    full = model(ids)  # index keys as computed: the cache keeps them so (16) to match
+    got = run_in_chunks(model, ids, chunks, m3mlx.make_cache(model, index_bits=16))
     np.testing.assert_allclose(np.array(got), np.array(full), atol=1e-4)
 
 
 def test_8bit_index_keys_select_like_the_full_keys_and_run(sparse_model):
     model, _ = sparse_model
     ids = mx.array(np.random.default_rng(1).integers(0, model.args.vocab_size, (1, 300)))
-    cache8, cache32 = m3mlx.make_cache(model, index_bits=8), m3mlx.make_cache(model)
+    cache8, cache32 = m3mlx.make_cache(model, index_bits=8), m3mlx.make_cache(model, 16)
     out8 = run_in_chunks(model, ids, (200,), cache8)
     run_in_chunks(model, ids, (200,), cache32)
     assert cache8[1].index_keys.dtype == mx.int8
@@ -66,7 +66,7 @@ def test_trim_then_redo_gives_the_same_logits(sparse_model):
 
 def test_prompt_cache_round_trips_exactly(sparse_model, tmp_path):
     model, tokenizer = sparse_model
-    for index_bits in (None, 8):
+    for index_bits in (16, 8):
         cache = m3mlx.make_cache(model, index_bits)
         prompt = "The quick brown fox jumps over the lazy dog. " * 8
         text = m3mlx.generate(model, tokenizer, prompt, max_tokens=6, prompt_cache=cache)
@@ -106,8 +106,10 @@ def decode_working_memory(model, context):
 
 
 def test_decode_working_memory_grows_only_by_block_score_rows(sparse_model, monkeypatch):
-    """Past the caches, a decode step holds only per-block rows (scores, masks, ranks): it
-    never builds a per-token score row, a dense mask or a copy of the K/V cache."""
+    """Past the caches, a decode step of the MLX-ops twins (on every machine) holds only
+    per-block rows (scores, masks, ranks): it never builds a per-token score row, a dense mask
+    or a copy of the K/V cache."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "ops")
     model, _ = sparse_model
     args = model.args
     monkeypatch.setattr(msa_ops, "MAX_TILE_KEYS", 256)  # scan in small tiles at these lengths

@@ -1,4 +1,16 @@
-"""Inputs for the kernel tests: random tensors, selections with every edge, comparisons."""
+"""What the kernel tests share: the paths they run on, random inputs with every edge, checks.
+
+A kernel test runs each case on every runner this machine has, and names the path in its id:
+
+- `harness`: the Metal kernel's exact source on the Metal-on-CPU harness (Linux, g++), threads
+  in order;
+- `harness-shuffled`: the same, each threadgroup's threads resumed in a seeded random order
+  between synchronisation points, so that an order-dependent race shows up;
+- `metal`: the kernel on a real Mac's GPU (wherever MLX has Metal).
+
+The MLX-ops twin is the reference in every case. Tests of the twin alone, or of the dispatch,
+say so in their names and docstrings.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +23,55 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from m3mlx.metal_kernels import msa_kernels
+from m3mlx.metal_kernels import QuantizedKV, dispatch, kernel, moe, msa_kernels
 
-from . import harness
+from . import harness, strict
 
-# The harness needs Linux and a C++17 compiler; on a Mac the kernels run on Metal itself.
-# M3MLX_MSL_REQUIRED=1 (set by CI) turns a missing compiler into a failure instead of a skip.
+# The harness needs Linux and g++; the strict compile check needs clang. On a Mac the kernels
+# run on Metal itself. M3MLX_MSL_REQUIRED=1 (set by CI) turns a missing compiler into a failure
+# instead of a skip.
+REQUIRED = os.environ.get("M3MLX_MSL_REQUIRED") == "1"
 ON_LINUX = sys.platform.startswith("linux")
-HARNESS = ON_LINUX and (shutil.which(harness.COMPILER) is not None
-                        or os.environ.get("M3MLX_MSL_REQUIRED") == "1")
+HARNESS = ON_LINUX and (shutil.which(harness.COMPILER) is not None or REQUIRED)
+STRICT = strict.available() or REQUIRED
 harness_only = pytest.mark.skipif(
-    not HARNESS, reason=f"the kernel harness needs Linux and {harness.COMPILER}")
+    not HARNESS, reason=f"the Metal-on-CPU kernel harness needs Linux and {harness.COMPILER}")
+strict_only = pytest.mark.skipif(
+    not STRICT, reason=f"the strict compile check needs {strict.COMPILER} (Debian: apt-get "
+                       "install clang); set M3MLX_MSL_REQUIRED=1 to make this a failure")
+
+
+def _harness_runner(order: str):
+    def run(spec, launch):
+        return harness.run_with_stats(spec, launch, order)[0]
+
+    return run
+
+
 RUNNERS = []
 if HARNESS:
-    RUNNERS.append(pytest.param(harness.run, id="harness"))
+    RUNNERS.append(pytest.param(_harness_runner("in-order"), id="harness"))
+    RUNNERS.append(pytest.param(_harness_runner("shuffled"), id="harness-shuffled"))
 if mx.metal.is_available():
-    RUNNERS.append(pytest.param(msa_kernels.metal_run, id="metal"))
+    RUNNERS.append(pytest.param(kernel.metal_run, id="metal"))
+kernel_runners = pytest.mark.parametrize("run", RUNNERS)
 
 
-@dataclass
+@pytest.fixture(scope="session")
+def prebuilt():
+    """The harness executables of `shapes.runtime_launches()`, compiled in parallel up front
+    (a kernel test module names this fixture; it is quick once they are cached)."""
+    if HARNESS:
+        from . import shapes
+
+        harness.prebuild(shapes.runtime_launches())
+needs_runner = pytest.mark.skipif(not RUNNERS, reason="no kernel runner here: neither the "
+                                  "harness (Linux, g++) nor Metal")
+
+
+@dataclass(frozen=True)
 class Spec:
-    """A kernel spec written in a test (the harness reads these fields)."""
+    """A kernel spec written in a test (the harness and `kernel.build` read these fields)."""
 
     name: str
     input_names: tuple
@@ -42,18 +82,18 @@ class Spec:
     atomic_outputs: bool = False
 
 
-def metal_is_the_harness(monkeypatch, dispatch, kernels) -> list:
-    """Pretend Metal is available to the public ops in module `dispatch` (its `_use_metal`),
-    with every launch through `kernels.metal_run` going to the harness; the launched kernels'
-    names, in order."""
+def metal_is_the_harness(monkeypatch, order="in-order") -> list:
+    """Every public op behaves as on a Mac (Metal 'available' to `dispatch`) with each kernel
+    launch going to the harness; returns the launched kernels' names, in order."""
     launched = []
 
     def run(spec, launch):
         launched.append(spec.name)
-        return harness.run(spec, launch)
+        return harness.run_with_stats(spec, launch, order)[0]
 
-    monkeypatch.setattr(dispatch, "_use_metal", lambda requested: requested is not False)
-    monkeypatch.setattr(kernels, "metal_run", run)
+    monkeypatch.setattr(dispatch, "use_metal", lambda requested=None: requested is not False)
+    for module in (msa_kernels, moe):
+        monkeypatch.setattr(module, "metal_run", run)
     return launched
 
 
@@ -98,3 +138,41 @@ def assert_close(got, want, atol, rtol=0.0):
     want = np.array(want.astype(mx.float32))
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+
+
+def _pooled_array(x: mx.array, block: int, slot_of: np.ndarray, capacity: int, rng):
+    """x [B, H, S, W] as a pool [B, H, capacity * block, W] holding block j of (b, h) at block
+    slot_of[b, h, j], every other slot filled with garbage."""
+    bf16 = x.dtype == mx.bfloat16
+    a = np.array(x.view(mx.uint16) if bf16 else x)
+    B, H, S, W = a.shape
+    n = -(-S // block)
+    a = np.pad(a, ((0, 0), (0, 0), (0, n * block - S), (0, 0))).reshape(B, H, n, block, W)
+    if a.dtype.kind == "f":
+        pool = rng.standard_normal((B, H, capacity, block, W)).astype(a.dtype) * 100
+    else:
+        pool = rng.integers(0, np.iinfo(a.dtype).max, (B, H, capacity, block, W), a.dtype)
+    for b, h in np.ndindex(B, H):
+        pool[b, h, slot_of[b, h]] = a[b, h]
+    out = mx.array(pool.reshape(B, H, capacity * block, W))
+    return out.view(mx.bfloat16) if bf16 else out
+
+
+def pooled(keys, values, selection: mx.array, block: int, rng, spare: int = 2):
+    """The same K/V as a pool of blocks in a random order with `spare` garbage slots, and the
+    slots that locate the selection in it (-1 where it is -1): what a memory tier hands the
+    attention op. K/V are arrays or QuantizedKV."""
+    B, H, S = keys.shape[:3]
+    n = -(-S // block)
+    capacity = n + spare
+    slot_of = np.stack([rng.permutation(capacity)[:n] for _ in range(B * H)]).reshape(B, H, n)
+
+    def pool(x):
+        if isinstance(x, QuantizedKV):
+            return x.map(lambda a: _pooled_array(a, block, slot_of, capacity, rng))
+        return _pooled_array(x, block, slot_of, capacity, rng)
+
+    sel = np.array(selection)
+    slots = np.where(sel >= 0, np.take_along_axis(
+        slot_of, np.maximum(sel, 0).reshape(B, H, -1), axis=2).reshape(sel.shape), -1)
+    return pool(keys), pool(values), mx.array(slots.astype(np.int32))
