@@ -295,7 +295,7 @@ class TextModel(nn.Module):
             self.mtp = MTP(args)
         # Pipeline parallel (m3mlx.sharding.Stage): this rank runs a contiguous range of the
         # layers; a later stage takes its input from the one before, an earlier one passes its
-        # output on and holds no final norm.
+        # output on (and returns what its send returns).
         self.stage = None
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
@@ -324,7 +324,10 @@ class LanguageModel(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
         h = self.model(inputs, cache)
-        return self.logits(h[:, -1:] if last_only else h)
+        h = h[:, -1:] if last_only else h
+        if self.model.stage is not None:  # pipeline: the last stage's output, on every rank
+            h = self.model.stage.share(h)
+        return self.logits(h)
 
 
 class Model(nn.Module):

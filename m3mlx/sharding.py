@@ -15,9 +15,15 @@ The model code stays one model file (`m3mlx.model`); a plan is applied to it, in
   the vocabulary divides evenly: one all-reduce per forward for the embedding, one all-gather of
   the logits (only the last position's when generating).
 - pipeline (`Plan.pipeline`): contiguous layer ranges, balanced by weight bytes. Rank N-1 runs
-  the first layers (and holds the embedding), rank 0 the last ones (and the final norm and
-  lm_head, so it samples); activations go down the ranks with send/recv (`TextModel.stage`),
-  between ring neighbours.
+  the first layers (and holds the embedding), rank 0 the last ones; activations go down the
+  ranks with send/recv (`TextModel.stage`), between ring neighbours. Rank 0's final hidden
+  states are then shared with every rank (one all-reduce of [B, 1, D] when generating) and the
+  lm_head is split by vocabulary over all ranks (one all-gather of the logits), so every rank
+  ends a step with the same logits and samples the same token: the ranks run the same
+  generation loop, with no token to pass back.
+
+Every rank thus runs the same program on the same inputs (rank 0 reads them and shares them,
+`m3mlx.distributed`), and holds the same logits after each forward pass.
 
 Caches follow the weights: K/V by KV head (tensor) or by layer (pipeline); index keys are
 replicated under the tensor plan, where every KV group scans all of them.
@@ -100,7 +106,12 @@ class Plan:
                                 f"are more than the model's {n} layers")
         sizes = list(layer_bytes) if layer_bytes is not None else [1] * n
         ranges = balanced_ranges(sizes, size, embed_bytes, head_bytes)
-        return cls("pipeline", rank, size, ranges[size - 1 - rank])
+        if args.tie_word_embeddings and size > 1:
+            raise ShardingError("the pipeline plan keeps the embedding on the first stage and "
+                                "splits the lm_head over all ranks, which tied embeddings do "
+                                "not allow; use --parallel tensor")
+        return cls("pipeline", rank, size, ranges[size - 1 - rank],
+                   vocab_split=args.vocab_size % size == 0)
 
     @property
     def is_tensor(self) -> bool:
@@ -113,7 +124,7 @@ class Plan:
 
     @property
     def last_stage(self) -> bool:
-        """Runs the last layer (pipeline: rank 0) and computes the logits."""
+        """Runs the last layer (pipeline: rank 0), whose output is the final hidden state."""
         return self.rank == 0 or self.is_tensor
 
     def local_layer(self, name: str) -> Optional[str]:
@@ -127,7 +138,7 @@ class Plan:
                 return name
             if name.startswith(EMBED):
                 return name if self.first_stage else None
-            return name if self.last_stage else None
+            return name  # the final norm (tiny) and this rank's part of the lm_head
         i = int(m[1])
         start, stop = self.layers
         if not start <= i < stop:
@@ -137,10 +148,12 @@ class Plan:
     def split_axis(self, name: str):
         """HOLD, or the axis along which the parameter `name` (its global name) is split into
         `size` equal parts of which this rank holds part `rank`."""
-        if not self.is_tensor or self.size == 1:
+        if self.size == 1:
             return HOLD
-        if name.startswith((EMBED, HEAD)):
+        if name.startswith(HEAD) or name.startswith(EMBED) and self.is_tensor:
             return 0 if self.vocab_split else HOLD
+        if not self.is_tensor:
+            return HOLD
         m = _LAYER.match(name)
         if m is None:
             return HOLD
@@ -166,6 +179,12 @@ class Plan:
                 "another number of ranks")
         width = n // self.size
         return axis % len(shape), self.rank * width, (self.rank + 1) * width
+
+    def replicated(self, name: str) -> bool:
+        """Whether every rank holds the whole parameter `name` (its global name)."""
+        if self.split_axis(name) != HOLD:
+            return False
+        return self.is_tensor or not (_LAYER.match(name) or name.startswith(EMBED))
 
     def kv_heads(self, args: ModelArgs) -> Tuple[int, int]:
         """The KV heads [start, stop) whose cache this rank holds."""
@@ -239,6 +258,13 @@ class Stage:
     def send(self, h: mx.array) -> mx.array:
         """`h`, sent to the next stage when evaluated."""
         return mx.distributed.send(h.astype(self.dtype), self.rank - 1, group=self.group)
+
+    def share(self, h: mx.array) -> mx.array:
+        """The last stage's output `h` [B, L, D], on every rank: the others pass the result
+        of their send, and add zeros that wait for it."""
+        if not self.last:
+            h = mx.depends(mx.zeros(h.shape, self.dtype), h)
+        return mx.distributed.all_sum(h, group=self.group)
 
 
 class VocabShard(nn.Module):
@@ -350,17 +376,15 @@ def apply_plan(model, plan: Plan, group, dtype: Optional[mx.Dtype] = None):
     start, stop = plan.layers
     text.layers = text.layers[start:stop]
     if not plan.is_tensor:
-        if not plan.first_stage and not (plan.last_stage and args.tie_word_embeddings):
+        if not plan.first_stage:
             text.pop("embed_tokens")
-        if not plan.last_stage:
-            text.pop("norm")
-            if not args.tie_word_embeddings:
-                model.language_model.pop("lm_head")
         text.stage = Stage(group, plan.rank, plan.size, args.hidden_size, hidden_dtype,
                            first=plan.first_stage, last=plan.last_stage)
     model.update(tree_unflatten([(plan.local_layer(n), a) for n, a in kept.items()]))
     if plan.is_tensor and plan.size > 1:
         _split_modules(model, plan, group)
+    if plan.vocab_split and plan.size > 1:
+        _split_vocabulary(model, plan, group)
     model.sharding = Sharding(plan, group)
     return model
 
@@ -380,13 +404,17 @@ def _split_modules(model, plan: Plan, group):
             experts = layer.block_sparse_moe.switch_mlp
             experts.held = args.num_local_experts // N
             experts.first = plan.rank * experts.held
-    if plan.vocab_split:
-        rows = args.vocab_size // N
-        text.embed_tokens = VocabEmbedding(text.embed_tokens, plan.rank * rows, args.vocab_size,
-                                           group)
-        if "lm_head" in model.language_model:
-            model.language_model.lm_head = VocabHead(model.language_model.lm_head,
-                                                     plan.rank * rows, args.vocab_size, group)
+
+
+def _split_vocabulary(model, plan: Plan, group):
+    """The embedding (tensor plan) and the lm_head hold this rank's rows of the vocabulary."""
+    V = model.args.vocab_size
+    start = plan.rank * V // plan.size
+    text, lm = model.language_model.model, model.language_model
+    if plan.is_tensor:
+        text.embed_tokens = VocabEmbedding(text.embed_tokens, start, V, group)
+    if "lm_head" in lm:
+        lm.lm_head = VocabHead(lm.lm_head, start, V, group)
 
 
 # ----------------------------------------------------------------------------------------------
