@@ -322,7 +322,7 @@ def piped(state: ChatState, input_mode: str):
                    "are commands), or all of stdin is one message.")
 def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
          repetition_penalty, seed, prefill_step_size, index_bits, kv_bits, kv_memory,
-         kv_cache_dir, dtype, input_mode):
+         kv_cache_dir, dtype, parallel, rank_timeout, input_mode):
     """Chat with a model in the terminal: streaming replies, reasoning dimmed.
 
     In the chat, /help lists the commands (/think, /system, /reset, /save, /load, /stats,
@@ -333,7 +333,12 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     replies are written to stdout; reasoning and command output go to stderr.
     """
     from m3mlx.chat import ChatSession
+    from m3mlx.checks import InputError
+    from m3mlx.distributed import is_sharded
 
+    if is_sharded():
+        raise InputError("chat does not run on several ranks yet: start `m3mlx generate` "
+                         "with mlx.launch, or chat in a single process")
     is_tty = sys.stdin.isatty() and sys.stdout.isatty()
     console = Console(interactive=is_tty)
     if is_tty:
