@@ -346,6 +346,11 @@ class Model(nn.Module):
         generation needs the last position's only, and the vocabulary projection is large)."""
         return self.language_model(inputs, cache, last_only)
 
+    def hidden(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
+        """inputs [B, L] -> the final hidden states [B, L, D], for positions whose logits are
+        not needed (a pipeline stage before the last returns what its send returns)."""
+        return self.language_model.model(inputs, cache)
+
     @property
     def layers(self) -> List[DecoderLayer]:
         return self.language_model.model.layers

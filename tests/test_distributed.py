@@ -5,9 +5,12 @@ arrays on a Mac: each rank's experts and heads are whole, ordinary weights).
 """
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -84,3 +87,64 @@ def test_sharded_logits_equal_single_process(checkpoints, tmp_path, kind, n, mod
             bound += r["largest_layer_bytes"]
         assert r["resident_bytes"] <= bound, ranks
     assert sum(r["resident_bytes"] for r in ranks) < 1.2 * ranks[0]["single_process_bytes"]
+
+
+PROMPT = ("Several Macs as one: the ranks split the attention heads, the experts and the "
+          "vocabulary, and each reads only its own part of the weights from the disk. " * 2)
+
+
+def m3mlx_generate(model: Path, *options: str):
+    return ["-m", "cli.main", "generate", "--model", str(model), "--prompt", PROMPT,
+            "--temp", "0", "--prefill-step-size", "32", *options]
+
+
+@pytest.mark.parametrize("kind, n", [("tensor", 2), ("pipeline", 2)])
+def test_generate_greedy_identical_to_single_process(checkpoints, kind, n):
+    """The documented form, `mlx.launch ... -- m3mlx generate ...` (here the console script's
+    module, with this venv's python): rank 0 prints exactly what a single process prints, in a
+    prompt long enough for sparse attention and several prefill chunks."""
+    options = ("--max-tokens", "24")
+    single = subprocess.run([sys.executable, *m3mlx_generate(checkpoints / "f32", *options)],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr
+    run = launch(n, *m3mlx_generate(checkpoints / "f32", *options, "--parallel", kind))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single.stdout and len(single.stdout) > 24
+    assert run.stderr.count("Generation: 24 tokens") == 1  # statistics from rank 0 only
+
+
+def start_ranks(n: int, command, tmp_path):
+    """Start the ranks of a ring by hand, as mlx.launch does (MLX_RANK, MLX_HOSTFILE), but
+    with no launcher to end the others when one dies: what the ranks do on their own."""
+    port = free_port(n)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
+    return [subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "MLX_RANK": str(r),
+                                  "MLX_HOSTFILE": str(hostfile)})
+            for r in range(n)]
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_rank_failing_mid_generation_ends_the_others(checkpoints, tmp_path, fault):
+    """Rank 1 killed (its sockets close) or stopped (they stay open, nothing comes) once rank 0
+    has printed text: rank 0 exits within seconds with one line naming itself and why."""
+    ranks = start_ranks(2, m3mlx_generate(checkpoints / "f32", "--max-tokens", "100000",
+                                          "--rank-timeout", "3"), tmp_path)
+    try:
+        assert ranks[0].stdout.read(8)  # generating
+        os.kill(ranks[1].pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = ranks[0].communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert ranks[0].returncode == 1
+    assert took < (5 if fault == "killed" else 10)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("Error: rank 0 of 2: ")
+    assert ("lost the other ranks" if fault == "killed" else "no answer from the other ranks") in line
