@@ -250,14 +250,17 @@ class Stage:
     first: bool
     last: bool
 
+    # On the CPU stream: a receive that waits for the earlier stages' prefill on the GPU
+    # stream would run into Metal's command-buffer timeout (a few seconds).
     def receive(self, shape: Sequence[int]) -> mx.array:
         """The previous stage's output for inputs of `shape` [B, L]."""
         return mx.distributed.recv((*shape, self.hidden), self.dtype, self.rank + 1,
-                                   group=self.group)
+                                   group=self.group, stream=mx.cpu)
 
     def send(self, h: mx.array) -> mx.array:
         """`h`, sent to the next stage when evaluated."""
-        return mx.distributed.send(h.astype(self.dtype), self.rank - 1, group=self.group)
+        return mx.distributed.send(h.astype(self.dtype), self.rank - 1, group=self.group,
+                                   stream=mx.cpu)
 
     def share(self, h: mx.array) -> mx.array:
         """The last stage's output `h` [B, L, D], on every rank: the others pass the result
