@@ -42,11 +42,16 @@ def _free(port: int) -> bool:
             return False
 
 
-def launch(n: int, *command, timeout: float = TIMEOUT, env=None) -> subprocess.CompletedProcess:
-    """`mlx.launch -n N --backend ring -- command` on this machine."""
-    cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(n), "--backend", "ring",
-           "-p", str(free_port(n)), "--python", sys.executable, *command]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+BIN = Path(sys.executable).parent
+
+
+def launch(n: int, *command, python: bool = True) -> subprocess.CompletedProcess:
+    """`mlx.launch -n N --backend ring [--python PY] -- command` on this machine (this venv's
+    scripts first on PATH, as an activated venv has them)."""
+    cmd = [str(BIN / "mlx.launch"), "-n", str(n), "--backend", "ring", "-p", str(free_port(n)),
+           *(["--python", sys.executable] if python else []), "--", *command]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +99,21 @@ PROMPT = ("Several Macs as one: the ranks split the attention heads, the experts
 
 
 def m3mlx_generate(model: Path, *options: str):
-    return ["-m", "cli.main", "generate", "--model", str(model), "--prompt", PROMPT,
-            "--temp", "0", "--prefill-step-size", "32", *options]
+    return ["generate", "--model", str(model), "--prompt", PROMPT, "--temp", "0",
+            "--prefill-step-size", "32", *options]
 
 
 @pytest.mark.parametrize("kind, n", [("tensor", 2), ("pipeline", 2)])
 def test_generate_greedy_identical_to_single_process(checkpoints, kind, n):
-    """The documented form, `mlx.launch ... -- m3mlx generate ...` (here the console script's
-    module, with this venv's python): rank 0 prints exactly what a single process prints, in a
-    prompt long enough for sparse attention and several prefill chunks."""
+    """The documented form, `mlx.launch ... -- m3mlx generate ...` (the console script):
+    rank 0 prints exactly what a single process prints, for a prompt long enough for sparse
+    attention and several prefill chunks."""
     options = ("--max-tokens", "24")
-    single = subprocess.run([sys.executable, *m3mlx_generate(checkpoints / "f32", *options)],
+    single = subprocess.run([str(BIN / "m3mlx"), *m3mlx_generate(checkpoints / "f32", *options)],
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert single.returncode == 0, single.stderr
-    run = launch(n, *m3mlx_generate(checkpoints / "f32", *options, "--parallel", kind))
+    run = launch(n, "m3mlx", *m3mlx_generate(checkpoints / "f32", *options, "--parallel", kind),
+                 python=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single.stdout and len(single.stdout) > 24
     assert run.stderr.count("Generation: 24 tokens") == 1  # statistics from rank 0 only
@@ -130,8 +136,8 @@ def start_ranks(n: int, command, tmp_path):
 def test_rank_failing_mid_generation_ends_the_others(checkpoints, tmp_path, fault):
     """Rank 1 killed (its sockets close) or stopped (they stay open, nothing comes) once rank 0
     has printed text: rank 0 exits within seconds with one line naming itself and why."""
-    ranks = start_ranks(2, m3mlx_generate(checkpoints / "f32", "--max-tokens", "100000",
-                                          "--rank-timeout", "3"), tmp_path)
+    ranks = start_ranks(2, ["-m", "cli.main", *m3mlx_generate(
+        checkpoints / "f32", "--max-tokens", "100000", "--rank-timeout", "3")], tmp_path)
     try:
         assert ranks[0].stdout.read(8)  # generating
         os.kill(ranks[1].pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
