@@ -154,3 +154,23 @@ def test_rank_failing_mid_generation_ends_the_others(checkpoints, tmp_path, faul
     line = err.strip().splitlines()[-1]
     assert line.startswith("Error: rank 0 of 2: ")
     assert ("lost the other ranks" if fault == "killed" else "no answer from the other ranks") in line
+
+
+def test_ctrl_c_ends_every_rank_with_a_message(checkpoints):
+    """Ctrl-C in a terminal signals the launcher and every rank (one process group): each rank
+    says it was interrupted, names itself, and exits; nothing is left running."""
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port(2)),
+           "--", "m3mlx", *m3mlx_generate(checkpoints / "f32", "--max-tokens", "100000")]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, start_new_session=True)
+    try:
+        assert run.stdout.read(8)  # generating
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=15)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert "rank 0 of 2: interrupted" in err and "rank 1 of 2: interrupted" in err
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.pid, 0)  # the whole group is gone
