@@ -37,8 +37,12 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
     from m3mlx.generate import format_stats, stream_generate
 
     ranks = Ranks.start(rank_timeout, kv_memory=kv_memory)
+    if prompt == "-" and ranks.sharded:
+        raise click.UsageError("with several ranks, pass the prompt as --prompt TEXT: "
+                               "mlx.launch never passes the end of its stdin on, so reading "
+                               "a prompt from it would never end")
     if prompt == "-":
-        prompt = ranks.share_text(lambda: read_stdin("the prompt on stdin"))
+        prompt = read_stdin("the prompt on stdin")
     if not prompt:
         raise click.UsageError("the prompt is empty")
     model, tokenizer = load_or_fail(model_path, dtype, parallel)
@@ -48,13 +52,13 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
     last = None
     try:
         with ranks.watching("generating"):
-            for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                        temperature=temp, top_p=top_p, top_k=top_k,
-                                        min_p=min_p, repetition_penalty=repetition_penalty,
-                                        seed=ranks.seed(seed), stop_strings=stop,
-                                        prompt_cache=cache, prefill_step_size=prefill_step_size,
-                                        prefill_progress=ranks.progress(meter)):
-                ranks.step()
+            stream = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                     temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                     repetition_penalty=repetition_penalty,
+                                     seed=ranks.seed(seed), stop_strings=stop,
+                                     prompt_cache=cache, prefill_step_size=prefill_step_size,
+                                     prefill_progress=ranks.progress(meter))
+            for last in ranks.stepping(stream):
                 click.echo(last.text, nl=False)
     finally:
         meter.close()

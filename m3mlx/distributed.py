@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -67,6 +67,18 @@ def share_int(value: Optional[int]) -> int:
     return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
 
 
+@contextmanager
+def lost_ranks_reported(what: str):
+    """A backend's "connection lost" (a rank died, its sockets closed) as a DistributedError."""
+    try:
+        yield
+    except RuntimeError as e:
+        if any(tag in str(e) for tag in ("[ring]", "[jaccl]", "[mpi]")):
+            raise DistributedError(f"lost the other ranks while {what} ({e}); another rank "
+                                   "failed or its link went down: see its message") from None
+        raise
+
+
 class Watchdog:
     """Ends the process with a one-line message when an armed run makes no progress for
     `timeout` seconds: a rank that hangs, or a link that went quiet, would otherwise leave the
@@ -89,13 +101,8 @@ class Watchdog:
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
         try:
-            yield self
-        except RuntimeError as e:
-            if "[ring]" in str(e) or "[jaccl]" in str(e) or "[mpi]" in str(e):
-                raise DistributedError(
-                    f"lost the other ranks while {what} ({e}); another rank "
-                    "failed or its link went down: see its message") from None
-            raise
+            with lost_ranks_reported(what):
+                yield self
         finally:
             self.last = None
 
@@ -131,6 +138,11 @@ class Ranks:
         self.group, self.watchdog = group, watchdog
 
     @classmethod
+    def alone(cls) -> "Ranks":
+        """A single process."""
+        return cls(None, None)
+
+    @classmethod
     def start(cls, timeout: float = RANK_TIMEOUT, *, kv_memory=None) -> "Ranks":
         """Join the run; ranks other than 0 stop printing to stdout (rank 0 prints the text)."""
         from .checks import InputError
@@ -156,14 +168,21 @@ class Ranks:
     @property
     def leads(self) -> bool:
         """Rank 0 (or the only process): the one that reads stdin and prints."""
-        return self.group.rank() == 0
+        return self.group is None or self.group.rank() == 0
 
-    def share_text(self, read: Callable[[], str]) -> str:
-        """What `read()` returns on rank 0 (stdin is rank 0's), on every rank."""
+    def lines(self, source: Iterable[bytes]) -> Iterator[bytes]:
+        """The lines of rank 0's `source` (stdin), on every rank; the others never read
+        theirs. Waiting for the next line is not watched: a person may take their time."""
         if not self.sharded:
-            return read()
-        mine = read().encode() if self.group.rank() == 0 else None
-        return share_bytes(mine).decode()
+            yield from source
+            return
+        lines = iter(source) if self.leads else None
+        while True:
+            with lost_ranks_reported("waiting for input"):
+                line = share_bytes(next(lines, b"") if self.leads else None)
+            if not line:
+                return
+            yield line
 
     def seed(self, seed: Optional[int]) -> Optional[int]:
         """The seed every rank samples with: the one given, or one rank 0 picks (ranks with
@@ -184,6 +203,10 @@ class Ranks:
         if self.watchdog is not None:
             self.watchdog.progress()
 
+    def stepping(self, stream):
+        """`stream` (an iterable of generated pieces), each piece marked as a step."""
+        return stream if not self.sharded else _Stepping(stream, self.step)
+
     def progress(self, meter: Callable[[int, int], None]) -> Callable[[int, int], None]:
         """`meter` for a prefill's progress, also marking each chunk as a step."""
         if not self.sharded:
@@ -194,3 +217,18 @@ class Ranks:
             meter(done, total)
 
         return both
+
+
+class _Stepping:
+    """An iterable that marks each item as a step; everything else is the wrapped stream's."""
+
+    def __init__(self, stream, step: Callable[[], None]):
+        self._stream, self._step = stream, step
+
+    def __iter__(self):
+        for item in self._stream:
+            self._step()
+            yield item
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)

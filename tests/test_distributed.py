@@ -176,3 +176,21 @@ def test_ctrl_c_ends_every_rank_with_a_message(checkpoints):
         assert f"rank {rank} exited with code 130" in err, err[-1000:]
     with pytest.raises(ProcessLookupError):
         os.killpg(run.pid, 0)  # the whole group is gone
+
+
+def test_chat_on_two_ranks_replies_as_one_process(checkpoints):
+    """`mlx.launch ... -- m3mlx chat` with messages on stdin: rank 0 reads the lines and shares
+    them, the replies equal a single process's; /save says it needs a single process."""
+    lines = "Hello there\n/save conversation\nTell me more about it\n/quit\n"
+    chat = ["chat", "--model", str(checkpoints / "f32"), "--temp", "0", "--max-tokens", "12"]
+    single = subprocess.run([str(BIN / "m3mlx"), *chat], input=lines, capture_output=True,
+                            text=True, timeout=TIMEOUT, cwd=checkpoints)
+    assert single.returncode == 0, single.stderr
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port(2)),
+           "--", "m3mlx", *chat]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.run(cmd, input=lines, capture_output=True, text=True, timeout=TIMEOUT,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single.stdout and single.stdout.count("\n") == 2
+    assert run.stderr.count("/save does not work with several ranks") == 1  # rank 0 only
