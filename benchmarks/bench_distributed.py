@@ -20,7 +20,6 @@ and for each plan (tensor, pipeline) on --ranks local ranks started with mlx.lau
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess

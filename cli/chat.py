@@ -362,8 +362,8 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     )
     state = ChatState(console, session, ranks=ranks)
     if ranks.sharded:
-        console.info(f"m3mlx chat on {ranks.group.size()} ranks: end with /quit (mlx.launch "
-                     "never passes the end of stdin on)")
+        console.info(f"m3mlx chat, {model.sharding.plan.describe()}: end with /quit "
+                     "(mlx.launch never passes the end of stdin on)")
     if is_tty:
         interactive(state, f"m3mlx chat: {model_path} (thinking {thinking}). /help for "
                            "commands, Ctrl-D to leave.")

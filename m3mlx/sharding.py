@@ -30,8 +30,8 @@ replicated under the tensor plan, where every KV group scans all of them.
 """
 
 import re
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -336,15 +336,10 @@ class VocabHead(VocabShard):
 
 @dataclass
 class Sharding:
-    """What a sharded model carries (`Model.sharding`): its plan, its group, and the digest
-    `m3mlx.cache.model_signature` reports (that of the whole model, whatever this rank holds).
-    `driver` is rank 0's link to the other ranks (m3mlx.distributed)."""
+    """What a sharded model carries (`Model.sharding`): its plan and its group."""
 
     plan: Plan
     group: object
-    signature: str = ""
-    driver: object = None
-    stats: Dict[str, int] = field(default_factory=dict)
 
 
 def activation_dtype(model) -> mx.Dtype:
@@ -418,19 +413,3 @@ def _split_vocabulary(model, plan: Plan, group):
         text.embed_tokens = VocabEmbedding(text.embed_tokens, start, V, group)
     if "lm_head" in lm:
         lm.lm_head = VocabHead(lm.lm_head, start, V, group)
-
-
-# ----------------------------------------------------------------------------------------------
-# Caches
-
-# The axis of each cache array that the tensor plan splits (K/V by head); the others are whole.
-CACHE_HEAD_AXIS = {"keys": 1, "values": 1}
-
-
-def cache_part(plan: Plan, args: ModelArgs, name: str, array: mx.array) -> mx.array:
-    """This rank's part of one array of a whole model's layer cache (tensor plan: its KV
-    heads; index keys whole)."""
-    if not plan.is_tensor or name not in CACHE_HEAD_AXIS:
-        return array
-    start, stop = plan.kv_heads(args)
-    return array[:, start:stop]

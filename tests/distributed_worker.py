@@ -15,7 +15,7 @@ import numpy as np
 from m3mlx.generate import prefill
 from m3mlx.loading import load_model
 from m3mlx.model import make_cache
-from m3mlx.rank_loading import held_bytes, load_rank, make_plan, resident_bytes, text_tensors
+from m3mlx.rank_loading import held_bytes, load_rank, resident_bytes, text_tensors
 from m3mlx.checkpoint import Checkpoint
 
 PROMPT = 100  # tokens: past MSA's 4 x 16 dense window, so the sparse layers select blocks
@@ -44,7 +44,7 @@ def main(model_dir: str, kind: str, out: str):
         diffs.append(mx.abs(logits - logits_ref).max().item())
 
     ckpt = Checkpoint.open(model_dir)
-    plan = make_plan(kind, ckpt, group.rank(), group.size())
+    plan = model.sharding.plan
     tensors = text_tensors(ckpt)
     held, replicated, total = held_bytes(plan, tensors)
     layers = [0] * ref.args.num_hidden_layers
