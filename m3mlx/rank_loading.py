@@ -4,7 +4,9 @@ Parameters split along their first axis (the stacked experts, the KV heads' proj
 vocabulary) are read as byte ranges of their rows: rank r of N reads experts [r*E/N, (r+1)*E/N)
 of each stacked expert tensor and nothing of the others. Parameters split along their last axis
 (o_proj and the down projections of the shared expert and dense MLP, whose rows interleave the
-ranks' columns) are read whole, one batch at a time, and sliced; only the slice stays resident.
+ranks' columns) are read whole, one batch at a time, and sliced; only the slice stays resident
+(their rows are 4-16 KB, the reader's aligned reads 16 KiB: reading a rank's columns alone would
+read the same pages).
 """
 
 from typing import Dict, List, Optional, Tuple

@@ -25,7 +25,9 @@ DECODE = 4
 
 def main(model_dir: str, kind: str, out: str):
     group = mx.distributed.init(strict=True)
+    mx.reset_peak_memory()
     model, _ = load_rank(model_dir, kind, group)
+    load_peak = mx.get_peak_memory()
     ref = load_model(model_dir)
     ids = mx.array(np.random.default_rng(0).integers(0, ref.args.vocab_size, PROMPT))
 
@@ -52,11 +54,12 @@ def main(model_dir: str, kind: str, out: str):
         if name.startswith("language_model.model.layers."):
             layers[int(name.split(".")[3])] += t.nbytes
     row = mx.array([max(diffs), resident_bytes(model), held, replicated, total,
-                    resident_bytes(ref), max(layers)], mx.float32)
+                    resident_bytes(ref), max(layers), load_peak], mx.float32)
     rows = mx.distributed.all_gather(row[None], group=group).tolist()
     if group.rank() == 0:
         names = ("max_abs_diff", "resident_bytes", "planned_bytes", "replicated_bytes",
-                 "model_bytes", "single_process_bytes", "largest_layer_bytes")
+                 "model_bytes", "single_process_bytes", "largest_layer_bytes",
+                 "load_peak_bytes")
         with open(out, "w") as f:
             json.dump([dict(zip(names, r)) for r in rows], f)
 
