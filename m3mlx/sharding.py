@@ -52,7 +52,6 @@ _ROWS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 _COLUMNS = ("self_attn.o_proj", "block_sparse_moe.shared_experts.down_proj", "mlp.down_proj")
 EMBED = "language_model.model.embed_tokens."
 HEAD = "language_model.lm_head."
-NORM = "language_model.model.norm."
 
 
 class ShardingError(ValueError):
