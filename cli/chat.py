@@ -342,6 +342,9 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
 
     When stdin is not a terminal, messages are read from it (see --input) and only the
     replies are written to stdout; reasoning and command output go to stderr.
+
+    Started by mlx.launch on several ranks, the model is split between them (--parallel):
+    rank 0 reads the messages and prints; end with /quit.
     """
     from m3mlx.chat import ChatSession
 
