@@ -122,9 +122,11 @@ def demo(directory, max_tokens):
 def _register_subcommands():
     from .chat import chat
     from .convert import convert
+    from .serve import serve
 
     cli.add_command(chat)
     cli.add_command(convert)
+    cli.add_command(serve)
 
 
 _register_subcommands()

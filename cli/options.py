@@ -54,9 +54,10 @@ def _stop_strings(ctx, param, value):
 
 
 def generation_options(*, max_tokens: int, sampling: dict,
-                       temp_help: str = "Sampling temperature; 0 is greedy."):
+                       temp_help: str = "Sampling temperature; 0 is greedy.", tier: bool = True):
     """--model plus sampling and runtime options, with per-command defaults (`sampling`:
-    temperature, top_p, top_k, from m3mlx.defaults)."""
+    temperature, top_p, top_k, from m3mlx.defaults). `tier=False` leaves out the K/V memory
+    tier's options (--kv-memory, --kv-cache-dir), for commands that keep every cache whole."""
     temp, top_p, top_k = sampling["temperature"], sampling["top_p"], sampling["top_k"]
     options = [
         click.option("--model", "model_path", required=True,
@@ -84,14 +85,6 @@ def generation_options(*, max_tokens: int, sampling: dict,
                      show_default=True, callback=lambda ctx, param, v: int(v),
                      help="Storage of the K/V cache: the activation dtype (16), or 8 or 4 bits "
                           "per value with a scale per group of head_dim (about 0.53x, 0.31x)."),
-        click.option("--kv-memory", default=None, callback=_optional_size, metavar="SIZE",
-                     help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V in "
-                          "memory; the other blocks go to a file in --kv-cache-dir and are read "
-                          "back when selected [default: all in memory]."),
-        click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
-                     help="Where --kv-memory puts the K/V blocks not in memory, one file per "
-                          "session, removed at exit [default: $M3MLX_HOME/kv or "
-                          "~/.cache/m3mlx/kv]."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      default="auto", show_default=True,
                      help="Activation dtype (float32 on CPU)."),
@@ -106,6 +99,17 @@ def generation_options(*, max_tokens: int, sampling: dict,
                      help="Seconds a run started with mlx.launch waits for the other ranks "
                           "before it ends with an error naming the rank."),
     ]
+    if tier:
+        options[-1:-1] = [
+            click.option("--kv-memory", default=None, callback=_optional_size, metavar="SIZE",
+                         help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V "
+                              "in memory; the other blocks go to a file in --kv-cache-dir and "
+                              "are read back when selected [default: all in memory]."),
+            click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
+                         help="Where --kv-memory puts the K/V blocks not in memory, one file "
+                              "per session, removed at exit [default: $M3MLX_HOME/kv or "
+                              "~/.cache/m3mlx/kv]."),
+        ]
 
     def apply(command):
         for option in reversed(options):

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 import numpy as np
 
-from .chat_format import M3_CHAT_TEMPLATE
+from .chat_format import builtin_template
 from .config import ModelArgs
 from .defaults import RECOMMENDED_SAMPLING, home_dir
 from .layout import text_weights
@@ -172,7 +172,7 @@ def _write_checkpoint(path: Path, *, seed, with_mtp, shards, dtype, config_style
     (path / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id,
          **RECOMMENDED_SAMPLING}, indent=2))
-    files = {"chat_template.jinja": M3_CHAT_TEMPLATE, **(extra_files or {})}
+    files = {"chat_template.jinja": builtin_template(), **(extra_files or {})}
     for name, text in files.items():
         (path / name).write_text(text)
 

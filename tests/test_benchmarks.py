@@ -25,6 +25,13 @@ def test_convert_benchmark_compares_both_converters(tmp_path):
     assert "m3mlx" in out and "mlx_lm" in out.replace("mlx-lm", "mlx_lm")
 
 
+def test_serve_benchmark_runs_all_three_servers():
+    out = run("bench_serve.py", "--turns", "2", "--system-tokens", "50", "--turn-tokens", "30",
+              "--decode-tokens", "12", "--repeat", "1")
+    assert "cached/uncached" in out and "restart/uncached" in out
+    assert "median of paired ratios" in out
+
+
 def test_kernel_cost_report_covers_every_kernel_and_chip():
     out = run("kernel_costs.py", "--contexts", "8192,65536", "--moe-formats", "affine3,nvfp4",
               "--moe-tokens", "1,8")
