@@ -24,35 +24,46 @@ def cli():
 @click.option("--prompt", "-p", required=True, help="Prompt text, or - to read it from stdin.")
 @stop_option
 def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
-             seed, stop, prefill_step_size, index_bits, kv_bits, kv_memory, kv_cache_dir, dtype):
+             seed, stop, prefill_step_size, index_bits, kv_bits, kv_memory, kv_cache_dir, dtype,
+             parallel, rank_timeout):
     """Continue a plain-text PROMPT, streaming to the terminal, then print statistics.
 
     A prompt that takes more than a few seconds to prefill shows its progress on stderr.
+    Started by mlx.launch on several ranks, the model is split between them (--parallel);
+    rank 0 reads stdin and prints.
     """
     from m3mlx import make_cache
+    from m3mlx.distributed import Ranks
     from m3mlx.generate import format_stats, stream_generate
 
+    ranks = Ranks.start(rank_timeout, kv_memory=kv_memory)
+    if prompt == "-" and ranks.sharded:
+        raise click.UsageError("with several ranks, pass the prompt as --prompt TEXT: "
+                               "mlx.launch never passes the end of its stdin on, so reading "
+                               "a prompt from it would never end")
     if prompt == "-":
         prompt = read_stdin("the prompt on stdin")
     if not prompt:
         raise click.UsageError("the prompt is empty")
-    model, tokenizer = load_or_fail(model_path, dtype)
+    model, tokenizer = load_or_fail(model_path, dtype, parallel)
     cache = make_cache(model, index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory,
                        kv_cache_dir=kv_cache_dir)
     meter = PrefillMeter()
     last = None
     try:
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
-                                    temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                    repetition_penalty=repetition_penalty, seed=seed,
-                                    stop_strings=stop, prompt_cache=cache,
-                                    prefill_step_size=prefill_step_size,
-                                    prefill_progress=meter):
-            click.echo(last.text, nl=False)
+        with ranks.watching("generating"):
+            stream = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                     temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                     repetition_penalty=repetition_penalty,
+                                     seed=ranks.seed(seed), stop_strings=stop,
+                                     prompt_cache=cache, prefill_step_size=prefill_step_size,
+                                     prefill_progress=ranks.progress(meter))
+            for last in ranks.stepping(stream):
+                click.echo(last.text, nl=False)
     finally:
         meter.close()
     click.echo()
-    if last is not None:
+    if last is not None and ranks.leads:
         click.echo(format_stats(last), err=True)
 
 
