@@ -49,3 +49,11 @@ def test_web_render_benchmark_measures_both_ways():
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[0] for r in rows] == ["308", "3,080"]
     assert all(float(ms) > 0 for row in rows for ms in row[1:])
+
+
+def test_distributed_benchmark_measures_both_plans_and_predicts_m3():
+    out = run("bench_distributed.py", "--hidden", "64", "--prompt", "32", "--prefill-step", "16",
+              "--steps", "2")
+    for name in ("single", "tensor", "pipeline", "2 all_sum", "all_gather", "JACCL",
+                 "4 x M3 Ultra", "tok/s"):
+        assert name in out, name
