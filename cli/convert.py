@@ -1,7 +1,5 @@
 """`m3mlx convert SOURCE OUTPUT_DIR`: a thin click wrapper over `m3mlx.convert.convert`."""
 
-import re
-
 import click
 
 from m3mlx.convert import RECIPES, ROLES
@@ -9,19 +7,7 @@ from m3mlx.convert import convert as run_convert
 from m3mlx.convert.recipes import MODES, parse_role_overrides
 
 from .errors import Command
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1.5G', '1048576' -> bytes (binary units, as mlx-lm's 5 GB limit)."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
-    unit = (m[2] or "").lower().rstrip("b").rstrip("i")
-    return int(float(m[1]) * _UNITS[unit])
-
+from .options import Size
 
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 
@@ -47,7 +33,7 @@ ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
               default="bfloat16", show_default=True,
               help="Float type of unquantized tensors and of affine scales and biases.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
+@click.option("--max-shard-size", default="5GB", show_default=True, type=Size(),
               help="Largest output shard, e.g. 5GB or 500MB.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--dry-run", is_flag=True,
@@ -77,7 +63,7 @@ def convert(source, output_dir, mode, bits, group_size, recipe, roles, dtype, ma
     run_convert(
         source, output_dir, mode=mode, bits=bits, group_size=group_size, recipe=recipe,
         roles=parse_role_overrides(roles), dtype=dtype,
-        max_shard_size=parse_size(max_shard_size), revision=revision, dry_run=dry_run,
+        max_shard_size=max_shard_size, revision=revision, dry_run=dry_run,
         resume=resume, force=force, upload_repo=upload_repo, progress=not quiet,
         log=click.echo,
     )

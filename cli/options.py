@@ -12,6 +12,7 @@ import click
 from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
 from m3mlx.convert.plan import duration
 from m3mlx.defaults import PREFILL_STEP
+from m3mlx.units import parse_size, parse_size_or_fraction
 
 
 class _FiniteFloatRange(click.FloatRange):
@@ -22,6 +23,24 @@ class _FiniteFloatRange(click.FloatRange):
         if not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return rv
+
+
+class Size(click.ParamType):
+    """A size like 40GB or 500MB (m3mlx.units); with `fraction`, also a share like 25%."""
+
+    name = "size"
+
+    def __init__(self, fraction: bool = False):
+        self.fraction = fraction
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            parse = parse_size_or_fraction if self.fraction else parse_size
+            return parse(value, param.opts[0] if param else "the size")
+        except InputError as e:
+            self.fail(str(e), param, ctx)
 
 
 def option_type(name: str) -> click.ParamType:
