@@ -12,8 +12,8 @@ import mlx.nn as nn
 
 from .cache import LayerCache
 from .config import ModelArgs
-from .metal_kernels import (ExpertWeights, index_topk, moe_decode, moe_decode_supported,
-                            sparse_attention, use_metal)
+from .metal_kernels import (ExpertWeights, index_topk, moe_experts, sparse_attention,
+                            swiglu_oai)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -26,12 +26,6 @@ class GemmaRMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
-
-
-def swiglu_oai(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
-    gate = mx.minimum(gate, limit)
-    up = mx.clip(up, -limit, limit)
-    return (up + 1.0) * gate * mx.sigmoid(alpha * gate)
 
 
 class MLP(nn.Module):
@@ -48,17 +42,12 @@ class MLP(nn.Module):
 
 
 class ExpertLinear(nn.Module):
-    """One linear map per expert, weight [experts, out, in], applied to routed rows."""
+    """One linear map per expert, weight [experts, out, in]; applied by the MoE op."""
 
     def __init__(self, num_experts: int, input_dims: int, output_dims: int):
         super().__init__()
         scale = input_dims**-0.5
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
-
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_mm(
-            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
-        )
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
         return QuantizedExpertLinear.from_expert_linear(self, group_size, bits, mode)
@@ -84,19 +73,9 @@ class QuantizedExpertLinear(nn.Module):
             q.biases = biases[0]
         return q
 
-    def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices,
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
-
 
 class Experts(nn.Module):
-    """The routed experts, stacked per projection (mlx-lm's `switch_mlp`)."""
-
-    # Sorting rows by expert pays off once several rows share an expert (prefill).
-    SORT_THRESHOLD = 64
+    """The routed experts' weights, stacked per projection (mlx-lm's `switch_mlp`)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -104,25 +83,6 @@ class Experts(nn.Module):
         self.gate_proj = ExpertLinear(E, D, F)
         self.up_proj = ExpertLinear(E, D, F)
         self.down_proj = ExpertLinear(E, F, D)
-        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
-
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        """x [N, D], indices [N, k] -> [N, k, D]."""
-        N, k = indices.shape
-        if indices.size >= self.SORT_THRESHOLD:
-            order = mx.argsort(indices.flatten())
-            # Index after adding the row axis: gather_mm is several times slower on the
-            # strides that `x[order // k][:, None]` would give.
-            rows = x[:, None][order // k]
-            y = self._ffn(rows, indices.flatten()[order], True)
-            return y[mx.argsort(order)].reshape(N, k, -1)
-        return self._ffn(x[:, None, None], indices, False).squeeze(-2)
-
-    def _ffn(self, x, indices, sorted_indices):
-        gate = self.gate_proj(x, indices, sorted_indices)
-        up = self.up_proj(x, indices, sorted_indices)
-        h = swiglu_oai(gate, up, self.alpha, self.limit)
-        return self.down_proj(h, indices, sorted_indices)
 
 
 class MoE(nn.Module):
@@ -130,6 +90,7 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.routed_scaling_factor = args.routed_scaling_factor
+        self.alpha, self.limit = args.swiglu_alpha, args.swiglu_limit
         self.gate = nn.Linear(args.hidden_size, args.num_local_experts, bias=False)
         self.e_score_correction_bias = mx.zeros((args.num_local_experts,))
         self.switch_mlp = Experts(args)
@@ -147,25 +108,12 @@ class MoE(nn.Module):
         weights = mx.take_along_axis(scores, experts, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
         weights = (weights * self.routed_scaling_factor).astype(x.dtype)
-        y = self._metal_decode(x, experts, weights)
-        if y is None:
-            y = (self.switch_mlp(x, experts) * weights[..., None]).sum(axis=1)
-            if "shared_experts" in self:
-                y = y + self.shared_experts(x)
-        return y.reshape(shape)
-
-    def _metal_decode(self, x, experts, weights) -> Optional[mx.array]:
-        """The Metal MoE kernel's result for a few tokens over quantized experts, or None where
-        it does not apply (always off Metal): then the gather_qmm path runs."""
-        if not use_metal():
-            return None
-        routed = ExpertWeights.of(self.switch_mlp)
+        # The routed and shared experts in one op: Metal kernels for a few tokens over
+        # quantized experts on a Mac, gather_qmm / gather_mm otherwise.
         shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
-        if (routed is None or ("shared_experts" in self and shared is None)
-                or not moe_decode_supported(x, experts, weights, routed, shared)):
-            return None
-        return moe_decode(x, experts, weights, routed, shared, alpha=self.switch_mlp.alpha,
-                          limit=self.switch_mlp.limit, use_metal=True)
+        y = moe_experts(x, experts, weights, ExpertWeights.of(self.switch_mlp), shared,
+                        alpha=self.alpha, limit=self.limit)
+        return y.reshape(shape)
 
 
 class Attention(nn.Module):

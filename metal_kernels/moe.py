@@ -1,16 +1,18 @@
-"""The MoE block for decode: routed experts plus the shared expert, for 1 to 8 tokens per call.
+"""M3's MoE block: the routed experts plus the shared expert, as one op.
 
-`moe_decode(x, expert_ids, routing_weights, experts, shared)` computes, for each token t,
+`moe_experts(x, expert_ids, routing_weights, experts, shared)` computes, for each token t,
 
     sum_i routing_weights[t, i] * Expert_{expert_ids[t, i]}(x[t])  +  Shared(x[t])
 
-with Expert(x) = down(SwiGLU-OAI(gate(x), up(x))) over MLX-quantized weights in mlx-lm's
-layout (`switch_mlp.{gate,up,down}_proj` stacked [E, out, in], `shared_experts.*` [out, in]).
-Two paths, chosen as for the MSA kernels (`dispatch.use_metal`):
+with Expert(x) = down(SwiGLU-OAI(gate(x), up(x))) over the weights in mlx-lm's layout
+(`switch_mlp.{gate,up,down}_proj` stacked [E, out, in], `shared_experts.*` [out, in]), quantized
+or not. Two paths, chosen by the rule every op here follows (`dispatch.runs_metal`):
 
 - the Metal kernels (`moe_decode_gate_up.metal`, then `moe_decode_down.metal`, with
-  `moe_quant.metal` as header), for affine 4/8-bit at group 32/64/128, mxfp4 and mxfp8;
-- the twin `moe_decode_ops`: the `mx.gather_qmm` path `m3mlx.model.MoE` runs, as a pure function.
+  `moe_quant.metal` as header) for 1 to 8 tokens (decode and speculative verification) over
+  quantized experts: affine 1/2/3/4/5/6/8-bit at group 32/64/128, mxfp4, mxfp8, nvfp4;
+- the twin `moe_experts_ops`: `mx.gather_qmm` / `mx.gather_mm`, rows sorted by expert once
+  several rows share experts (prefill). This is what runs off Metal, and the kernels' oracle.
 
 Plans, bytes per token and expected bandwidth: MOE_KERNEL.md.
 """
@@ -18,24 +20,30 @@ Plans, bytes per token and expected bandwidth: MOE_KERNEL.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from functools import lru_cache
+from typing import NamedTuple, Optional, Union
 
 import mlx.core as mx
 
-from .dispatch import use_metal as _use_metal
-from .msa_kernels import FLOATS, SIMD, KernelSpec, Launch, Runner, metal_run
+from .dispatch import runs_metal
+from .kernel import (FLOATS, SIMD, Footprint, KernelSpec, Launch, Runner, ceil_div, metal_run,
+                     placeholder)
 
 MAX_TOKENS = 8  # tokens per call the kernels take (decode, speculative verification)
-GATE_UP_SIMDGROUPS = 4  # phase 1: one (gate, up) row pair per simdgroup
-DOWN_SIMDGROUPS = 4  # phase 2: DOWN_ROWS output rows per simdgroup
-DOWN_ROWS = 2
+SORT_THRESHOLD = 64  # the twin sorts rows by expert from this many (token, slot) rows
+GATE_UP_SIMDGROUPS = 4
+GATE_UP_ROWS = 2  # phase 1: gate and up rows per simdgroup (x is read once per 2 x 2 rows)
+DOWN_SIMDGROUPS = 4
+DOWN_ROWS = {1: 8, MAX_TOKENS: 4}  # phase 2: rows per simdgroup, by MAXT (registers bound it)
 
 # (mode, bits, group size) the kernels decode -> their MODE template value.
 FORMATS = {
-    **{("affine", bits, gs): 0 for bits in (4, 8) for gs in (32, 64, 128)},
+    **{("affine", bits, gs): 0 for bits in (1, 2, 3, 4, 5, 6, 8) for gs in (32, 64, 128)},
     ("mxfp4", 4, 32): 1,
     ("mxfp8", 8, 32): 1,
+    ("nvfp4", 4, 16): 2,
 }
+SCALE_DTYPES = {0: FLOATS, 1: (mx.uint8,), 2: (mx.uint8,)}
 
 GATE_UP = KernelSpec(
     "moe_decode_gate_up",
@@ -72,9 +80,6 @@ class QuantizedWeight:
     @classmethod
     def of(cls, layer) -> "QuantizedWeight":
         """From a quantized layer: `nn.QuantizedLinear` or m3mlx's `QuantizedExpertLinear`."""
-        if "bias" in layer:
-            raise ValueError("the layer has an additive bias; moe_decode takes bias-free "
-                             "projections")
         return cls(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size,
                    layer.bits, getattr(layer, "mode", "affine"))
 
@@ -95,7 +100,7 @@ class QuantizedWeight:
     def in_dims(self) -> int:
         return self.weight.shape[-1] * 32 // self.bits
 
-    def __call__(self, x: mx.array, indices: Optional[mx.array] = None) -> mx.array:
+    def __call__(self, x, indices=None, sorted_indices=False) -> mx.array:
         """x @ W^T; with indices, through the experts they name (`mx.gather_qmm`)."""
         if indices is None:
             return mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
@@ -103,43 +108,85 @@ class QuantizedWeight:
                                        mode=self.mode)
         return mx.gather_qmm(x, self.weight, self.scales, self.biases, rhs_indices=indices,
                              transpose=True, group_size=self.group_size, bits=self.bits,
-                             mode=self.mode)
+                             mode=self.mode, sorted_indices=sorted_indices)
+
+
+@dataclass(frozen=True)
+class DenseWeight:
+    """One unquantized projection, weight [..., out, in]."""
+
+    weight: mx.array
+
+    @property
+    def out_dims(self) -> int:
+        return self.weight.shape[-2]
+
+    @property
+    def in_dims(self) -> int:
+        return self.weight.shape[-1]
+
+    def __call__(self, x, indices=None, sorted_indices=False) -> mx.array:
+        if indices is None:
+            return x @ self.weight.T
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices,
+                            sorted_indices=sorted_indices)
+
+
+Projection = Union[QuantizedWeight, DenseWeight]
 
 
 class ExpertWeights(NamedTuple):
     """gate and up [.., F, D], down [.., D, F]: stacked [E, ...] for the routed experts, plain
     matrices for the shared expert."""
 
-    gate: QuantizedWeight
-    up: QuantizedWeight
-    down: QuantizedWeight
+    gate: Projection
+    up: Projection
+    down: Projection
 
     @classmethod
-    def of(cls, mlp) -> Optional["ExpertWeights"]:
-        """From a module's gate_proj, up_proj and down_proj; None unless all are quantized."""
-        layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if not all("scales" in layer for layer in layers):
-            return None
-        return cls(*(QuantizedWeight.of(layer) for layer in layers))
+    def of(cls, mlp) -> "ExpertWeights":
+        """From a module's gate_proj, up_proj and down_proj (quantized or not, bias-free)."""
+        def projection(layer) -> Projection:
+            if "bias" in layer:
+                raise ValueError("an expert projection has an additive bias; the MoE op takes "
+                                 "bias-free projections")
+            return QuantizedWeight.of(layer) if "scales" in layer else DenseWeight(layer["weight"])
+
+        return cls(projection(mlp.gate_proj), projection(mlp.up_proj), projection(mlp.down_proj))
 
 
 # ---------------------------------------------------------------------------------------------
-# The twin: mx.gather_qmm, as m3mlx.model.MoE computes decode
+# The twin: gather_qmm / gather_mm
 # ---------------------------------------------------------------------------------------------
 
 
 def swiglu_oai(gate: mx.array, up: mx.array, alpha: float, limit: float) -> mx.array:
+    """M3's activation (GPT-OSS style): (clip(up) + 1) * min(gate, limit) * sigmoid(alpha gate)."""
     gate = mx.minimum(gate, limit)
     up = mx.clip(up, -limit, limit)
     return (up + 1.0) * gate * mx.sigmoid(alpha * gate)
 
 
-def moe_decode_ops(x, expert_ids, routing_weights, experts: ExpertWeights,
-                   shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0) -> mx.array:
-    """x [T, D], expert_ids / routing_weights [T, K] -> [T, D]."""
-    rows = x[:, None, None]  # [T, 1, 1, D]: one routed row per (token, slot)
-    h = swiglu_oai(experts.gate(rows, expert_ids), experts.up(rows, expert_ids), alpha, limit)
-    y = experts.down(h, expert_ids).squeeze(-2)  # [T, K, D]
+def _expert_ffn(x, indices, experts: ExpertWeights, alpha, limit, sorted_indices):
+    gate = experts.gate(x, indices, sorted_indices)
+    up = experts.up(x, indices, sorted_indices)
+    return experts.down(swiglu_oai(gate, up, alpha, limit), indices, sorted_indices)
+
+
+def moe_experts_ops(x, expert_ids, routing_weights, experts: ExpertWeights,
+                    shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0) -> mx.array:
+    """x [N, D], expert_ids / routing_weights [N, K] -> [N, D]."""
+    N, K = expert_ids.shape
+    if expert_ids.size >= SORT_THRESHOLD:
+        # Sorting rows by expert pays off once several rows share an expert (prefill).
+        order = mx.argsort(expert_ids.flatten())
+        # Index after adding the row axis: gather_mm is several times slower on the strides
+        # that `x[order // K][:, None]` would give.
+        rows = x[:, None][order // K]
+        y = _expert_ffn(rows, expert_ids.flatten()[order], experts, alpha, limit, True)
+        y = y[mx.argsort(order)].reshape(N, K, -1)
+    else:
+        y = _expert_ffn(x[:, None, None], expert_ids, experts, alpha, limit, False).squeeze(-2)
     y = (y * routing_weights[..., None]).sum(axis=1)
     if shared is not None:
         y = y + shared.down(swiglu_oai(shared.gate(x), shared.up(x), alpha, limit))
@@ -151,16 +198,19 @@ def moe_decode_ops(x, expert_ids, routing_weights, experts: ExpertWeights,
 # ---------------------------------------------------------------------------------------------
 
 
-def _format_ok(q: QuantizedWeight, stacked: bool) -> bool:
-    if q.format not in FORMATS or q.weight.dtype != mx.uint32:
+def _format_ok(q: Projection, stacked: bool) -> bool:
+    if not isinstance(q, QuantizedWeight) or q.format not in FORMATS:
         return False
-    if q.weight.ndim != (3 if stacked else 2) or q.scales.shape != (
-            *q.weight.shape[:-1], q.in_dims // q.group_size):
+    if q.weight.dtype != mx.uint32 or q.weight.ndim != (3 if stacked else 2):
+        return False
+    if q.scales.shape != (*q.weight.shape[:-1], q.in_dims // q.group_size):
+        return False
+    if q.scales.dtype not in SCALE_DTYPES[FORMATS[q.format]]:
         return False
     if q.mode == "affine":
-        return (q.scales.dtype in FLOATS and q.biases is not None
-                and q.biases.shape == q.scales.shape and q.biases.dtype in FLOATS)
-    return q.scales.dtype == mx.uint8
+        return (q.biases is not None and q.biases.shape == q.scales.shape
+                and q.biases.dtype in FLOATS)
+    return True
 
 
 def _mlp_ok(m: ExpertWeights, stacked: bool, D: int) -> bool:
@@ -170,15 +220,14 @@ def _mlp_ok(m: ExpertWeights, stacked: bool, D: int) -> bool:
     if gate.scales.dtype != up.scales.dtype or (
             gate.biases is not None and gate.biases.dtype != up.biases.dtype):
         return False  # one pass reads both: the kernel takes them as one type
-    lead = gate.weight.shape[:-2]
-    F = gate.out_dims
     return (gate.weight.shape == up.weight.shape and gate.in_dims == D
-            and down.weight.shape[:-2] == lead and down.out_dims == D and down.in_dims == F)
+            and down.weight.shape[:-2] == gate.weight.shape[:-2] and down.out_dims == D
+            and down.in_dims == gate.out_dims)
 
 
-def moe_decode_supported(x, expert_ids, routing_weights, experts: ExpertWeights,
-                         shared: Optional[ExpertWeights] = None) -> bool:
-    """Whether the Metal kernels take this call (else `moe_decode` runs the twin)."""
+def moe_kernels_supported(x, expert_ids, routing_weights, experts: ExpertWeights,
+                          shared: Optional[ExpertWeights] = None) -> bool:
+    """Whether the Metal kernels take this call (else `moe_experts` runs the twin)."""
     if x.ndim != 2 or x.dtype not in FLOATS or not 1 <= x.shape[0] <= MAX_TOKENS:
         return False
     T, D = x.shape
@@ -186,26 +235,59 @@ def moe_decode_supported(x, expert_ids, routing_weights, experts: ExpertWeights,
             or routing_weights.shape != expert_ids.shape or routing_weights.dtype != x.dtype
             or expert_ids.dtype not in (mx.int32, mx.uint32)):
         return False
-    return (_mlp_ok(experts, True, D) and D % DOWN_ROWS == 0
-            and (shared is None or _mlp_ok(shared, False, D)))
+    return _mlp_ok(experts, True, D) and (shared is None or _mlp_ok(shared, False, D))
+
+
+def chunk(bits: int) -> int:
+    """Inputs a lane takes per step (moe_quant.metal's moe_chunk): its codes fill whole words."""
+    return 16 if (16 * bits) % 32 == 0 else 32
+
+
+TABLES_BYTES = 4 * (16 + 256)  # the E2M1 and E4M3 code tables, declared by both kernels
+
+
+def gate_up_footprint(maxt: int, bits: tuple) -> Footprint:
+    """bits: the routed and shared formats' bits. v[], g_acc / u_acc, tw / first, words[]."""
+    v = max(chunk(b) for b in bits)
+    words = max(chunk(b) * b // 32 for b in bits)
+    return Footprint(TABLES_BYTES, v + 2 * maxt * GATE_UP_ROWS + 2 * maxt + words)
+
+
+def down_footprint(maxt: int, bits: tuple) -> Footprint:
+    v = max(chunk(b) for b in bits)
+    words = max(chunk(b) * b // 32 for b in bits)
+    return Footprint(TABLES_BYTES, v + maxt * DOWN_ROWS[maxt] + 2 * maxt + words)
 
 
 def _buffers(q: Optional[QuantizedWeight]) -> list:
-    """weight, scales, biases; one-element dummies (never read) for what is absent."""
+    """weight, scales, biases; placeholders (never read) for what is absent."""
     if q is None:
-        return [mx.zeros((1,), mx.uint32), mx.zeros((1,), mx.uint8), mx.zeros((1,), mx.float32)]
-    biases = q.biases if q.biases is not None else mx.zeros((1,), mx.float32)
-    return [q.weight, q.scales, biases]
-
-
-def _format_template(prefix: str, q: QuantizedWeight) -> list:
-    return [(prefix + "MODE", FORMATS[q.format]), (prefix + "BITS", q.bits),
-            (prefix + "GS", q.group_size)]
+        return [placeholder(mx.uint32), placeholder(mx.uint8), placeholder(mx.float32)]
+    return [q.weight, q.scales, q.biases if q.biases is not None else placeholder(mx.float32)]
 
 
 def _max_tokens(T: int) -> int:
     """MAXT, the tokens a kernel instance is compiled for: 1 (plain decode) or MAX_TOKENS."""
     return 1 if T == 1 else MAX_TOKENS
+
+
+@lru_cache(maxsize=None)
+def _format_template(prefix: str, fmt: tuple) -> tuple:
+    return ((prefix + "MODE", FORMATS[fmt]), (prefix + "BITS", fmt[1]), (prefix + "GS", fmt[2]))
+
+
+@lru_cache(maxsize=None)
+def _gate_up_template(maxt: int, routed: tuple, shared: Optional[tuple]) -> list:
+    return [("MAXT", maxt), *_format_template("R", routed),
+            *_format_template("S", shared or routed), ("HAS_SHARED", shared is not None),
+            ("NSG", GATE_UP_SIMDGROUPS), ("RG", GATE_UP_ROWS)]
+
+
+@lru_cache(maxsize=None)
+def _down_template(dtype: mx.Dtype, maxt: int, routed: tuple, shared: Optional[tuple]) -> list:
+    return [("OutT", dtype), ("MAXT", maxt), *_format_template("R", routed),
+            *_format_template("S", shared or routed), ("HAS_SHARED", shared is not None),
+            ("NSG", DOWN_SIMDGROUPS), ("RD", DOWN_ROWS[maxt])]
 
 
 def gate_up_launch(x, expert_ids, routing_weights, experts: ExpertWeights,
@@ -215,19 +297,17 @@ def gate_up_launch(x, expert_ids, routing_weights, experts: ExpertWeights,
     F = experts.gate.out_dims
     FS = shared.gate.out_dims if shared is not None else 0
     threads = SIMD * GATE_UP_SIMDGROUPS
-    tiles = -(-max(F, FS) // GATE_UP_SIMDGROUPS)
-    s = shared or experts  # formats of the (absent) shared expert: any compiled instance
     return Launch(
         inputs=[x, expert_ids, routing_weights, *_buffers(experts.gate), *_buffers(experts.up),
                 *_buffers(shared and shared.gate), *_buffers(shared and shared.up),
                 float(alpha), float(limit)],
         output_shapes=[(T, K * F + FS)],
         output_dtypes=[mx.float32],
-        grid=(tiles * threads, T * K + (shared is not None), 1),
+        grid=(ceil_div(max(F, FS), GATE_UP_SIMDGROUPS * GATE_UP_ROWS) * threads,
+              T * K + (shared is not None), 1),
         threadgroup=(threads, 1, 1),
-        template=[("MAXT", _max_tokens(T)), *_format_template("R", experts.gate),
-                  *_format_template("S", s.gate), ("HAS_SHARED", shared is not None),
-                  ("NSG", GATE_UP_SIMDGROUPS)],
+        template=_gate_up_template(_max_tokens(T), experts.gate.format,
+                                   shared.gate.format if shared is not None else None),
     )
 
 
@@ -235,29 +315,26 @@ def down_launch(h, expert_ids, routing_weights, experts: ExpertWeights,
                 shared: Optional[ExpertWeights], dtype) -> Launch:
     T = expert_ids.shape[0]
     D = experts.down.out_dims
+    maxt = _max_tokens(T)
     threads = SIMD * DOWN_SIMDGROUPS
-    tiles = -(-D // (DOWN_SIMDGROUPS * DOWN_ROWS))
-    s = shared or experts
     return Launch(
         inputs=[h, expert_ids, routing_weights, *_buffers(experts.down),
                 *_buffers(shared and shared.down)],
         output_shapes=[(T, D)],
         output_dtypes=[dtype],
-        grid=(tiles * threads, 1, 1),
+        grid=(ceil_div(D, DOWN_SIMDGROUPS * DOWN_ROWS[maxt]) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        template=[("OutT", dtype), ("MAXT", _max_tokens(T)),
-                  *_format_template("R", experts.down), *_format_template("S", s.down),
-                  ("HAS_SHARED", shared is not None), ("NSG", DOWN_SIMDGROUPS),
-                  ("ROWS", DOWN_ROWS)],
+        template=_down_template(dtype, maxt, experts.down.format,
+                                shared.down.format if shared is not None else None),
     )
 
 
-def moe_decode_kernels(x, expert_ids, routing_weights, experts: ExpertWeights,
-                       shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0,
-                       run: Optional[Runner] = None) -> mx.array:
+def moe_experts_kernels(x, expert_ids, routing_weights, experts: ExpertWeights,
+                        shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0,
+                        run: Optional[Runner] = None) -> mx.array:
     """The MoE block with the Metal kernels, launched through `run` (default `metal_run`; the
     test harness passes its own): [T, D] in x's dtype."""
-    if not moe_decode_supported(x, expert_ids, routing_weights, experts, shared):
+    if not moe_kernels_supported(x, expert_ids, routing_weights, experts, shared):
         raise ValueError("no Metal MoE kernel for these shapes, dtypes or quantization; use "
                          "the ops path")
     run = run or metal_run
@@ -267,19 +344,20 @@ def moe_decode_kernels(x, expert_ids, routing_weights, experts: ExpertWeights,
     return out
 
 
-def moe_decode(x, expert_ids, routing_weights, experts: ExpertWeights,
-               shared: Optional[ExpertWeights] = None, *, alpha=1.702, limit=7.0,
-               use_metal=None) -> mx.array:
-    """Routed plus shared experts for a few tokens: x [T, D] -> [T, D].
+def moe_experts(x, expert_ids, routing_weights, experts: ExpertWeights,
+                shared: Optional[ExpertWeights] = None, *, alpha=1.702, limit=7.0,
+                use_metal=None) -> mx.array:
+    """Routed plus shared experts: x [N, D] -> [N, D].
 
-    expert_ids [T, K] (int32 or uint32, ids in [0, E)), routing_weights [T, K] in x's dtype
-    (already normalized and scaled), experts / shared: the quantized gate, up and down
-    projections. The Metal kernels run when `use_metal` resolves to Metal and
-    `moe_decode_supported` holds; otherwise the gather_qmm twin.
+    expert_ids [N, K] (int32 or uint32, ids in [0, E)), routing_weights [N, K] in x's dtype
+    (already normalized and scaled), experts / shared: the gate, up and down projections.
+    The Metal kernels run for calls they cover (see `moe_kernels_supported`) when Metal is
+    chosen (`use_metal`, `M3MLX_KERNELS`: see `dispatch`); otherwise the twin.
     """
     if x.ndim != 2:
         raise ValueError(f"x must be [tokens, hidden]; got shape {x.shape}")
-    if _use_metal(use_metal) and moe_decode_supported(x, expert_ids, routing_weights, experts,
-                                                      shared):
-        return moe_decode_kernels(x, expert_ids, routing_weights, experts, shared, alpha, limit)
-    return moe_decode_ops(x, expert_ids, routing_weights, experts, shared, alpha, limit)
+    if runs_metal("moe_experts", use_metal, lambda: moe_kernels_supported(
+            x, expert_ids, routing_weights, experts, shared)):
+        return moe_experts_kernels(x, expert_ids, routing_weights, experts, shared, alpha,
+                                   limit)
+    return moe_experts_ops(x, expert_ids, routing_weights, experts, shared, alpha, limit)

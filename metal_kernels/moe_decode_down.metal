@@ -1,77 +1,111 @@
 // MoE decode, phase 2: out[t] = sum over token t's experts of weight * (h_t,e . down_e^T), plus
 // the shared expert's down projection (weight 1).
 //
-// Grid: (32 * NSG * ceil(D / (NSG * ROWS)), 1, 1) threads, threadgroup (32 * NSG, 1, 1).
-// Simdgroup s of threadgroup x owns output rows [d, d + ROWS), d = (x * NSG + s) * ROWS, for all
+// Grid: (32 * NSG * ceil(D / (NSG * RD)), 1, 1) threads, threadgroup (32 * NSG, 1, 1).
+// Simdgroup s of threadgroup x owns output rows [d0, d0 + RD), d0 = (x * NSG + s) * RD, for all
 // tokens: it walks the distinct experts of the call (first slots, as in phase 1), then the
-// shared expert, reading each expert's ROWS down rows once and applying them to every token
-// routed there with a non-zero weight. Lanes take 16 consecutive columns of the rows per step;
-// per token and row a lane keeps one partial sum across all experts, and one simd_sum per
-// (token, row) at the end finishes them. No atomics: the result does not depend on scheduling.
-// Microscaling codes decode through tables in threadgroup memory, as in phase 1.
+// shared expert, reading each expert's RD down rows once for each token routed there with a
+// non-zero weight. A lane takes a chunk of 16 (or 32) consecutive columns per step: it loads
+// the token's h chunk once into registers and dots it with the RD rows' codes, so h is read
+// once per RD weight rows (64 B of fp32 activations per lane-step then meet RD x 8 B of 4-bit
+// weights). Per token and row a lane keeps one partial sum across all experts (the routing
+// weight folded in), and one simd_sum per (token, row) at the end finishes them. No atomics:
+// the result does not depend on scheduling. Float-format codes decode through tables in
+// threadgroup memory, as in phase 1.
 //
 // Inputs: h [T, K * F + FS] float32 from phase 1; ids [T, K]; rw [T, K]; routed down_*
 // (weight uint32 [E, D, F * RBITS / 32], scales and biases [E, D, F / RGS]); shared sdown_*
-// ([D, ...], one-element dummies without a shared expert). Output: out [T, D] of type OutT.
-// Templates: OutT, MAXT (>= T), RMODE, RBITS, RGS, SMODE, SBITS, SGS, HAS_SHARED, NSG, ROWS
-// (D % ROWS == 0).
+// ([D, ...], one-element placeholders without a shared expert). Output: out [T, D] of type OutT.
+// Templates: OutT, MAXT (>= T), RMODE, RBITS, RGS, SMODE, SBITS, SGS, HAS_SHARED, NSG, RD.
+
+constexpr int RCHUNK = moe_chunk(RBITS);
+constexpr int SCHUNK = moe_chunk(SBITS);
+constexpr int VMAX = RCHUNK > SCHUNK ? RCHUNK : SCHUNK;
 
 const int T = ids_shape[0];
 const int K = ids_shape[1];
 const int E = down_w_shape[0];
 const int D = down_w_shape[1];
-const int F = down_w_shape[2] * (32 / RBITS);
-const int FS = HAS_SHARED ? sdown_w_shape[1] * (32 / SBITS) : 0;
+const int F = down_w_shape[2] * 32 / RBITS;
+const int FS = HAS_SHARED ? sdown_w_shape[1] * 32 / SBITS : 0;
 const size_t HW = size_t(K) * F + FS;
 
-const int row = (threadgroup_position_in_grid.x * NSG + simdgroup_index_in_threadgroup) * ROWS;
+const int d0 = (threadgroup_position_in_grid.x * NSG + simdgroup_index_in_threadgroup) * RD;
 const int lane = thread_index_in_simdgroup;
 
 threadgroup float e2m1[16];
 threadgroup float e4m3[256];
-if (RMODE == MOE_MX || SMODE == MOE_MX) {
+if (RMODE != MOE_AFFINE || SMODE != MOE_AFFINE) {
   moe_fill_tables(e2m1, e4m3, thread_index_in_threadgroup, 32 * NSG);
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
-if (row >= D) {
+if (d0 >= D) {
   return;
 }
 
-float acc[MAXT * ROWS];
-for (int i = 0; i < MAXT * ROWS; ++i) {
-  acc[i] = 0.0f;
+float acc[MAXT][RD];
+MLX_MTL_PRAGMA_UNROLL
+for (int t = 0; t < MAXT; ++t) {
+  MLX_MTL_PRAGMA_UNROLL
+  for (int r = 0; r < RD; ++r) {
+    acc[t][r] = 0.0f;
+  }
 }
+float v[VMAX];
 float tw[MAXT];
 int first[MAXT];
-int col[MAXT];
 for (int j = 0; j < T * K; ++j) {
   if (!moe_first_slot(ids, j, E)) {
     continue;
   }
   const int e = int(ids[j]);
   const uint mask = moe_expert_tokens<MAXT>(ids, rw, T, K, e, tw, first);
+  MLX_MTL_PRAGMA_UNROLL
   for (int t = 0; t < MAXT; ++t) {
-    col[t] = first[t] * F;
+    if (!(mask & (1u << t))) {
+      continue;  // uniform across the simdgroup
+    }
+    auto ht = h + size_t(t) * HW + size_t(first[t]) * F;
+    for (int k = lane * RCHUNK; k < F; k += 32 * RCHUNK) {
+      const float v_sum = moe_load_chunk<RCHUNK>(ht + k, v);
+      MLX_MTL_PRAGMA_UNROLL
+      for (int r = 0; r < RD; ++r) {
+        const size_t row = size_t(e) * D + min(d0 + r, D - 1);  // past the end: not written
+        acc[t][r] += tw[t] * moe_row_dot<RMODE, RBITS, RGS>(
+            down_w, down_s, down_b, RBITS == 8 ? e4m3 : e2m1, row, F, k, v, v_sum);
+      }
+    }
   }
-  moe_down_dots<RMODE, RBITS, RGS, MAXT, ROWS>(
-      h, HW, col, tw, F, mask, lane, size_t(e) * D + row, RBITS == 4 ? e2m1 : e4m3, down_w,
-      down_s, down_b, acc);
 }
 if (HAS_SHARED) {
+  MLX_MTL_PRAGMA_UNROLL
   for (int t = 0; t < MAXT; ++t) {
-    tw[t] = 1.0f;
-    col[t] = K * F;
+    if (t >= T) {
+      continue;
+    }
+    auto ht = h + size_t(t) * HW + size_t(K) * F;
+    for (int k = lane * SCHUNK; k < FS; k += 32 * SCHUNK) {
+      const float v_sum = moe_load_chunk<SCHUNK>(ht + k, v);
+      MLX_MTL_PRAGMA_UNROLL
+      for (int r = 0; r < RD; ++r) {
+        acc[t][r] += moe_row_dot<SMODE, SBITS, SGS>(
+            sdown_w, sdown_s, sdown_b, SBITS == 8 ? e4m3 : e2m1, min(d0 + r, D - 1), FS, k, v,
+            v_sum);
+      }
+    }
   }
-  moe_down_dots<SMODE, SBITS, SGS, MAXT, ROWS>(
-      h, HW, col, tw, FS, (1u << T) - 1u, lane, row, SBITS == 4 ? e2m1 : e4m3, sdown_w, sdown_s,
-      sdown_b, acc);
 }
 
+MLX_MTL_PRAGMA_UNROLL
 for (int t = 0; t < MAXT; ++t) {
-  for (int r = 0; t < T && r < ROWS; ++r) {
-    const float y = simd_sum(acc[t * ROWS + r]);
-    if (lane == 0) {
-      out[size_t(t) * D + row + r] = static_cast<OutT>(y);
+  if (t >= T) {
+    continue;
+  }
+  MLX_MTL_PRAGMA_UNROLL
+  for (int r = 0; r < RD; ++r) {
+    const float y = simd_sum(acc[t][r]);
+    if (lane == 0 && d0 + r < D) {
+      out[size_t(t) * D + d0 + r] = static_cast<OutT>(y);
     }
   }
 }

@@ -1,20 +1,27 @@
-// Helpers shared by the MoE decode kernels (moe_decode_gate_up.metal, moe_decode_down.metal);
-// passed to mx.fast.metal_kernel as `header`.
+// Helpers shared by the MoE kernels (moe_decode_gate_up.metal, moe_decode_down.metal); passed
+// to mx.fast.metal_kernel as `header`.
 //
 // Weight formats, exactly as mx.quantize packs them (rows of `in` elements along the last axis):
-//   MODE 0, affine: BITS-bit unsigned codes q packed LSB-first into uint32 words (32 / BITS per
-//     word); one scale s and bias b per GS consecutive elements, in the model's float dtype;
-//     w = s * q + b.
-//   MODE 1, microscaling (mxfp4 when BITS == 4, mxfp8 when BITS == 8): E2M1 or E4M3 codes packed
-//     the same way; one uint8 E8M0 scale 2^(e - 127) per GS == 32 elements; w = fp(q) * scale.
+//   MODE 0, affine: BITS-bit unsigned codes q (BITS in 1, 2, 3, 4, 5, 6, 8) as one LSB-first bit
+//     stream over the row's uint32 words (a 3-, 5- or 6-bit code may straddle two words); one
+//     scale s and bias b per GS consecutive elements, in the model's float dtype; w = s * q + b.
+//   MODE 1, mxfp4 (BITS 4) / mxfp8 (BITS 8): E2M1 / E4M3 codes packed the same way; one uint8
+//     E8M0 scale 2^(e - 127) per GS = 32 elements; w = fp(q) * scale.
+//   MODE 2, nvfp4 (BITS 4): E2M1 codes; one uint8 E4M3 scale per GS = 16 elements.
 //
-// Pointer arguments are template types so that one helper serves device and constant buffers
-// (MLX puts inputs with fewer than 8 elements in the constant address space).
+// A lane takes moe_chunk(BITS) consecutive inputs of a row per step: 16, or 32 for 1-, 3- and
+// 5-bit codes, so that its codes start and end on a word boundary and every bit position below
+// is a compile-time constant. A chunk never crosses a scale group (GS >= the chunk).
+// Pointer arguments are template types: MLX passes an input with fewer than 8 elements in the
+// `constant` address space and a larger one in `device`.
 
 constexpr constant int MOE_AFFINE = 0;
 constexpr constant int MOE_MX = 1;
-constexpr constant int MOE_CHUNK = 16;  // weights a lane decodes per step (one scale group)
-constexpr constant int MOE_STRIDE = 32 * MOE_CHUNK;  // elements a simdgroup covers per step
+constexpr constant int MOE_NV = 2;
+
+constexpr int moe_chunk(int bits) {
+  return (16 * bits) % 32 == 0 ? 16 : 32;
+}
 
 // E8M0: 2^(s - 127). s == 0 is the subnormal 2^-127; s == 255 is +inf, as MLX decodes it.
 inline float moe_e8m0(uint s) {
@@ -39,7 +46,7 @@ inline float moe_e4m3(uint q) {
   return (q & 0x80u) ? -v : v;
 }
 
-// Code -> value tables for the microscaling formats, in threadgroup memory (a lane's codes are
+// Code -> value tables for the float formats, in threadgroup memory (a lane's codes are
 // arbitrary, so a table read replaces the arithmetic decode; the E2M1 table fits 16 banks).
 // Every thread of the threadgroup calls this, then a threadgroup_barrier, before any returns.
 inline void moe_fill_tables(
@@ -52,103 +59,73 @@ inline void moe_fill_tables(
   }
 }
 
-// The codes of weights [k, k + 16) of row `row` of a stacked [rows, in_dims] quantized matrix
-// as floats c[i], and their group's scale and bias: w[k + i] = scale * c[i] + bias. Affine: c
-// is the integer code; microscaling: the E2M1 / E4M3 value from `table`, bias 0. k is a
-// multiple of 16 and GS of 16, so the 16 weights share one group. `biases` is read only in
-// affine mode, `table` only in microscaling mode.
+// The WORDS = CHUNK * BITS / 32 words holding codes [k, k + CHUNK) of row `row` of a stacked
+// [rows, in_dims] quantized matrix (k a multiple of CHUNK).
+template <int BITS, typename WPtr>
+inline void moe_load_words(WPtr w, size_t row, int in_dims, int k, thread uint* words) {
+  const size_t w0 = row * size_t(in_dims * BITS / 32) + size_t(k * BITS / 32);
+  MLX_MTL_PRAGMA_UNROLL
+  for (int j = 0; j < moe_chunk(BITS) * BITS / 32; ++j) {
+    words[j] = w[w0 + j];
+  }
+}
+
+// Code i of the chunk in `words`; i is a compile-time constant once the caller's loop unrolls.
+template <int BITS>
+inline uint moe_code(thread const uint* words, int i) {
+  constexpr int WORDS = moe_chunk(BITS) * BITS / 32;
+  const int word = i * BITS / 32;
+  const int shift = i * BITS % 32;
+  uint q = words[word] >> shift;
+  if (shift + BITS > 32) {  // the code straddles two words
+    q |= words[min(word + 1, WORDS - 1)] << (32 - shift);
+  }
+  return q & ((1u << BITS) - 1u);
+}
+
+// A code's value: the integer itself (affine) or its E2M1 / E4M3 value from `table`.
+template <int MODE>
+inline float moe_code_value(uint q, threadgroup const float* table) {
+  return MODE == MOE_AFFINE ? float(q) : table[q];
+}
+
+// The group's scale as a float: affine scales are floats already; E8M0 or E4M3 bytes decode.
+template <int MODE>
+inline float moe_scale(float raw) {
+  return MODE == MOE_AFFINE ? raw : MODE == MOE_MX ? moe_e8m0(uint(raw)) : moe_e4m3(uint(raw));
+}
+
+// dot(w[row, k : k + CHUNK], v) for a stacked [rows, in_dims] quantized matrix, with v this
+// lane's CHUNK inputs in registers and v_sum their sum (affine: the bias term is bias * v_sum).
+// k is a multiple of CHUNK. `biases` is read only in affine mode, `table` (the code values)
+// only in the float modes.
 template <int MODE, int BITS, int GS, typename WPtr, typename SPtr, typename BPtr>
-inline void moe_codes16(
-    WPtr w, SPtr scales, BPtr biases, threadgroup const float* table, size_t row, int in_dims,
-    int k, thread float* c, thread float& scale, thread float& bias) {
-  constexpr int PER_WORD = 32 / BITS;
-  constexpr uint MASK = (1u << BITS) - 1u;
+inline float moe_row_dot(
+    WPtr w, SPtr scales, BPtr biases, threadgroup const float* table, size_t row,
+    int in_dims, int k, thread const float* v, float v_sum) {
+  constexpr int CHUNK = moe_chunk(BITS);
+  uint words[CHUNK * BITS / 32];
+  moe_load_words<BITS>(w, row, in_dims, k, words);
+  float dot = 0.0f;
+  MLX_MTL_PRAGMA_UNROLL
+  for (int i = 0; i < CHUNK; ++i) {
+    dot += moe_code_value<MODE>(moe_code<BITS>(words, i), table) * v[i];
+  }
   const size_t g = row * size_t(in_dims / GS) + k / GS;
-  const float raw_scale = float(scales[g]);
-  scale = MODE == MOE_AFFINE ? raw_scale : moe_e8m0(uint(raw_scale));
-  bias = MODE == MOE_AFFINE ? float(biases[g]) : 0.0f;
-  const size_t w0 = row * size_t(in_dims / PER_WORD) + k / PER_WORD;
-  for (int j = 0; j < MOE_CHUNK / PER_WORD; ++j) {
-    const uint word = w[w0 + j];
-    for (int i = 0; i < PER_WORD; ++i) {
-      const uint q = (word >> (i * BITS)) & MASK;
-      c[j * PER_WORD + i] = MODE == MOE_AFFINE ? float(q) : table[q];
-    }
-  }
+  const float scale = moe_scale<MODE>(float(scales[g]));
+  return MODE == MOE_AFFINE ? scale * dot + float(biases[g]) * v_sum : dot * scale;
 }
 
-// Phase 1 for one simdgroup: row `row` of a gate and an up matrix (same format, [rows, D]),
-// dotted with x[t] for every token t in `mask`. Each lane accumulates its share of the 2 * T
-// dot products into g_acc[t], u_acc[t]; the caller sums over the simdgroup. Scales and biases
-// apply once per 16 weights: dot(w, x) = scale * dot(c, x) + bias * sum(x).
-template <int MODE, int BITS, int GS, int MAXT, typename XPtr, typename WPtr, typename SPtr,
-          typename BPtr>
-inline void moe_gate_up_dots(
-    XPtr x, int D, uint mask, int lane, size_t row, threadgroup const float* table,
-    WPtr gate_w, SPtr gate_s, BPtr gate_b, WPtr up_w, SPtr up_s, BPtr up_b,
-    thread float* g_acc, thread float* u_acc) {
-  for (int k = lane * MOE_CHUNK; k < D; k += MOE_STRIDE) {
-    float cg[MOE_CHUNK];
-    float cu[MOE_CHUNK];
-    float sg, bg, su, bu;
-    moe_codes16<MODE, BITS, GS>(gate_w, gate_s, gate_b, table, row, D, k, cg, sg, bg);
-    moe_codes16<MODE, BITS, GS>(up_w, up_s, up_b, table, row, D, k, cu, su, bu);
-    for (int t = 0; t < MAXT; ++t) {
-      if (mask & (1u << t)) {
-        const auto xt = x + size_t(t) * D + k;
-        float dg = 0.0f;
-        float du = 0.0f;
-        float xs = 0.0f;
-        for (int i = 0; i < MOE_CHUNK; ++i) {
-          const float xv = float(xt[i]);
-          dg += cg[i] * xv;
-          du += cu[i] * xv;
-          xs += MODE == MOE_AFFINE ? xv : 0.0f;
-        }
-        g_acc[t] += sg * dg + bg * xs;
-        u_acc[t] += su * du + bu * xs;
-      }
-    }
+// Loads this lane's CHUNK inputs v[k : k + CHUNK] as float; returns their sum.
+template <int CHUNK, typename VPtr>
+inline float moe_load_chunk(VPtr src, thread float* v) {
+  float sum = 0.0f;
+  MLX_MTL_PRAGMA_UNROLL
+  for (int i = 0; i < CHUNK; ++i) {
+    v[i] = float(src[i]);
+    sum += v[i];
   }
-}
-
-// Phase 2 for one simdgroup: ROWS consecutive rows from `row` of a down matrix ([rows, F]),
-// dotted with token t's activations h_t[0, F) (at h + t * hw + col[t]) and scaled by its
-// routing weight tw[t], for every token in `mask`; accumulated per lane into acc[t * ROWS + r].
-template <int MODE, int BITS, int GS, int MAXT, int ROWS, typename WPtr, typename SPtr,
-          typename BPtr>
-inline void moe_down_dots(
-    const device float* h, size_t hw, thread const int* col, thread const float* tw,
-    int F, uint mask, int lane, size_t row, threadgroup const float* table,
-    WPtr w, SPtr s, BPtr b, thread float* acc) {
-  for (int k = lane * MOE_CHUNK; k < F; k += MOE_STRIDE) {
-    float c[ROWS][MOE_CHUNK];
-    float scale[ROWS];
-    float bias[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
-      moe_codes16<MODE, BITS, GS>(w, s, b, table, row + r, F, k, c[r], scale[r], bias[r]);
-    }
-    for (int t = 0; t < MAXT; ++t) {
-      if (mask & (1u << t)) {
-        const device float* ht = h + size_t(t) * hw + col[t] + k;
-        float d[ROWS];
-        for (int r = 0; r < ROWS; ++r) {
-          d[r] = 0.0f;
-        }
-        float hs = 0.0f;
-        for (int i = 0; i < MOE_CHUNK; ++i) {
-          const float hv = ht[i];
-          hs += MODE == MOE_AFFINE ? hv : 0.0f;
-          for (int r = 0; r < ROWS; ++r) {
-            d[r] += c[r][i] * hv;
-          }
-        }
-        for (int r = 0; r < ROWS; ++r) {
-          acc[t * ROWS + r] += tw[t] * (scale[r] * d[r] + bias[r] * hs);
-        }
-      }
-    }
-  }
+  return sum;
 }
 
 // The tokens whose combined routing weight for expert e is non-zero, as a bit mask, and for
@@ -158,6 +135,7 @@ template <int MAXT, typename IdPtr, typename WeightPtr>
 inline uint moe_expert_tokens(
     IdPtr ids, WeightPtr rw, int T, int K, int e, thread float* weight, thread int* first) {
   uint mask = 0u;
+  MLX_MTL_PRAGMA_UNROLL
   for (int t = 0; t < MAXT; ++t) {
     weight[t] = 0.0f;
     first[t] = -1;

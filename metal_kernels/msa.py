@@ -1,7 +1,7 @@
 """Public MSA ops: block selection and block-sparse attention, dispatched Metal or MLX ops."""
 
 from . import msa_kernels, msa_ops
-from .dispatch import use_metal as _use_metal
+from .dispatch import runs_metal
 
 
 def index_topk(index_q, index_keys, *, offset, block_size, topk, index_scales=None,
@@ -10,10 +10,9 @@ def index_topk(index_q, index_keys, *, offset, block_size, topk, index_scales=No
 
     index_q [B, H, L, Di]; index_keys [B, S, Di] (float, or int8 with index_scales [B, S]).
     Query t sits at position offset + t; its own block is always selected.
-    Metal runs wherever a kernel covers the shape (use_metal=True insists, and raises if none
-    does); elsewhere the MLX-ops twin runs.
+    Metal or the MLX-ops twin as `dispatch` decides (`use_metal=True` insists on Metal).
     """
-    if _use_metal(use_metal) and (use_metal or msa_kernels.index_topk_supported(
+    if runs_metal("index_topk", use_metal, lambda: msa_kernels.index_topk_supported(
             index_q, index_keys, block_size, topk, index_scales)):
         return msa_kernels.index_topk(index_q, index_keys, offset, block_size, topk, index_scales)
     return msa_ops.index_topk(index_q, index_keys, offset, block_size, topk, index_scales)
@@ -24,7 +23,7 @@ def sparse_attention(q, keys, values, selection, *, offset, scale, block_size, u
 
     Decode (L == 1) and prefill chunks use different Metal kernels; dispatch as index_topk.
     """
-    if _use_metal(use_metal) and (use_metal or msa_kernels.sparse_attention_supported(
+    if runs_metal("sparse_attention", use_metal, lambda: msa_kernels.sparse_attention_supported(
             q, keys, values, selection, block_size)):
         return msa_kernels.sparse_attention(q, keys, values, selection, offset, scale,
                                             block_size)

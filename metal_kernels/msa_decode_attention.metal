@@ -1,119 +1,132 @@
 // MSA decode attention, split phase: one query position (offset) per (b, KV head h); each
-// threadgroup attends all G query heads of the group to ONE selected key block and writes an
-// unnormalised partial (o, running max m, running sum l); msa_decode_merge combines the
-// TOPK partials of a row (flash-decoding).
+// threadgroup attends all G query heads of the group to ONE 32-key part of one selected block
+// and writes an unnormalised partial (o, max m, sum l); msa_decode_merge combines the
+// TOPK * SPLIT partials of a row (flash-decoding with split-K inside each block).
 //
-// Grid: (NT, TOPK, B * H) threads, threadgroup (NT, 1, 1), NT = 32 * NSG: threadgroup =
-// (slot, b, h). The block is walked in 32-key chunks staged in threadgroup memory (keys, then
-// values in the same tile); query heads are dealt to simdgroups (ROWS each); for scores a lane
-// owns a key, for P.V a lane owns output columns. Keys after the query position (the causal
-// cut inside the own block) and past the buffer are masked; a -1 slot contributes nothing.
+// Grid: (NT, TOPK * SPLIT, B * H) threads, threadgroup (NT, 1, 1), NT = 32 * NSG,
+// SPLIT = ceil(BLOCK / 32): threadgroup = (slot, part of the block, b, h).
+// 1. q (times scale) for the G heads and the part's 32 keys are staged in threadgroup memory
+//    (coalesced loads; q is read from device memory once).
+// 2. Scores: the G heads are dealt to the simdgroups (ROWS each), a lane owns a key and computes
+//    its ROWS dot products from one read of each key element. Softmax over the part's keys
+//    (simd_max, simd_sum); the weights go to threadgroup memory.
+// 3. P.V: a thread owns CPT output columns for all G heads and reads each value element once,
+//    straight from device memory (coalesced across the threadgroup).
+// Keys after the query position (the causal cut inside the own block), past the buffer, and in
+// a -1 slot are left out; a part with no key left writes m = -INFINITY, l = 0 and no o.
 //
 // Inputs: q [B, H*G, 1, D], keys [B, H, S, D], values [B, H, S, DV], selection [B, H, 1, TOPK]
-// int32, offset, scale. Any strides. Outputs: o_part [B, H, TOPK, G, DV] and
-// ml_part [B, H, TOPK, G, 2] (m, l), float32.
+// int32, offset, scale. Any strides. Outputs: o_part [B, H, TOPK * SPLIT, G, DV] and
+// ml_part [B, H, TOPK * SPLIT, G, 2] (m, l), float32, contiguous.
 // Templates: G, D, DV, BLOCK, NSG.
 
 constexpr int NT = 32 * NSG;
 constexpr int ROWS = (G + NSG - 1) / NSG;
-constexpr int DVL = (DV + 31) / 32;
-constexpr int LD = D + 1 > DV ? D + 1 : DV;
+constexpr int CPT = (DV + NT - 1) / NT;
+constexpr int LD = D + 1;  // padded key rows: lanes reading different keys hit different banks
+constexpr int SPLIT = (BLOCK + 31) / 32;
 
-const int slot = threadgroup_position_in_grid.y;
+const int part = threadgroup_position_in_grid.y;
 const int bh = threadgroup_position_in_grid.z;
 const uint tid = thread_index_in_threadgroup;
 const uint sg = simdgroup_index_in_threadgroup;
 const uint lane = thread_index_in_simdgroup;
 const int H = keys_shape[1];
 const int S = keys_shape[2];
-const int n_slots = selection_shape[3];
+const int n_parts = selection_shape[3] * SPLIT;
 const int b = bh / H;
 const int h = bh % H;
+const int slot = part / SPLIT;
+const int in_block = (part % SPLIT) * 32;
 
-threadgroup float tile[32 * LD];
-threadgroup float weights[NSG][ROWS][32];
-
-float m[ROWS];
-float l[ROWS];
-float o[ROWS][DVL];
-for (int i = 0; i < ROWS; ++i) {
-  m[i] = -INFINITY;
-  l[i] = 0.0f;
-  for (int c = 0; c < DVL; ++c) {
-    o[i][c] = 0.0f;
-  }
-}
+threadgroup float qs[G * D];
+threadgroup float ks[32 * LD];
+threadgroup float ps[G * 32];
 
 const int blk = selection[b * selection_strides[0] + h * selection_strides[1] +
                           slot * selection_strides[3]];
-auto head_keys = keys + b * keys_strides[0] + h * keys_strides[1];
-auto head_values = values + b * values_strides[0] + h * values_strides[1];
+const int key0 = blk * BLOCK + in_block;
+const int n = blk < 0 ? 0 : min(min(32, BLOCK - in_block), min(offset + 1, S) - key0);
+const int64_t row0 = (int64_t(bh) * n_parts + part) * G;
 
-for (int c0 = 0; blk >= 0 && c0 < BLOCK; c0 += 32) {
-  const int key0 = blk * BLOCK + c0;
-  const int n = min(min(32, BLOCK - c0), min(offset + 1, S) - key0);
-  if (n <= 0) {
-    break;  // the rest of the block lies after the query
+if (n <= 0) {  // uniform: nothing of this part is visible
+  for (int g = tid; g < G; g += NT) {
+    ml_part[(row0 + g) * 2] = -INFINITY;
+    ml_part[(row0 + g) * 2 + 1] = 0.0f;
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  msa_stage_rows<D, LD, NT>(
-      tile, head_keys + key0 * keys_strides[2], keys_strides[2], keys_strides[3], n, tid);
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int i = 0; i < ROWS; ++i) {
-    const int g = sg + i * NSG;
-    if (g >= G) {
-      continue;  // uniform across the simdgroup
-    }
-    auto qrow = q + b * q_strides[0] + (h * G + g) * q_strides[1];
-    float s = -INFINITY;
-    if (lane < uint(n)) {
-      float dot = 0.0f;
-      for (int d = 0; d < D; ++d) {
-        dot += float(qrow[d * q_strides[3]]) * tile[lane * LD + d];
-      }
-      s = dot * scale;
-    }
-    float alpha;
-    weights[sg][i][lane] = msa_softmax_step(s, m[i], l[i], alpha);
-    for (int c = 0; c < DVL; ++c) {
-      o[i][c] *= alpha;
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  msa_stage_rows<DV, LD, NT>(
-      tile, head_values + key0 * values_strides[2], values_strides[2], values_strides[3], n,
-      tid);
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (int i = 0; i < ROWS; ++i) {
-    if (int(sg) + i * NSG >= G) {
-      continue;
-    }
-    for (int k = 0; k < n; ++k) {
-      const float w = weights[sg][i][k];
-      for (int c = 0; c < DVL; ++c) {
-        const int col = lane + 32 * c;
-        if (col < DV) {
-          o[i][c] += w * tile[k * LD + col];
-        }
-      }
-    }
-  }
+  return;
 }
 
+// 1. Stage q * scale and the part's keys.
+auto qb = q + b * q_strides[0] + h * G * q_strides[1];
+for (int e = tid; e < G * D; e += NT) {
+  qs[e] = float(qb[(e / D) * q_strides[1] + (e % D) * q_strides[3]]) * scale;
+}
+auto head_keys = keys + b * keys_strides[0] + h * keys_strides[1];
+msa_stage_rows<32, D, D, LD, NT>(
+    ks, head_keys + key0 * keys_strides[2], keys_strides[2], keys_strides[3], n, tid);
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// 2. Scores and the softmax over this part's keys, per head.
+float s[ROWS];
+MLX_MTL_PRAGMA_UNROLL
+for (int i = 0; i < ROWS; ++i) {
+  s[i] = 0.0f;
+}
+for (int d = 0; d < D; ++d) {
+  const float kd = ks[lane * LD + d];
+  MLX_MTL_PRAGMA_UNROLL
+  for (int i = 0; i < ROWS; ++i) {
+    s[i] += qs[min(int(sg) + i * NSG, G - 1) * D + d] * kd;  // padding heads read a real row
+  }
+}
+MLX_MTL_PRAGMA_UNROLL
 for (int i = 0; i < ROWS; ++i) {
   const int g = sg + i * NSG;
   if (g >= G) {
-    continue;
+    continue;  // uniform across the simdgroup
   }
-  const int64_t row = (int64_t(bh) * n_slots + slot) * G + g;
-  for (int c = 0; c < DVL; ++c) {
-    const int col = lane + 32 * c;
-    if (col < DV) {
-      o_part[row * DV + col] = o[i][c];
+  const float sc = lane < uint(n) ? s[i] : -INFINITY;
+  const float m = simd_max(sc);
+  const float p = m == -INFINITY ? 0.0f : exp(sc - m);
+  const float l = simd_sum(p);
+  ps[g * 32 + lane] = p;
+  if (lane == 0) {
+    ml_part[(row0 + g) * 2] = m;
+    ml_part[(row0 + g) * 2 + 1] = l;
+  }
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// 3. o[g][col] = sum over the part's keys of p[g][key] * values[key][col].
+auto head_values = values + b * values_strides[0] + h * values_strides[1];
+float o[G][CPT];
+MLX_MTL_PRAGMA_UNROLL
+for (int g = 0; g < G; ++g) {
+  MLX_MTL_PRAGMA_UNROLL
+  for (int c = 0; c < CPT; ++c) {
+    o[g][c] = 0.0f;
+  }
+}
+for (int k = 0; k < n; ++k) {
+  auto vrow = head_values + int64_t(key0 + k) * values_strides[2];
+  MLX_MTL_PRAGMA_UNROLL
+  for (int c = 0; c < CPT; ++c) {
+    const int col = tid + NT * c;
+    const float v = col < DV ? float(vrow[col * values_strides[3]]) : 0.0f;
+    MLX_MTL_PRAGMA_UNROLL
+    for (int g = 0; g < G; ++g) {
+      o[g][c] += ps[g * 32 + k] * v;
     }
   }
-  if (lane == 0) {
-    ml_part[row * 2] = m[i];
-    ml_part[row * 2 + 1] = l[i];
+}
+MLX_MTL_PRAGMA_UNROLL
+for (int g = 0; g < G; ++g) {
+  MLX_MTL_PRAGMA_UNROLL
+  for (int c = 0; c < CPT; ++c) {
+    const int col = tid + NT * c;
+    if (col < DV) {
+      o_part[(row0 + g) * DV + col] = o[g][c];
+    }
   }
 }

@@ -1,9 +1,9 @@
-// MSA decode attention, merge phase: combines the TOPK per-block partials written by
+// MSA decode attention, merge phase: combines the P = TOPK * SPLIT partials written by
 // msa_decode_attention into out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, M = max_s m_s.
-// Empty partials (-1 slots, blocks after the query) have m = -INFINITY, l = 0 and drop out.
+// Empty partials (-1 slots, parts after the query) have m = -INFINITY, l = 0 and drop out.
 //
 // Grid: (DV, G, B * H) threads, threadgroup (32, 1, 1): one thread per output element.
-// Inputs: o_part [B, H, TOPK, G, DV], ml_part [B, H, TOPK, G, 2] float32 contiguous.
+// Inputs: o_part [B, H, P, G, DV], ml_part [B, H, P, G, 2] float32 contiguous.
 // Output: out [B, H*G, 1, DV] in T. Templates: T, G, DV.
 
 const int col = thread_position_in_grid.x;

@@ -1,144 +1,113 @@
 """Metal kernels for MSA: their specs, launch plans and the functions composing them.
 
-Each kernel is a `KernelSpec` (the arguments of `mx.fast.metal_kernel`, its body read from a
-`.metal` file next to this one, `msa_common.metal` as its header) plus a planner returning a
-`Launch` (the arguments of one call: inputs, template, grid in threads, threadgroup, outputs).
-The op functions (`index_topk`, `sparse_attention`) chain launches through a `run` callable:
-`metal_run` on a Mac builds each kernel once, lazily, and dispatches it; the test harness
-(`tests/msl`) passes its own runner, which compiles the same body with the same generated
-signature as C++ and runs it on an emulated grid. So the harness exercises this exact code.
+Each kernel is a `KernelSpec` (`kernel.py`) with its body in a `.metal` file next to this one and
+`msa_common.metal` as its header, plus a planner returning a `Launch`. The op functions
+(`index_topk`, `sparse_attention`) chain launches through a `run` callable: `metal_run` on a Mac,
+the test harness's runner under `tests/msl`.
 
-Plans, bytes moved and implied times: KERNELS.md. Geometry limits: a kernel needs its
-threadgroup memory to fit in 32 KB (head dims up to about 240) and top-k / tiles as asserted
-below; `*_supported` report whether a shape fits, and `m3mlx.metal_kernels.msa` falls back to the
-MLX-ops twin when it does not.
+Plans, footprints, bytes moved and predicted times: KERNELS.md (its tables come from `cost.py`,
+which reads the footprints defined here). A kernel needs its threadgroup memory within 32 KB and
+its per-thread arrays within a register budget; `*_supported` report whether a shape fits, and
+the public ops (`msa.py`) run the MLX-ops twin when it does not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 
-HERE = Path(__file__).resolve().parent
-THREADGROUP_MEMORY = 32 * 1024
-SIMD = 32
-FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+from .kernel import (FLOATS, SIMD, Footprint, KernelSpec, Launch, Runner, ceil_div, metal_run,
+                     placeholder)
 
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """What `mx.fast.metal_kernel` is built from."""
-
-    name: str
-    input_names: tuple
-    output_names: tuple
-    source_file: str
-    header_files: tuple = ("msa_common.metal",)
-    ensure_row_contiguous: bool = False  # bodies address every input through its strides
-    atomic_outputs: bool = False
-
-    @property
-    def source(self) -> str:
-        return _read(self.source_file)
-
-    @property
-    def header(self) -> str:
-        return "".join(_read(f) for f in self.header_files)
-
-
-@dataclass
-class Launch:
-    """One call of a kernel: `kernel(inputs=..., template=..., grid=..., ...)`."""
-
-    inputs: list
-    output_shapes: list
-    output_dtypes: list
-    grid: tuple
-    threadgroup: tuple
-    template: list = field(default_factory=list)
-    init_value: float | None = None
-
-
-Runner = Callable[[KernelSpec, Launch], list]
-
-
-@lru_cache(maxsize=None)
-def _read(name: str) -> str:
-    return (HERE / name).read_text()
-
-
+HEADER = ("msa_common.metal",)
 INDEX_SCORES = KernelSpec(
-    "msa_index_scores", ("q", "keys", "scales", "offset"), ("scores",), "msa_index_scores.metal")
+    "msa_index_scores", ("q", "keys", "scales", "offset"), ("scores",), "msa_index_scores.metal",
+    HEADER)
+INDEX_SCORES_MMA = KernelSpec(
+    "msa_index_scores_mma", ("q", "keys", "scales", "offset"), ("scores",),
+    "msa_index_scores_mma.metal", HEADER)
 INDEX_SELECT = KernelSpec(
-    "msa_index_select", ("scores", "offset"), ("selection",), "msa_index_select.metal")
+    "msa_index_select", ("scores", "offset"), ("selection",), "msa_index_select.metal", HEADER)
 DECODE_ATTENTION = KernelSpec(
     "msa_decode_attention",
     ("q", "keys", "values", "selection", "offset", "scale"),
     ("o_part", "ml_part"),
     "msa_decode_attention.metal",
+    HEADER,
 )
 DECODE_MERGE = KernelSpec(
-    "msa_decode_merge", ("o_part", "ml_part"), ("out",), "msa_decode_merge.metal",
-    header_files=())
+    "msa_decode_merge", ("o_part", "ml_part"), ("out",), "msa_decode_merge.metal")
 PREFILL_ATTENTION = KernelSpec(
     "msa_prefill_attention",
     ("q", "keys", "values", "selection", "offset", "scale"),
     ("out",),
     "msa_prefill_attention.metal",
+    HEADER,
 )
-SPECS = (INDEX_SCORES, INDEX_SELECT, DECODE_ATTENTION, DECODE_MERGE, PREFILL_ATTENTION)
+SPECS = (INDEX_SCORES, INDEX_SCORES_MMA, INDEX_SELECT, DECODE_ATTENTION, DECODE_MERGE,
+         PREFILL_ATTENTION)
 
 # Threadgroup plans (see KERNELS.md).
-SCORES_SIMDGROUPS = 4
-SCORES_PREFILL_TILE = 4  # queries per threadgroup in prefill chunks; decode uses 1
+SCORES_SIMDGROUPS = 4  # decode scores: one (query, head) row per simdgroup at M3's 4 heads
+SCORES_MMA_SIMDGROUPS = 8  # prefill scores: 64 (query, head) rows of 8 per simdgroup
+SCORES_BLOCKS_PER_GROUP = 4  # prefill scores: key blocks per threadgroup (query rows loaded once)
 SELECT_SIMDGROUPS_SMALL, SELECT_SIMDGROUPS_LARGE, SELECT_LARGE_FROM = 1, 8, 256  # columns
 DECODE_SIMDGROUPS = 4
+DECODE_KEYS = 32  # keys per decode threadgroup: a selected block is split into BLOCK / 32 parts
 PREFILL_SIMDGROUPS = 8
 PREFILL_ROWS = 64  # (query, head) rows per prefill threadgroup: TQ = PREFILL_ROWS // G
+PREFILL_KEYS = 16  # keys per staged prefill chunk (KC in the kernel)
 MAX_TOPK = 64
 MERGE_THREADS = 32
+MATRIX_REGISTERS = 2  # a simdgroup_float8x8 holds 64 floats over 32 lanes
 
 
-# ---------------------------------------------------------------------------------------------
-# Running on Metal
-# ---------------------------------------------------------------------------------------------
-
-_built: dict[str, object] = {}
+def _pad8(n: int) -> int:
+    return ceil_div(n, 8) * 8
 
 
-def _kernel(spec: KernelSpec):
-    """The `mx.fast.metal_kernel` for `spec`, built on first use (one Metal library each)."""
-    if not mx.metal.is_available():
-        raise RuntimeError(f"{spec.name}: Metal is not available; use the MLX-ops path")
-    kernel = _built.get(spec.name)
-    if kernel is None:
-        kernel = mx.fast.metal_kernel(
-            name=spec.name,
-            input_names=list(spec.input_names),
-            output_names=list(spec.output_names),
-            source=spec.source,
-            header=spec.header,
-            ensure_row_contiguous=spec.ensure_row_contiguous,
-            atomic_outputs=spec.atomic_outputs,
-        )
-        _built[spec.name] = kernel
-    return kernel
+# Footprints, mirroring each kernel's declarations (the harness checks the threadgroup bytes).
+
+def index_scores_footprint(H, D) -> Footprint:
+    per_sg = ceil_div(H, SCORES_SIMDGROUPS)
+    return Footprint(4 * (H * D + SIMD * (D + 1)), 2 * per_sg)  # best[], dot[]
 
 
-def metal_run(spec: KernelSpec, launch: Launch) -> list:
-    return _kernel(spec)(
-        inputs=launch.inputs,
-        template=launch.template,
-        grid=launch.grid,
-        threadgroup=launch.threadgroup,
-        output_shapes=launch.output_shapes,
-        output_dtypes=launch.output_dtypes,
-        init_value=launch.init_value,
-    )
+def index_scores_mma_footprint(D) -> Footprint:
+    nsg, d8 = SCORES_MMA_SIMDGROUPS, _pad8(D)
+    tg = 4 * (SIMD * (d8 + 4) + nsg * 8 * SIMD + SIMD)
+    return Footprint(tg, MATRIX_REGISTERS * (d8 // 8 + 4 + 1))  # qf[], acc[4], kf
+
+
+def select_threads(n_cols: int) -> int:
+    large = n_cols >= SELECT_LARGE_FROM
+    return SIMD * (SELECT_SIMDGROUPS_LARGE if large else SELECT_SIMDGROUPS_SMALL)
+
+
+def index_select_footprint(topk, threads) -> Footprint:
+    kl = max(topk - 1, 1)
+    return Footprint(3 * 4 * (threads // SIMD) * kl, 2 * kl)  # ls[], li[]
+
+
+def decode_attention_footprint(G, D, DV) -> Footprint:
+    threads = SIMD * DECODE_SIMDGROUPS
+    rows, cpt = ceil_div(G, DECODE_SIMDGROUPS), ceil_div(DV, threads)
+    return Footprint(4 * (G * D + DECODE_KEYS * (D + 1) + G * DECODE_KEYS), rows + G * cpt)
+
+
+def prefill_tile(G: int) -> int:
+    """Queries per prefill threadgroup."""
+    return max(1, min(32, PREFILL_ROWS // G))
+
+
+def prefill_attention_footprint(G, D, DV, topk) -> Footprint:
+    nsg, kc, tq = PREFILL_SIMDGROUPS, PREFILL_KEYS, prefill_tile(G)
+    d8, dv8 = _pad8(D), _pad8(DV)
+    stage = kc * (d8 + 4 + dv8 + 4)
+    tg = 4 * (stage + nsg * 8 * kc + nsg * 64 + 4 * tq * topk)
+    matrices = d8 // 8 + dv8 // 8 + kc // 8 + 3  # qf[], of[], sf[], kf / pf / vf
+    return Footprint(tg, MATRIX_REGISTERS * matrices + kc // 4)  # + s[]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,48 +115,81 @@ def metal_run(spec: KernelSpec, launch: Launch) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tile_floats(d: int, dv: int = 0) -> int:
-    """Floats of the 32-row staging tile: rows padded to D + 1 (and wide enough for DV)."""
-    return SIMD * max(d + 1, dv)
-
-
 def index_topk_supported(index_q, index_keys, block_size, topk, index_scales=None) -> bool:
-    D = index_q.shape[-1]
+    B, H, L, D = index_q.shape
     key_ok = index_keys.dtype in FLOATS or (
         index_keys.dtype == mx.int8 and index_scales is not None)
-    return (index_q.dtype in FLOATS and key_ok and 1 <= topk <= MAX_TOPK
-            and block_size >= 1 and _tile_floats(D) * 4 <= THREADGROUP_MEMORY)
+    if not (index_q.dtype in FLOATS and key_ok and 1 <= topk <= MAX_TOPK and block_size >= 1):
+        return False
+    if L == 1:
+        return index_scores_footprint(H, D).fits
+    return H <= 8 * SCORES_MMA_SIMDGROUPS and index_scores_mma_footprint(D).fits
+
+
+def _n_cols(offset, L, block_size) -> int:
+    return max((offset + L - 1) // block_size, 1)
+
+
+def _scales(index_scales):
+    return index_scales if index_scales is not None else placeholder(mx.float32)  # never read
+
+
+@lru_cache(maxsize=None)
+def _scores_template(H, D, block_size, quant) -> tuple:
+    return (("H", H), ("D", D), ("BLOCK", block_size), ("NSG", SCORES_SIMDGROUPS),
+            ("QUANT", quant))
 
 
 def index_scores_launch(index_q, index_keys, offset, block_size, index_scales=None) -> Launch:
-    B, H, L, D = index_q.shape
-    quant = index_scales is not None
-    tq = 1 if L == 1 else SCORES_PREFILL_TILE
-    n_cols = max((offset + L - 1) // block_size, 1)
+    """Decode (L == 1): one threadgroup per key block and batch row."""
+    B, H, _, D = index_q.shape
+    n_cols = _n_cols(offset, 1, block_size)
     threads = SIMD * SCORES_SIMDGROUPS
-    scales = index_scales if quant else mx.zeros((1,), mx.float32)  # never read
     return Launch(
-        inputs=[index_q, index_keys, scales, offset],
+        inputs=[index_q, index_keys, _scales(index_scales), offset],
+        output_shapes=[(B, H, 1, n_cols)],
+        output_dtypes=[mx.float32],
+        grid=(n_cols * threads, 1, B),
+        threadgroup=(threads, 1, 1),
+        template=_scores_template(H, D, block_size, index_scales is not None),
+    )
+
+
+@lru_cache(maxsize=None)
+def _scores_mma_template(H, D, block_size, quant) -> tuple:
+    tq = 8 * SCORES_MMA_SIMDGROUPS // H
+    return (("H", H), ("D", D), ("BLOCK", block_size), ("TQ", tq),
+            ("NSG", SCORES_MMA_SIMDGROUPS), ("JB", SCORES_BLOCKS_PER_GROUP), ("QUANT", quant))
+
+
+def index_scores_mma_launch(index_q, index_keys, offset, block_size,
+                            index_scales=None) -> Launch:
+    """Prefill chunks (L > 1): query tiles fastest, JB key blocks per threadgroup."""
+    B, H, L, D = index_q.shape
+    n_cols = _n_cols(offset, L, block_size)
+    threads = SIMD * SCORES_MMA_SIMDGROUPS
+    template = _scores_mma_template(H, D, block_size, index_scales is not None)
+    tq = template[3][1]
+    return Launch(
+        inputs=[index_q, index_keys, _scales(index_scales), offset],
         output_shapes=[(B, H, L, n_cols)],
         output_dtypes=[mx.float32],
-        grid=(n_cols * threads, -(-L // tq), B),
+        grid=(ceil_div(L, tq) * threads, ceil_div(n_cols, SCORES_BLOCKS_PER_GROUP), B),
         threadgroup=(threads, 1, 1),
-        template=[("H", H), ("D", D), ("BLOCK", block_size), ("TQ", tq),
-                  ("NSG", SCORES_SIMDGROUPS), ("QUANT", quant)],
+        template=template,
     )
 
 
 def index_select_launch(scores, offset, block_size, topk) -> Launch:
     B, H, L, n_cols = scores.shape
-    nsg = SELECT_SIMDGROUPS_LARGE if n_cols >= SELECT_LARGE_FROM else SELECT_SIMDGROUPS_SMALL
-    threads = SIMD * nsg
+    threads = select_threads(n_cols)
     return Launch(
         inputs=[scores, offset],
         output_shapes=[(B, H, L, topk)],
         output_dtypes=[mx.int32],
         grid=(threads, L, B * H),
         threadgroup=(threads, 1, 1),
-        template=[("BLOCK", block_size), ("TOPK", topk), ("NSG", nsg)],
+        template=(("BLOCK", block_size), ("TOPK", topk), ("NSG", threads // SIMD)),
     )
 
 
@@ -203,51 +205,53 @@ def index_topk(index_q, index_keys, offset, block_size, topk, index_scales=None,
                          f"{offset + L}")
     if not index_topk_supported(index_q, index_keys, block_size, topk, index_scales):
         raise ValueError("no Metal index kernel for this geometry or dtype; use the ops path")
-    (scores,) = run(INDEX_SCORES,
-                    index_scores_launch(index_q, index_keys, offset, block_size, index_scales))
+    if L == 1:
+        spec, launch = INDEX_SCORES, index_scores_launch(
+            index_q, index_keys, offset, block_size, index_scales)
+    else:
+        spec, launch = INDEX_SCORES_MMA, index_scores_mma_launch(
+            index_q, index_keys, offset, block_size, index_scales)
+    (scores,) = run(spec, launch)
     (selection,) = run(INDEX_SELECT, index_select_launch(scores, offset, block_size, topk))
     return selection
 
 
 # ---------------------------------------------------------------------------------------------
-# Sparse attention: decode (split over blocks, then merge) and prefill (query tiles)
+# Sparse attention: decode (split over block parts, then merge) and prefill (query tiles)
 # ---------------------------------------------------------------------------------------------
-
-
-def _prefill_tile(G: int) -> int:
-    return max(1, min(32, PREFILL_ROWS // G))
-
-
-def _attention_threadgroup_bytes(G, D, DV, topk, L) -> int:
-    if L == 1:
-        rows = -(-G // DECODE_SIMDGROUPS)
-        return 4 * (_tile_floats(D, DV) + DECODE_SIMDGROUPS * rows * SIMD)
-    tq = _prefill_tile(G)
-    rows = -(-(tq * G) // PREFILL_SIMDGROUPS)
-    return 4 * (_tile_floats(D, DV) + PREFILL_SIMDGROUPS * rows * SIMD + 4 * tq * topk)
 
 
 def sparse_attention_supported(q, keys, values, selection, block_size) -> bool:
     B, Hq, L, D = q.shape
     H, DV, topk = keys.shape[1], values.shape[-1], selection.shape[-1]
-    return (q.dtype in FLOATS and keys.dtype in FLOATS and values.dtype in FLOATS
-            and Hq % H == 0 and 1 <= topk <= MAX_TOPK and block_size >= 1
-            and _attention_threadgroup_bytes(Hq // H, D, DV, topk, L) <= THREADGROUP_MEMORY)
+    if not (q.dtype in FLOATS and keys.dtype in FLOATS and values.dtype in FLOATS
+            and Hq % H == 0 and 1 <= topk <= MAX_TOPK and block_size >= 1):
+        return False
+    G = Hq // H
+    if L == 1:
+        return decode_attention_footprint(G, D, DV).fits
+    return G <= PREFILL_ROWS and prefill_attention_footprint(G, D, DV, topk).fits
+
+
+def decode_parts(block_size: int) -> int:
+    """Threadgroups (and partials) per selected block in decode."""
+    return ceil_div(block_size, DECODE_KEYS)
 
 
 def decode_attention_launch(q, keys, values, selection, offset, scale, block_size) -> Launch:
     B, Hq, _, D = q.shape
     H, DV, topk = keys.shape[1], values.shape[-1], selection.shape[-1]
     G = Hq // H
+    parts = topk * decode_parts(block_size)
     threads = SIMD * DECODE_SIMDGROUPS
     return Launch(
         inputs=[q, keys, values, selection, offset, float(scale)],
-        output_shapes=[(B, H, topk, G, DV), (B, H, topk, G, 2)],
+        output_shapes=[(B, H, parts, G, DV), (B, H, parts, G, 2)],
         output_dtypes=[mx.float32, mx.float32],
-        grid=(threads, topk, B * H),
+        grid=(threads, parts, B * H),
         threadgroup=(threads, 1, 1),
-        template=[("G", G), ("D", D), ("DV", DV), ("BLOCK", block_size),
-                  ("NSG", DECODE_SIMDGROUPS)],
+        template=(("G", G), ("D", D), ("DV", DV), ("BLOCK", block_size),
+                  ("NSG", DECODE_SIMDGROUPS)),
     )
 
 
@@ -259,7 +263,7 @@ def decode_merge_launch(o_part, ml_part, dtype) -> Launch:
         output_dtypes=[dtype],
         grid=(DV, G, B * H),
         threadgroup=(MERGE_THREADS, 1, 1),
-        template=[("T", dtype), ("G", G), ("DV", DV)],
+        template=(("T", dtype), ("G", G), ("DV", DV)),
     )
 
 
@@ -267,16 +271,16 @@ def prefill_attention_launch(q, keys, values, selection, offset, scale, block_si
     B, Hq, L, D = q.shape
     H, DV, topk = keys.shape[1], values.shape[-1], selection.shape[-1]
     G = Hq // H
-    tq = _prefill_tile(G)
+    tq = prefill_tile(G)
     threads = SIMD * PREFILL_SIMDGROUPS
     return Launch(
         inputs=[q, keys, values, selection, offset, float(scale)],
         output_shapes=[(B, Hq, L, DV)],
         output_dtypes=[values.dtype],
-        grid=(threads, -(-L // tq), B * H),
+        grid=(threads, ceil_div(L, tq), B * H),
         threadgroup=(threads, 1, 1),
-        template=[("T", values.dtype), ("G", G), ("D", D), ("DV", DV), ("BLOCK", block_size),
-                  ("TOPK", topk), ("TQ", tq), ("NSG", PREFILL_SIMDGROUPS)],
+        template=(("T", values.dtype), ("G", G), ("D", D), ("DV", DV), ("BLOCK", block_size),
+                  ("TOPK", topk), ("TQ", tq), ("NSG", PREFILL_SIMDGROUPS)),
     )
 
 

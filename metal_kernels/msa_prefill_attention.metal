@@ -6,20 +6,32 @@
 // Grid: (NT, ceil(L / TQ), B * H) threads, threadgroup (NT, 1, 1), NT = 32 * NSG.
 // The tile's TQ * TOPK ids are deduplicated in threadgroup memory, each unique block carrying a
 // bit mask of the tile queries that chose it, so a block chosen by several queries of the tile
-// is loaded once. Blocks are walked in 32-key chunks staged in threadgroup memory (keys, then
-// values in the same tile); the TQ * G (query, head) rows are dealt to simdgroups (ROWS each),
-// with an online softmax per row: a lane owns a key for scores and output columns for P.V.
+// is loaded once. The TQ * G (query, head) rows go 8 to a simdgroup. A simdgroup loads its 8
+// query rows once (times scale) into simdgroup matrices; then, per KC-key chunk of a block
+// (keys and values staged in threadgroup memory together), it computes its 8 x KC scores with
+// simdgroup_multiply_accumulate, applies the masks and an online softmax on four lanes a row
+// (in threadgroup memory), and accumulates P.V into 8 x 8 output matrices, also by
+// simdgroup_multiply_accumulate. The softmax reference max is raised only when a row's chunk max
+// exceeds it by more than RESCALE (e^8 bounds every weight), and the output is rescaled then,
+// by a diagonal matrix product: at most a few times per row instead of every chunk.
 //
 // Inputs: q [B, H*G, L, D], keys [B, H, S, D], values [B, H, S, DV], selection
 // [B, H, L, TOPK] int32, offset, scale. Any strides. Output: out [B, H*G, L, DV] in T.
-// Templates: T, G, D, DV, BLOCK, TOPK, TQ (<= 32), NSG.
+// Templates: T, G, D, DV, BLOCK, TOPK, TQ (<= 32, TQ * G <= 8 * NSG), NSG.
 
 constexpr int NT = 32 * NSG;
-constexpr int TILE_ROWS = TQ * G;
-constexpr int ROWS = (TILE_ROWS + NSG - 1) / NSG;
-constexpr int DVL = (DV + 31) / 32;
-constexpr int LD = D + 1 > DV ? D + 1 : DV;
+constexpr int KC = 16;  // keys per chunk: two 8-key tiles
+constexpr int D8 = (D + 7) / 8 * 8;
+constexpr int DV8 = (DV + 7) / 8 * 8;
+constexpr int QF = D8 / 8;
+constexpr int OF = DV8 / 8;
+constexpr int LDK = D8 + 4;  // staging row pitches: whole float4s, off the bank period
+constexpr int LDV = DV8 + 4;
+constexpr int STAGE = KC * (LDK + LDV);
+constexpr int QROWS = (STAGE / LDK) / 8 * 8;  // query rows staged per round (whole simdgroups)
+constexpr int ROWS = TQ * G;
 constexpr int CAND = TQ * TOPK;
+constexpr float RESCALE = 8.0f;
 
 const int t0 = threadgroup_position_in_grid.y * TQ;
 const int bh = threadgroup_position_in_grid.z;
@@ -34,8 +46,9 @@ const int h = bh % H;
 const int t_end = min(t0 + TQ, L);
 const int last_pos = offset + t_end - 1;
 
-threadgroup float tile[32 * LD];
-threadgroup float weights[NSG][ROWS][32];
+threadgroup float stage[STAGE];  // query rows, then each chunk's keys [KC][LDK], values [KC][LDV]
+threadgroup float tiles[NSG * 8 * KC];  // each simdgroup's 8 x KC scores, then weights
+threadgroup float squares[NSG * 64];  // each simdgroup's 8 x 8 scratch (rescale, output)
 threadgroup int cand[CAND];
 threadgroup uint cand_mask[CAND];
 threadgroup int unique_block[CAND];
@@ -80,93 +93,162 @@ for (int e = tid; e < CAND; e += NT) {
     unique_mask[at] = cand_mask[e];
   }
 }
-threadgroup_barrier(mem_flags::mem_threadgroup);
 
-float m[ROWS];
-float l[ROWS];
-float o[ROWS][DVL];
-for (int i = 0; i < ROWS; ++i) {
-  m[i] = -INFINITY;
-  l[i] = 0.0f;
-  for (int c = 0; c < DVL; ++c) {
-    o[i][c] = 0.0f;
+// 4. This simdgroup's 8 query rows, times scale, into simdgroup matrices, QROWS rows a round.
+simdgroup_float8x8 qf[QF];
+MLX_MTL_PRAGMA_UNROLL
+for (int round = 0; round < (8 * NSG + QROWS - 1) / QROWS; ++round) {
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // the stage is free (and the ids are ready)
+  for (int e = tid; e < QROWS * D8; e += NT) {
+    const int r = round * QROWS + e / D8;
+    const int d = e % D8;
+    const int qt = t0 + r / G;
+    float v = 0.0f;
+    if (r < ROWS && qt < L && d < D) {
+      v = float(q[b * q_strides[0] + (h * G + r % G) * q_strides[1] + qt * q_strides[2] +
+                  d * q_strides[3]]) * scale;
+    }
+    stage[(e / D8) * LDK + d] = v;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (int(sg) * 8 / QROWS == round) {
+    MLX_MTL_PRAGMA_UNROLL
+    for (int k = 0; k < QF; ++k) {
+      simdgroup_load(qf[k], stage + (int(sg) * 8 - round * QROWS) * LDK + k * 8, LDK);
+    }
   }
 }
 
+// This lane's row of the simdgroup's 8 and its quarter of a chunk's KC keys.
+const int r8 = lane / 4;
+const int quarter = lane % 4;
+const int row = sg * 8 + r8;
+const int t = t0 + row / G;
+const bool row_ok = row < ROWS && t < L;
+float m_ref = -INFINITY;  // the row's softmax reference max; on the row's four lanes
+float l_sum = 0.0f;
+
+simdgroup_float8x8 of[OF];
+MLX_MTL_PRAGMA_UNROLL
+for (int c = 0; c < OF; ++c) {
+  of[c] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+}
+threadgroup float* tile = tiles + sg * 8 * KC;
+threadgroup float* square = squares + sg * 64;
+threadgroup float* ks = stage;
+threadgroup float* vs = stage + KC * LDK;
 auto head_keys = keys + b * keys_strides[0] + h * keys_strides[1];
 auto head_values = values + b * values_strides[0] + h * values_strides[1];
 
 for (int u = 0; u < n_unique; ++u) {
   const int blk = unique_block[u];
-  const uint chosen_by = unique_mask[u];
-  for (int c0 = 0; c0 < BLOCK; c0 += 32) {
+  const bool chose = row_ok && ((unique_mask[u] >> (row / G)) & 1u);
+  for (int c0 = 0; c0 < BLOCK; c0 += KC) {
     const int key0 = blk * BLOCK + c0;
-    const int n = min(min(32, BLOCK - c0), S - key0);
+    const int n = min(min(KC, BLOCK - c0), S - key0);
     if (n <= 0 || key0 > last_pos) {
-      break;  // the rest of the block lies past the buffer or after every tile query
+      break;  // uniform: the rest of the block lies past the buffer or after every tile query
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    msa_stage_rows<D, LD, NT>(
-        tile, head_keys + key0 * keys_strides[2], keys_strides[2], keys_strides[3], n, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int i = 0; i < ROWS; ++i) {
-      const int r = sg + i * NSG;
-      const int t = t0 + r / G;
-      if (r >= TILE_ROWS || t >= L) {
-        continue;  // uniform across the simdgroup
-      }
-      const int g = r % G;
-      const bool chose = (chosen_by >> (r / G)) & 1u;
-      float s = -INFINITY;
-      if (chose && lane < uint(n) && key0 + int(lane) <= offset + t) {
-        auto qrow = q + b * q_strides[0] + (h * G + g) * q_strides[1] + t * q_strides[2];
-        float dot = 0.0f;
-        for (int d = 0; d < D; ++d) {
-          dot += float(qrow[d * q_strides[3]]) * tile[lane * LD + d];
-        }
-        s = dot * scale;
-      }
-      float alpha;
-      weights[sg][i][lane] = msa_softmax_step(s, m[i], l[i], alpha);
-      for (int c = 0; c < DVL; ++c) {
-        o[i][c] *= alpha;
-      }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    msa_stage_rows<DV, LD, NT>(
-        tile, head_values + key0 * values_strides[2], values_strides[2], values_strides[3], n,
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous chunk is consumed
+    msa_stage_rows<KC, D, D8, LDK, NT>(
+        ks, head_keys + key0 * keys_strides[2], keys_strides[2], keys_strides[3], n, tid);
+    msa_stage_rows<KC, DV, DV8, LDV, NT>(
+        vs, head_values + key0 * values_strides[2], values_strides[2], values_strides[3], n,
         tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int i = 0; i < ROWS; ++i) {
-      const int r = sg + i * NSG;
-      if (r >= TILE_ROWS || t0 + r / G >= L) {
-        continue;
+
+    // Scores S = Q K^T for the chunk: 8 rows x KC keys.
+    simdgroup_float8x8 sf[KC / 8];
+    MLX_MTL_PRAGMA_UNROLL
+    for (int kt = 0; kt < KC / 8; ++kt) {
+      sf[kt] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    MLX_MTL_PRAGMA_UNROLL
+    for (int k = 0; k < QF; ++k) {
+      MLX_MTL_PRAGMA_UNROLL
+      for (int kt = 0; kt < KC / 8; ++kt) {
+        simdgroup_float8x8 kf;
+        simdgroup_load(kf, ks + kt * 8 * LDK + k * 8, LDK, 0, true);
+        simdgroup_multiply_accumulate(sf[kt], qf[k], kf, sf[kt]);
       }
-      for (int k = 0; k < n; ++k) {
-        const float w = weights[sg][i][k];
-        for (int c = 0; c < DVL; ++c) {
-          const int col = lane + 32 * c;
-          if (col < DV) {
-            o[i][c] += w * tile[k * LD + col];
-          }
-        }
+    }
+    MLX_MTL_PRAGMA_UNROLL
+    for (int kt = 0; kt < KC / 8; ++kt) {
+      simdgroup_store(sf[kt], tile + kt * 8, KC);
+    }
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+
+    // Masks and the online softmax, four lanes a row, KC / 4 keys a lane.
+    float s[KC / 4];
+    float chunk_max = -INFINITY;
+    MLX_MTL_PRAGMA_UNROLL
+    for (int i = 0; i < KC / 4; ++i) {
+      const int key = quarter * (KC / 4) + i;
+      const bool keep = chose && key < n && key0 + key <= offset + t;
+      s[i] = keep ? tile[r8 * KC + key] : -INFINITY;
+      chunk_max = max(chunk_max, s[i]);
+    }
+    chunk_max = max(chunk_max, simd_shuffle_xor(chunk_max, ushort(1)));
+    chunk_max = max(chunk_max, simd_shuffle_xor(chunk_max, ushort(2)));
+    const bool grow = chunk_max > m_ref + RESCALE || (m_ref == -INFINITY && chunk_max > m_ref);
+    const float m_new = grow ? chunk_max : m_ref;
+    const float alpha = grow ? exp(m_ref - m_new) : 1.0f;  // 0 when m_ref was -INFINITY
+    float p_sum = 0.0f;
+    MLX_MTL_PRAGMA_UNROLL
+    for (int i = 0; i < KC / 4; ++i) {
+      const float p = s[i] == -INFINITY ? 0.0f : exp(s[i] - m_new);
+      tile[r8 * KC + quarter * (KC / 4) + i] = p;
+      p_sum += p;
+    }
+    p_sum += simd_shuffle_xor(p_sum, ushort(1));
+    p_sum += simd_shuffle_xor(p_sum, ushort(2));
+    l_sum = l_sum * alpha + p_sum;
+    m_ref = m_new;
+    if (simd_any(grow)) {  // rescale the rows' outputs: O = diag(alpha) O
+      MLX_MTL_PRAGMA_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        const int col = quarter * 2 + i;
+        square[r8 * 8 + col] = col == r8 ? alpha : 0.0f;
+      }
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      simdgroup_float8x8 diag;
+      simdgroup_load(diag, square, 8);
+      MLX_MTL_PRAGMA_UNROLL
+      for (int c = 0; c < OF; ++c) {
+        simdgroup_multiply(of[c], diag, of[c]);
+      }
+    }
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+
+    // O += P V for the chunk.
+    MLX_MTL_PRAGMA_UNROLL
+    for (int kt = 0; kt < KC / 8; ++kt) {
+      simdgroup_float8x8 pf;
+      simdgroup_load(pf, tile + kt * 8, KC);
+      MLX_MTL_PRAGMA_UNROLL
+      for (int c = 0; c < OF; ++c) {
+        simdgroup_float8x8 vf;
+        simdgroup_load(vf, vs + kt * 8 * LDV + c * 8, LDV);
+        simdgroup_multiply_accumulate(of[c], pf, vf, of[c]);
       }
     }
   }
 }
 
-for (int i = 0; i < ROWS; ++i) {
-  const int r = sg + i * NSG;
-  const int t = t0 + r / G;
-  if (r >= TILE_ROWS || t >= L) {
-    continue;
-  }
-  const int g = r % G;
-  auto orow = out + ((int64_t(b) * H * G + h * G + g) * L + t) * DV;
-  for (int c = 0; c < DVL; ++c) {
-    const int col = lane + 32 * c;
-    if (col < DV) {
-      orow[col] = static_cast<T>(o[i][c] / l[i]);
+// 5. out = O / l, an 8 x 8 matrix at a time through the simdgroup's scratch square; lane
+// writes elements 2 lane and 2 lane + 1 of it, i.e. row lane / 4 = r8: its own row's l.
+const int g = row % G;
+auto orow = out + ((int64_t(b) * H * G + h * G + g) * L + t) * DV;
+MLX_MTL_PRAGMA_UNROLL
+for (int c = 0; c < OF; ++c) {
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_store(of[c], square, 8);
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  MLX_MTL_PRAGMA_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    const int col = c * 8 + quarter * 2 + i;
+    if (row_ok && col < DV) {
+      orow[col] = static_cast<T>(square[r8 * 8 + quarter * 2 + i] / l_sum);
     }
   }
 }

@@ -23,3 +23,13 @@ def test_msa_benchmark_compares_both_implementations():
 def test_convert_benchmark_compares_both_converters(tmp_path):
     out = run("bench_convert.py", "--gb", "0.02", "--repeat", "1", "--dir", str(tmp_path))
     assert "m3mlx" in out and "mlx_lm" in out.replace("mlx-lm", "mlx_lm")
+
+
+def test_kernel_cost_report_covers_every_kernel_and_chip():
+    out = run("kernel_costs.py", "--contexts", "8192,65536", "--moe-formats", "affine3,nvfp4",
+              "--moe-tokens", "1,8")
+    for name in ("msa_index_scores", "msa_index_scores_mma", "msa_index_select",
+                 "msa_decode_attention", "msa_decode_merge", "msa_prefill_attention",
+                 "moe_decode_gate_up", "moe_decode_down", "M3 Ultra", "M4 Max", "M5 Max", "64K"):
+        assert name in out, name
+    assert "(bandwidth)" in out and "(compute)" in out and "(latency)" in out

@@ -6,7 +6,7 @@ import pytest
 
 import m3mlx
 from m3mlx.demo import write_demo_checkpoint
-from m3mlx.metal_kernels import msa_ops
+from m3mlx.metal_kernels import dispatch, msa_ops
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,10 @@ def decode_working_memory(model, context):
 
 
 def test_decode_working_memory_grows_only_by_block_score_rows(sparse_model, monkeypatch):
-    """Past the caches, a decode step holds only per-block rows (scores, masks, ranks): it
-    never builds a per-token score row, a dense mask or a copy of the K/V cache."""
+    """Past the caches, a decode step of the MLX-ops twins (on every machine) holds only
+    per-block rows (scores, masks, ranks): it never builds a per-token score row, a dense mask
+    or a copy of the K/V cache."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "ops")
     model, _ = sparse_model
     args = model.args
     monkeypatch.setattr(msa_ops, "MAX_TILE_KEYS", 256)  # scan in small tiles at these lengths

@@ -2,6 +2,8 @@
 
 Past top-k x block tokens MSA is sparse: mlx-lm realizes it as a dense mask over every key,
 m3mlx by scoring blocks and attending to the selected ones only. Same numbers either way.
+These run the MLX-ops twins on every machine; test_msl_model.py holds the Metal kernels to the
+twins on the same fixtures.
 """
 
 from pathlib import Path
@@ -13,7 +15,14 @@ import pytest
 import m3mlx
 from m3mlx.demo import write_demo_checkpoint
 
+from m3mlx.metal_kernels import dispatch
+
 mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+
+
+@pytest.fixture(autouse=True)
+def twin_path(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "ops")
 
 
 def both_models(path):

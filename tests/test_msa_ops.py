@@ -4,7 +4,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from m3mlx.metal_kernels import index_topk, quantize_index_keys, sparse_attention
+from m3mlx.metal_kernels import dispatch, index_topk, quantize_index_keys, sparse_attention
+
+
+@pytest.fixture(autouse=True)
+def twin_path(monkeypatch):
+    """The MLX-ops twins on every machine (on a Mac the kernels are tested in test_msl_*)."""
+    monkeypatch.setenv(dispatch.ENV_VAR, "ops")
 
 
 def reference_selection(index_q, index_keys, offset, block, topk, scales=None):

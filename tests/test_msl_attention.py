@@ -1,13 +1,15 @@
-"""The sparse-attention kernels (decode split + merge, prefill tiles) against the MLX-ops twin."""
+"""The sparse-attention kernels (decode split-K + merge, prefill tiles) against the MLX-ops twin,
+on every kernel runner (`cases.RUNNERS`: the harness in thread order and shuffled, Metal)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl import cases
+from msl import cases, harness, shapes
+from msl.cases import prebuilt  # noqa: F401 (the fixture)
 
 from m3mlx.metal_kernels import msa_kernels, msa_ops
 
-pytestmark = pytest.mark.skipif(not cases.RUNNERS, reason="no kernel runner: harness or Metal")
+pytestmark = [cases.needs_runner, pytest.mark.usefixtures("prebuilt")]
 
 
 def check(run, q, k, v, sel, offset, block, atol=2e-5):
@@ -27,18 +29,10 @@ def random_case(seed, B, H, G, D, DV, S, L, dtype=mx.float32):
     return rng, q, k, v
 
 
-SHAPES = [
-    # B, H, G, D, DV, block, topk, offset, L, extra
-    (1, 2, 2, 8, 8, 8, 4, 0, 37, 0),  # prefill from scratch, 37 not a multiple of the block
-    (2, 2, 3, 8, 12, 8, 4, 50, 21, 11),  # chunk after a cache, padded buffer, Dv != D
-    (1, 1, 2, 8, 8, 8, 16, 20, 30, 0),  # fewer blocks than top-k
-    (2, 2, 4, 8, 8, 8, 4, 203, 1, 5),  # decode, partial own block
-    (1, 2, 3, 40, 36, 45, 3, 100, 1, 3),  # decode; sizes not multiples of 32, two chunks a block
-    (1, 1, 3, 40, 36, 45, 3, 100, 6, 3),  # prefill; the same
-]
+SHAPES = shapes.ATTENTION_SHAPES
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 @pytest.mark.parametrize("B,H,G,D,DV,block,topk,offset,L,extra", SHAPES)
 def test_twin_selection(run, B, H, G, D, DV, block, topk, offset, L, extra):
     rng, q, k, v = random_case(offset + L, B, H, G, D, DV, offset + L + extra, L)
@@ -48,7 +42,7 @@ def test_twin_selection(run, B, H, G, D, DV, block, topk, offset, L, extra):
     check(run, q, k, v, sel, offset, block)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 @pytest.mark.parametrize("B,H,G,D,DV,block,topk,offset,L,extra", SHAPES[:4])
 def test_unordered_ids_and_padding_holes(run, B, H, G, D, DV, block, topk, offset, L, extra):
     rng, q, k, v = random_case(offset + 2 * L, B, H, G, D, DV, offset + L + extra, L)
@@ -56,7 +50,28 @@ def test_unordered_ids_and_padding_holes(run, B, H, G, D, DV, block, topk, offse
     check(run, q, k, v, sel, offset, block)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
+@pytest.mark.parametrize("B,H,G,D,DV,block,topk,offset,L,extra", shapes.CONSTANT_SPACE_SHAPES)
+def test_inputs_in_the_constant_address_space(run, B, H, G, D, DV, block, topk, offset, L,
+                                              extra):
+    # MLX passes arrays of fewer than 8 elements as `constant`: q [1, 2, L, 1], keys and
+    # values [1, 1, 3, 1] and (decode) the selection [1, 1, 1, 2].
+    rng, q, k, v = random_case(L, B, H, G, D, DV, offset + L + extra, L)
+    sel = mx.array(cases.edgy_selection(rng, B, H, L, offset, block, topk))
+    check(run, q, k, v, sel, offset, block)
+
+
+@cases.kernel_runners
+def test_scores_far_apart_rescale_the_output(run):
+    # Keys whose scores jump by more than the prefill kernel's lazy-rescale threshold (e^8)
+    # from one chunk to the next, in both directions.
+    rng, q, k, v = random_case(13, 1, 1, 2, 8, 8, 64, 3)
+    k = k * mx.array(np.repeat([1.0, 40.0, 0.1, 80.0], 16)[None, None, :, None], mx.float32)
+    sel = mx.array(np.broadcast_to(np.array([0, 1, 2, 3], np.int32), (1, 1, 3, 4)))
+    check(run, q, k, v, sel, 61, 16, atol=1e-4)
+
+
+@cases.kernel_runners
 @pytest.mark.parametrize("L,dtype", [(1, mx.float16), (5, mx.bfloat16)])
 def test_half_precision(run, L, dtype):
     # The twin rounds q * scale, the scores and the weights to the input type; the kernels
@@ -69,8 +84,7 @@ def test_half_precision(run, L, dtype):
 @pytest.mark.parametrize("L", [1, 7])
 @cases.harness_only
 def test_strided_views_are_read_through_their_strides(L):
-    from msl import harness
-
+    # Harness only: MLX arrays cannot carry such strides from Python.
     rng, q, k, v = random_case(10 + L, 2, 2, 2, 8, 8, 60, L)
     # A [B, S, H, D] cache longer than used, a [B, L, Hq, D] projection, [B, L, H, k] ids.
     q = cases.strided(q, (0, 2, 1, 3))
@@ -80,7 +94,7 @@ def test_strided_views_are_read_through_their_strides(L):
     check(harness.run, q, k, v, sel, 53, 8)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 def test_real_geometry_decode_bf16(run):
     # M3: 4 KV heads x 16 query heads, head dim 128, blocks of 128, top-16, partial own block.
     rng, q, k, v = random_case(11, 1, 4, 16, 128, 128, 2600, 1, mx.bfloat16)
@@ -89,10 +103,11 @@ def test_real_geometry_decode_bf16(run):
     check(run, q, k, v, sel, 2597, 128, atol=3e-2)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 def test_real_geometry_prefill(run):
-    # Eight queries crossing a block boundary: two query tiles, blocks shared across the tile.
-    rng, q, k, v = random_case(12, 1, 4, 16, 128, 128, 2700, 8)
-    iq, ik = cases.normal(rng, (1, 4, 8, 16)), cases.normal(rng, (1, 2700, 16))
+    # One KV group of M3 (16 query heads, head dim 128, blocks of 128, top-16): eight queries
+    # crossing a block boundary, two query tiles sharing most of their blocks.
+    rng, q, k, v = random_case(12, 1, 1, 16, 128, 128, 2700, 8)
+    iq, ik = cases.normal(rng, (1, 1, 8, 16)), cases.normal(rng, (1, 2700, 16))
     sel = msa_ops.index_topk(iq, ik, 2684, 128, 16)
     check(run, q, k, v, sel, 2684, 128)

@@ -3,34 +3,33 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from msl import cases, harness
+from msl import cases, harness, source
 from msl.cases import Spec
 
-from m3mlx.metal_kernels.msa_kernels import Launch
+from m3mlx.metal_kernels.kernel import Launch
 
 pytestmark = cases.harness_only
 
 
-def run1(source, inputs, out_shape, out_dtype=mx.float32, grid=None, threadgroup=(32, 1, 1),
-         names=None, template=None, init_value=None):
+def run1(body, inputs, out_shape, out_dtype=mx.float32, grid=None, threadgroup=(32, 1, 1),
+         names=None, template=None, init_value=None, order="in-order"):
     names = names or tuple(f"x{i}" for i in range(len(inputs)))
-    spec = Spec("probe", names, ("out",), source)
+    spec = Spec("probe", names, ("out",), body)
     grid = grid or (int(np.prod(out_shape)), 1, 1)
     launch = Launch(inputs, [out_shape], [out_dtype], grid, threadgroup, template, init_value)
-    return np.array(harness.run(spec, launch)[0])
+    return np.array(harness.run_with_stats(spec, launch, order)[0][0])
 
 
 def test_generated_source_is_mlx_signature():
     spec = Spec("demo", ("a", "n", "c"), ("out",),
                 "out[0] = a[a_shape[0] * a_strides[1]] + n + c[2] + "
                 "thread_position_in_grid.x + threads_per_threadgroup.x;", header="// hdr\n")
-    inputs = [harness._to_input("a", mx.zeros((4, 3), mx.float16), True),
-              harness._to_input("n", 5, True),
-              harness._to_input("c", mx.zeros((3,), mx.int32), True)]
-    template = [("T", mx.float32), ("N", 4), ("F", False)]
-    name, source = harness.mlx_source(spec, inputs, [mx.float32], template)
+    launch = Launch([mx.zeros((4, 3), mx.float16), 5, mx.zeros((3,), mx.int32)], [(1,)],
+                    [mx.float32], (1, 1, 1), (1, 1, 1), [("T", mx.float32), ("N", 4), ("F", False)])
+    name, text = source.launch_source(spec, launch)
+    assert (name, text) == source.exported_source(spec, launch)  # MLX's own text
     assert name == "custom_kernel_demo__float_4_0_float16_t_int32_ts_int32_tc_float"
-    assert source == (
+    assert text == (
         "// hdr\n"
         "template <typename T, int N, bool F>\n"
         f"[[kernel]] void {name}(\n"
@@ -209,3 +208,118 @@ def test_threadgroup_memory_overflow_is_reported(through_pointer, report):
     """
     with pytest.raises(harness.HarnessError, match=report):
         run1(src, [mx.ones(1)], (32,))
+
+
+def test_simd_functions_take_metal_types_only():
+    # bfloat has no simd reductions in Metal: the harness refuses to compile it, like Metal.
+    src = "out[thread_position_in_grid.x] = float(simd_sum(bfloat16_t(x0[0])));"
+    with pytest.raises(harness.HarnessError, match="simd functions take"):
+        run1(src, [mx.ones(1)], (32,))
+
+
+def test_threads_run_in_a_shuffled_order_between_barriers():
+    # A race: thread t reads its neighbour's slot with no barrier between. In thread order
+    # the neighbour always wrote first, so it passes; shuffled, some read unwritten memory.
+    src = """
+    uint t = thread_index_in_threadgroup;
+    threadgroup float buf[64];
+    buf[t] = x0[t];
+    out[t] = buf[t == 0 ? 0 : t - 1];
+    """
+    x = np.arange(64, dtype=np.float32)
+    want = np.concatenate([[0], x[:-1]])
+    np.testing.assert_array_equal(run1(src, [mx.array(x)], (64,), threadgroup=(64, 1, 1)), want)
+    shuffled = run1(src, [mx.array(x)], (64,), threadgroup=(64, 1, 1), order="shuffled")
+    assert np.isnan(shuffled).any()
+    fixed = src.replace("buf[t] = x0[t];",
+                        "buf[t] = x0[t];\n threadgroup_barrier(mem_flags::mem_threadgroup);")
+    np.testing.assert_array_equal(
+        run1(fixed, [mx.array(x)], (64,), threadgroup=(64, 1, 1), order="shuffled"), want)
+
+
+def test_the_threadgroup_memory_a_kernel_allocates_is_reported():
+    spec = Spec("probe", ("x0",), ("out",),
+                "threadgroup float a[40];\nthreadgroup int b[3][5];\n"
+                "a[0] = x0[0];\nb[0][0] = 1;\nout[thread_position_in_grid.x] = a[0] + b[0][0];")
+    launch = Launch([mx.ones(1)], [(64,)], [mx.float32], (64, 1, 1), (32, 1, 1))
+    _, stats = harness.run_with_stats(spec, launch)
+    assert stats.threadgroup_bytes == 40 * 4 + 15 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# simdgroup matrices
+# ---------------------------------------------------------------------------------------------
+
+MATRIX_KERNEL = """
+const uint lane = thread_index_in_simdgroup;
+threadgroup float a[64];
+threadgroup float b[80];
+threadgroup float o[64 * 5];
+a[lane] = x0[lane];
+a[lane + 32] = x0[lane + 32];
+for (uint i = lane; i < 80; i += 32) {
+  b[i] = x1[i];
+}
+simdgroup_barrier(mem_flags::mem_threadgroup);
+simdgroup_float8x8 ma, mb, mt;
+simdgroup_load(ma, a, 8);
+simdgroup_load(mb, b, 10);  // b as an 8 x 8 block of an 8 x 10 matrix
+simdgroup_load(mt, b, 10, 0, true);  // its transpose: element (r, c) = b[c * 10 + r]
+simdgroup_float8x8 acc = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+simdgroup_multiply_accumulate(acc, ma, mb, acc);  // a b + 1
+simdgroup_float8x8 prod;
+simdgroup_multiply(prod, ma, mt);  // a b'^T
+simdgroup_float8x8 diag = simdgroup_float8x8(2.0f);  // the scalar constructor: 2 I
+simdgroup_multiply(diag, diag, ma);
+simdgroup_store(acc, o, 8);
+simdgroup_store(prod, o + 64, 8);
+simdgroup_store(diag, o + 128, 8);
+simdgroup_store(ma, o + 192, 8, 0, true);  // a^T
+simdgroup_barrier(mem_flags::mem_threadgroup);
+for (uint i = lane; i < 256; i += 32) {
+  out[i] = o[i];
+}
+"""
+
+
+def test_simdgroup_matrix_operations():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((8, 8)).astype(np.float32)
+    b = rng.standard_normal((8, 10)).astype(np.float32)
+    got = run1(MATRIX_KERNEL, [mx.array(a.ravel()), mx.array(b.ravel())], (256,), grid=(32, 1, 1))
+    got = got.reshape(4, 8, 8)
+    bt = b.ravel()[np.arange(8)[None, :] * 10 + np.arange(8)[:, None]]  # the transposed load
+    np.testing.assert_allclose(got[0], a @ b[:, :8] + 1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], a @ bt, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[2], 2 * a)
+    np.testing.assert_array_equal(got[3], a.T)
+
+
+@pytest.mark.parametrize("mutation,report", [
+    # A matrix built from a lane-dependent value differs across the lanes.
+    ("make_filled_simdgroup_matrix<float, 8, 8>(1.0f)",
+     "differs across the lanes"),
+    # A lane-dependent pointer.
+    ("simdgroup_load(ma, a, 8);", "differs across the lanes"),
+    # A matrix operation some lanes skip.
+    ("simdgroup_multiply(prod, ma, mt);", "not run by every lane|different simdgroup matrix"),
+])
+def test_simdgroup_matrix_misuse_is_reported(mutation, report):
+    bad = {
+        "make_filled_simdgroup_matrix<float, 8, 8>(1.0f)":
+            "make_filled_simdgroup_matrix<float, 8, 8>(float(lane))",
+        "simdgroup_load(ma, a, 8);": "simdgroup_load(ma, a + (lane & 1), 8);",
+        "simdgroup_multiply(prod, ma, mt);":
+            "if (lane < 16) {\n simdgroup_multiply(prod, ma, mt);\n}",
+    }[mutation]
+    assert MATRIX_KERNEL.count(mutation) == 1
+    src = MATRIX_KERNEL.replace(mutation, bad)
+    x = [mx.zeros((64,)), mx.zeros((80,))]
+    with pytest.raises(harness.HarnessError, match=report):
+        run1(src, x, (256,), grid=(32, 1, 1))
+
+
+def test_simdgroup_matrix_reads_are_bounds_checked():
+    src = MATRIX_KERNEL.replace("simdgroup_load(mb, b, 10);", "simdgroup_load(mb, b, 11);")
+    with pytest.raises(harness.HarnessError, match="index 8. out of bounds|overflow"):
+        run1(src, [mx.zeros((64,)), mx.zeros((80,))], (256,), grid=(32, 1, 1))

@@ -1,4 +1,5 @@
-"""The MoE decode kernels against their gather_qmm twin, under the Metal-on-CPU harness."""
+"""The MoE op: its gather twin against a dense reference, and its Metal kernels against the twin
+on every kernel runner (`cases.RUNNERS`: the harness in thread order and shuffled, Metal)."""
 
 from dataclasses import replace
 
@@ -7,19 +8,13 @@ import numpy as np
 import pytest
 from msl import cases, harness
 from msl.cases import Spec
+from msl.cases import prebuilt  # noqa: F401 (the fixture)
+from msl.moe_cases import FORMATS, SMALL, random_experts, routing
 
-from m3mlx.metal_kernels import moe
-from m3mlx.metal_kernels.moe import ExpertWeights, QuantizedWeight
+from m3mlx.metal_kernels import kernel, moe
+from m3mlx.metal_kernels.moe import DenseWeight, ExpertWeights, QuantizedWeight
 
-only_harness = cases.harness_only
-
-FORMATS = {  # the formats the issue names: (mode, bits, group size)
-    "affine4": ("affine", 4, 64),
-    "affine8": ("affine", 8, 64),
-    "mxfp4": ("mxfp4", 4, 32),
-    "mxfp8": ("mxfp8", 8, 32),
-}
-
+pytestmark = pytest.mark.usefixtures("prebuilt")
 
 # ---------------------------------------------------------------------------------------------
 # MLX's packing, as the kernels read it
@@ -35,43 +30,61 @@ def e4m3(q):
     return np.where(q & 0x80, -v, v).astype(np.float32)
 
 
+def unpack(words, bits):
+    """Codes from uint32 words: one LSB-first bit stream over the row (a code may straddle
+    two words)."""
+    stream = np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=-1,
+                           bitorder="little")
+    n = stream.shape[-1] // bits
+    chunks = stream[..., :n * bits].reshape(*stream.shape[:-1], n, bits)
+    return (chunks.astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(-1)
+
+
+def pack(codes, bits):
+    """The inverse of unpack: codes [..., n] (n * bits a multiple of 32) into uint32 words."""
+    stream = ((codes[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    stream = stream.reshape(*codes.shape[:-1], -1)
+    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
+
+
 def dequantize_np(w_q, scales, biases, group_size, bits, mode):
-    """Our reading of mx.quantize's layout: codes LSB-first in uint32 words; affine s * q + b per
-    group; mxfp4 / mxfp8 E2M1 / E4M3 codes times an E8M0 scale 2^(s - 127) (255 gives inf)."""
-    words = np.asarray(w_q).astype(np.uint32)
-    shifts = np.arange(32 // bits, dtype=np.uint32) * bits
-    q = ((words[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*words.shape[:-1], -1)
+    """Our reading of mx.quantize's layout: affine s * q + b per group; mxfp4 / mxfp8 E2M1 /
+    E4M3 codes times an E8M0 scale 2^(s - 127) (255 gives inf); nvfp4 E2M1 codes times an
+    E4M3 scale."""
+    q = unpack(np.asarray(w_q).astype(np.uint32), bits)
     per_group = lambda a: np.repeat(np.asarray(a), group_size, axis=-1)  # noqa: E731
     if mode == "affine":
         s = per_group(scales.astype(mx.float32))
         return s * q.astype(np.float32) + per_group(biases.astype(mx.float32))
+    values = np.where(q & 8, -1, 1) * E2M1[q & 7] if bits == 4 else e4m3(q)
     with np.errstate(over="ignore", invalid="ignore"):
-        scale = np.ldexp(np.float32(1), per_group(scales).astype(np.int32) - 127)
-        values = np.where(q & 8, -1, 1) * E2M1[q & 7] if bits == 4 else e4m3(q)
+        raw = per_group(scales)
+        scale = np.ldexp(np.float32(1), raw.astype(np.int32) - 127) if mode == "mxfp4" or \
+            mode == "mxfp8" else e4m3(raw)
         return (values * scale).astype(np.float32)
 
 
-def every_code(bits, mode, rows=8, cols=256):
+def every_code(fmt, rows=8, cols=256):
     """(w_q, scales, biases) whose rows run through every code, with scales that include the
-    E8M0 extremes (0 and 255) or negative affine scales."""
+    extremes (E8M0 0 and 255, E4M3 subnormals, zero and NaN) or negative affine scales."""
+    mode, bits, group = fmt
     rng = np.random.default_rng(bits)
     codes = np.resize(np.arange(1 << bits, dtype=np.uint32), (rows, cols))
     codes = np.stack([np.roll(r, i) for i, r in enumerate(codes)])
-    per = 32 // bits
-    words = (codes.reshape(rows, -1, per) << (np.arange(per, dtype=np.uint32) * bits)).sum(
-        -1, dtype=np.uint32)
-    group = 64 if mode == "affine" else 32
+    words = mx.array(pack(codes, bits))
+    shape = (rows, cols // group)
     if mode == "affine":
-        scales = rng.standard_normal((rows, cols // group)).astype(np.float32)
-        biases = rng.standard_normal((rows, cols // group)).astype(np.float32)
-        return mx.array(words), mx.array(scales), mx.array(biases)
-    scales = np.resize(np.array([0, 1, 100, 126, 127, 128, 160, 254, 255], np.uint8),
-                       (rows, cols // group))
-    return mx.array(words), mx.array(scales), None
+        return (words, mx.array(rng.standard_normal(shape).astype(np.float32)),
+                mx.array(rng.standard_normal(shape).astype(np.float32)))
+    special = [0, 1, 100, 126, 127, 128, 160, 254, 255] if mode != "nvfp4" else \
+        [0, 1, 7, 8, 56, 0x7E, 0x7F, 0x80, 0x38]
+    return words, mx.array(np.resize(np.array(special, np.uint8), shape)), None
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_numpy_reading_of_the_packing_matches_mx_dequantize(fmt):
+    """MLX itself (no kernel): our model of mx.quantize's layout, on random weights and on
+    every code."""
     mode, bits, gs = FORMATS[fmt]
     rng = np.random.default_rng(0)
     w = mx.array(rng.standard_normal((3, 8, 256)).astype(np.float32) * 3)
@@ -79,97 +92,115 @@ def test_numpy_reading_of_the_packing_matches_mx_dequantize(fmt):
     b = biases[0] if biases else None
     want = mx.dequantize(w_q, scales, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
     np.testing.assert_array_equal(dequantize_np(w_q, scales, b, gs, bits, mode), np.array(want))
-    w_q, scales, b = every_code(bits, mode)
+    w_q, scales, b = every_code(FORMATS[fmt])
+    np.testing.assert_array_equal(unpack(np.array(w_q), bits),
+                                  unpack(pack(unpack(np.array(w_q), bits), bits), bits))
     want = mx.dequantize(w_q, scales, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
     np.testing.assert_array_equal(dequantize_np(w_q, scales, b, gs, bits, mode), np.array(want))
 
 
-DECODE_PROBE = Spec(
-    "moe_decode_probe",
-    ("a4_w", "a4_s", "a4_b", "a8_w", "a8_s", "a8_b", "m4_w", "m4_s", "m8_w", "m8_s", "dummy"),
-    ("out",),
-    """
-    // out[f, row, :]: row `row` of format f as moe_codes16 reads it, 16 weights per thread.
-    const int k = thread_position_in_grid.x * MOE_CHUNK;
+def decode_probe(fmt) -> Spec:
+    """A kernel writing row `row` of a matrix in format fmt as the MoE kernels decode it, one
+    chunk per thread: out[row, :]."""
+    mode, bits, gs = fmt
+    MODE = {"affine": "MOE_AFFINE", "mxfp4": "MOE_MX", "mxfp8": "MOE_MX", "nvfp4": "MOE_NV"}
+    return Spec(f"moe_decode_probe_{mode}{bits}", ("w", "s", "b"), ("out",), f"""
+    constexpr int CHUNK = moe_chunk({bits});
+    const int k = thread_position_in_grid.x * CHUNK;
     const size_t row = thread_position_in_grid.y;
-    const int f = thread_position_in_grid.z;
-    const int rows = threads_per_grid.y;
-    const int cols = threads_per_grid.x * MOE_CHUNK;
+    const int cols = threads_per_grid.x * CHUNK;
     threadgroup float e2m1[16];
     threadgroup float e4m3[256];
-    moe_fill_tables(e2m1, e4m3, thread_index_in_threadgroup, 128);
+    moe_fill_tables(e2m1, e4m3, thread_index_in_threadgroup, threads_per_threadgroup.x *
+                    threads_per_threadgroup.y);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    float c[MOE_CHUNK];
-    float s, b;
-    if (f == 0) moe_codes16<MOE_AFFINE, 4, 64>(a4_w, a4_s, a4_b, e2m1, row, cols, k, c, s, b);
-    if (f == 1) moe_codes16<MOE_AFFINE, 8, 64>(a8_w, a8_s, a8_b, e2m1, row, cols, k, c, s, b);
-    if (f == 2) moe_codes16<MOE_MX, 4, 32>(m4_w, m4_s, dummy, e2m1, row, cols, k, c, s, b);
-    if (f == 3) moe_codes16<MOE_MX, 8, 32>(m8_w, m8_s, dummy, e4m3, row, cols, k, c, s, b);
-    for (int i = 0; i < MOE_CHUNK; ++i) {
-      out[(size_t(f) * rows + row) * cols + k + i] = f < 2 ? s * c[i] + b : c[i] * s;
-    }
-    """,
-    moe.GATE_UP.header,
-)
+    uint words[CHUNK * {bits} / 32];
+    moe_load_words<{bits}>(w, row, cols, k, words);
+    const size_t g = row * size_t(cols / {gs}) + k / {gs};
+    const float scale = moe_scale<{MODE[mode]}>(float(s[g]));
+    MLX_MTL_PRAGMA_UNROLL
+    for (int i = 0; i < CHUNK; ++i) {{
+      const float c = moe_code_value<{MODE[mode]}>(moe_code<{bits}>(words, i),
+                                                     {bits} == 8 ? e4m3 : e2m1);
+      out[row * cols + k + i] = {MODE[mode]} == MOE_AFFINE ? scale * c + float(b[g]) : c * scale;
+    }}
+    """, moe.GATE_UP.header)
 
 
-@only_harness
-def test_kernel_decoders_match_mx_dequantize_on_every_code():
-    sets = [every_code(4, "affine"), every_code(8, "affine"), every_code(4, "mxfp4"),
-            every_code(8, "mxfp8")]
-    inputs = [*sets[0], *sets[1], *sets[2][:2], *sets[3][:2], mx.zeros((1,))]
-    launch = moe.Launch(inputs, [(4, 8, 256)], [mx.float32], (256 // 16, 8, 4), (16, 8, 1))
-    (got,) = harness.run(DECODE_PROBE, launch)
-    for f, (w_q, s, b) in enumerate(sets):
-        mode, bits, gs = list(FORMATS.values())[f]
-        want = mx.dequantize(w_q, s, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
-        np.testing.assert_array_equal(np.array(got[f]), np.array(want), err_msg=mode + str(bits))
+@cases.kernel_runners
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_decoder_matches_mx_dequantize_on_every_code(run, fmt):
+    w_q, s, b = every_code(FORMATS[fmt])
+    mode, bits, gs = FORMATS[fmt]
+    chunk = 32 if bits in (1, 3, 5) else 16
+    inputs = [w_q, s, b if b is not None else kernel.placeholder(mx.float32)]
+    launch = kernel.Launch(inputs, [(8, 256)], [mx.float32], (256 // chunk, 8, 1),
+                           (256 // chunk, 8, 1))
+    (got,) = run(decode_probe(FORMATS[fmt]), launch)
+    want = mx.dequantize(w_q, s, b, group_size=gs, bits=bits, mode=mode, dtype=mx.float32)
+    np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
 # ---------------------------------------------------------------------------------------------
-# The MoE block against the twin
+# The twin against a dense reference
 # ---------------------------------------------------------------------------------------------
 
 
-def random_experts(rng, fmt, E, D, F, scale=0.15) -> ExpertWeights:
-    """gate/up [E, F, D], down [E, D, F] (E None: the shared expert's plain matrices)."""
-    lead = () if E is None else (E,)
-
-    def q(shape, fan_in):
-        w = rng.standard_normal(lead + shape).astype(np.float32) * scale * (576 / fan_in) ** 0.5
-        return QuantizedWeight.quantize(mx.array(w), fmt[2], fmt[1], fmt[0])
-
-    return ExpertWeights(q((F, D), D), q((F, D), D), q((D, F), F))
+def dense(p) -> np.ndarray:
+    if isinstance(p, DenseWeight):
+        return np.array(p.weight)
+    return np.array(mx.dequantize(p.weight, p.scales, p.biases, group_size=p.group_size,
+                                  bits=p.bits, mode=p.mode, dtype=mx.float32))
 
 
-def routing(rng, T, K, E, pool=6, zeros=True):
-    """Expert ids [T, K] drawn from a small pool (tokens share experts; the last id E - 1 is
-    in it) and weights [T, K] like the router's, some of them zero."""
-    pool = np.concatenate([rng.choice(E - 1, pool - 1, replace=False), [E - 1]])
-    ids = np.stack([rng.choice(pool, K, replace=False) for _ in range(T)]).astype(np.uint32)
-    w = rng.random((T, K)).astype(np.float32)
-    w = 2.0 * w / w.sum(-1, keepdims=True)
-    if zeros:
-        w[0, 1] = 0.0  # one slot of the first token; its expert may still serve another token
-        if T >= 3:
-            w[T - 1] = 0.0  # a token whose routed experts all weigh nothing
-    return mx.array(ids), mx.array(w)
+def reference_moe(x, ids, rw, experts, shared, alpha=1.702, limit=7.0):
+    """Token by token, slot by slot, with dequantized weights in float64."""
+    def ffn(v, gate, up, down):
+        g, u = np.minimum(gate @ v, limit), np.clip(up @ v, -limit, limit)
+        return down @ ((u + 1) * g / (1 + np.exp(-alpha * g)))
+
+    x, ids, rw = (np.array(a, np.float64) for a in (x, ids, rw))
+    gate, up, down = (dense(p).astype(np.float64) for p in experts)
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for i, e in enumerate(ids[t].astype(int)):
+            out[t] += rw[t, i] * ffn(x[t], gate[e], up[e], down[e])
+        if shared is not None:
+            out[t] += ffn(x[t], *(dense(p).astype(np.float64) for p in shared))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["affine4", "mxfp8", None])
+@pytest.mark.parametrize("T", [2, 40])  # 40 tokens x 4 slots: the twin's sorted path
+def test_twin_matches_a_dense_reference(fmt, T):
+    """The MLX-ops twin (gather_qmm / gather_mm, no kernel) against float64 dense math."""
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(T)
+    f = FORMATS[fmt] if fmt else None
+    experts, shared = random_experts(rng, f, E, D, F), random_experts(rng, f, None, D, FS)
+    x = cases.normal(rng, (T, D))
+    ids, rw = routing(rng, T, K, E, pool=12)
+    got = moe.moe_experts_ops(x, ids, rw, experts, shared)
+    want = reference_moe(x, ids, rw, experts, shared)
+    np.testing.assert_allclose(np.array(got), want, atol=2e-5 * np.abs(want).max(), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels against the twin
+# ---------------------------------------------------------------------------------------------
 
 
 def check(run, x, ids, rw, experts, shared, rtol=2e-5):
-    got = moe.moe_decode_kernels(x, ids, rw, experts, shared, run=run)
-    want = moe.moe_decode_ops(x, ids, rw, experts, shared)
+    got = moe.moe_experts_kernels(x, ids, rw, experts, shared, run=run)
+    want = moe.moe_experts_ops(x, ids, rw, experts, shared)
     assert got.dtype == want.dtype == x.dtype and got.shape == want.shape
     tol = rtol * float(mx.abs(want.astype(mx.float32)).max())
     cases.assert_close(got, want, atol=tol, rtol=rtol)
     return got, want
 
 
-SMALL = dict(E=16, D=576, F=192, FS=128, K=4)  # D: one full and one partial 512-input step
-
-
-@pytest.mark.parametrize("run", cases.RUNNERS)
-@pytest.mark.parametrize("T", range(1, moe.MAX_TOKENS + 1))
+@cases.kernel_runners
+@pytest.mark.parametrize("T", [1, 3, moe.MAX_TOKENS])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_matches_twin(run, fmt, T):
     E, D, F, FS, K = SMALL.values()
@@ -181,28 +212,40 @@ def test_matches_twin(run, fmt, T):
     check(run, x, ids, rw, experts, shared)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
+@pytest.mark.parametrize("T", [2, 4, 5, 6, 7])
+def test_every_token_count(run, T):
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(20 + T)
+    experts = random_experts(rng, FORMATS["affine4"], E, D, F)
+    shared = random_experts(rng, FORMATS["affine4"], None, D, FS)
+    x = cases.normal(rng, (T, D))
+    ids, rw = routing(rng, T, K, E)
+    check(run, x, ids, rw, experts, shared)
+
+
+@cases.kernel_runners
 def test_mixed_formats_and_int32_ids(run):
     # mlx-lm's mixed recipes give down_proj more bits; the shared expert may differ again.
     E, D, F, FS, K = SMALL.values()
     rng = np.random.default_rng(11)
-    gate_up = random_experts(rng, FORMATS["mxfp4"], E, D, F)
-    down = random_experts(rng, ("affine", 8, 32), E, D, F).down
+    gate_up = random_experts(rng, FORMATS["affine3"], E, D, F)
+    down = random_experts(rng, ("affine", 6, 32), E, D, F).down
     experts = ExpertWeights(gate_up.gate, gate_up.up, down)
-    s = random_experts(rng, FORMATS["mxfp8"], None, D, FS)
-    shared = ExpertWeights(s.gate, s.up, random_experts(rng, ("affine", 4, 32), None, D, FS).down)
+    s = random_experts(rng, FORMATS["nvfp4"], None, D, FS)
+    shared = ExpertWeights(s.gate, s.up, random_experts(rng, ("affine", 5, 32), None, D, FS).down)
     x = cases.normal(rng, (3, D))
     ids, rw = routing(rng, 3, K, E)
     check(run, x, ids.astype(mx.int32), rw, experts, shared)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 def test_affine_group_sizes_32_and_128(run):
     E, D, F, FS, K = 16, 640, 256, 128, 4  # group 128 needs 128 | D and 128 | F
     rng = np.random.default_rng(19)
-    gate_up = random_experts(rng, ("affine", 8, 128), E, D, F)
+    gate_up = random_experts(rng, ("affine", 2, 128), E, D, F)
     experts = ExpertWeights(gate_up.gate, gate_up.up,
-                            random_experts(rng, ("affine", 4, 128), E, D, F).down)
+                            random_experts(rng, ("affine", 3, 128), E, D, F).down)
     s = random_experts(rng, ("affine", 4, 32), None, D, FS)
     shared = ExpertWeights(s.gate, s.up, random_experts(rng, ("affine", 8, 32), None, D, FS).down)
     x = cases.normal(rng, (1, D))
@@ -210,7 +253,7 @@ def test_affine_group_sizes_32_and_128(run):
     check(run, x, ids, rw, experts, shared)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 def test_bfloat16_without_shared_expert(run):
     E, D, F, _, K = SMALL.values()
     rng = np.random.default_rng(12)
@@ -223,18 +266,18 @@ def test_bfloat16_without_shared_expert(run):
     x = cases.normal(rng, (2, D), mx.bfloat16)
     ids, rw = routing(rng, 2, K, E)
     rw = rw.astype(mx.bfloat16)
-    got = moe.moe_decode_kernels(x, ids, rw, experts, None, run=run)
+    got = moe.moe_experts_kernels(x, ids, rw, experts, None, run=run)
     assert got.dtype == mx.bfloat16
     # The kernel accumulates and keeps h in fp32, rounding only its output to bf16; the twin in
     # bf16 rounds gate, up, h and every expert's output (measured 20x further off), so the
     # reference is the twin in fp32 on the same bf16 values.
     f32 = mx.float32
-    want = moe.moe_decode_ops(x.astype(f32), ids, rw.astype(f32), cast(experts, f32), None)
+    want = moe.moe_experts_ops(x.astype(f32), ids, rw.astype(f32), cast(experts, f32), None)
     tol = 2.0**-8 * float(mx.abs(want).max())
     cases.assert_close(got, want, atol=tol)
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 def test_out_of_range_ids_read_nothing(run):
     # Not part of the contract (the twin's gather would fail), but memory-safe: such a slot
     # contributes nothing, as if its weight were zero.
@@ -246,112 +289,29 @@ def test_out_of_range_ids_read_nothing(run):
     ids, rw = routing(rng, 2, K, E, zeros=False)
     bad = np.array(ids)
     bad[1, 2] = E + 3
-    got = moe.moe_decode_kernels(x, mx.array(bad), rw, experts, shared, run=run)
+    got = moe.moe_experts_kernels(x, mx.array(bad), rw, experts, shared, run=run)
     bad[1, 2] = 0
     w = np.array(rw)
     w[1, 2] = 0
-    want = moe.moe_decode_ops(x, mx.array(bad), mx.array(w), experts, shared)
+    want = moe.moe_experts_ops(x, mx.array(bad), mx.array(w), experts, shared)
     cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
 
 
-def test_unsupported_calls_take_the_twin():
+def test_which_calls_the_kernels_cover():
+    """The support rule itself (no kernel runs): formats, token counts, dtypes."""
     rng = np.random.default_rng(14)
     E, D, F, FS, K = SMALL.values()
-    experts = random_experts(rng, ("affine", 3, 64), E, D, F)
     x = cases.normal(rng, (2, D))
     ids, rw = routing(rng, 2, K, E)
-    assert not moe.moe_decode_supported(x, ids, rw, experts)
+    for fmt in FORMATS.values():
+        assert moe.moe_kernels_supported(x, ids, rw, random_experts(rng, fmt, E, D, F)), fmt
+    dense_experts = random_experts(rng, None, E, D, F)
+    assert not moe.moe_kernels_supported(x, ids, rw, dense_experts)
     ok = random_experts(rng, FORMATS["mxfp8"], E, D, F)
-    assert moe.moe_decode_supported(x, ids, rw, ok)
-    assert not moe.moe_decode_supported(cases.normal(rng, (9, D)), ids, rw, ok)
+    assert not moe.moe_kernels_supported(cases.normal(rng, (9, D)), ids, rw, ok)
+    assert not moe.moe_kernels_supported(x, ids, rw.astype(mx.float16), ok)
     with pytest.raises(ValueError, match="no Metal MoE kernel"):
-        moe.moe_decode_kernels(x, ids, rw, experts, run=harness.run)
-    got = moe.moe_decode(x, ids, rw, experts)
-    cases.assert_close(got, moe.moe_decode_ops(x, ids, rw, experts), atol=0)
-
-
-@only_harness
-def test_public_op_dispatches_like_the_msa_ops(monkeypatch):
-    # Metal "available", with the harness standing in for it: supported calls launch the two
-    # kernels, others and use_metal=False take the twin.
-    launched = cases.metal_is_the_harness(monkeypatch, moe, moe)
-    E, D, F, FS, K = SMALL.values()
-    rng = np.random.default_rng(18)
-    experts = random_experts(rng, FORMATS["mxfp8"], E, D, F)
-    shared = random_experts(rng, FORMATS["mxfp8"], None, D, FS)
-    x = cases.normal(rng, (2, D))
-    ids, rw = routing(rng, 2, K, E)
-    got = moe.moe_decode(x, ids, rw, experts, shared)
-    assert launched == ["moe_decode_gate_up", "moe_decode_down"]
-    want = moe.moe_decode_ops(x, ids, rw, experts, shared)
-    cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
-    moe.moe_decode(x, ids, rw, experts, shared, use_metal=False)
-    moe.moe_decode(cases.normal(rng, (9, D)), mx.concatenate([ids] * 5)[:9],
-                   mx.concatenate([rw] * 5)[:9], experts, shared)
-    assert len(launched) == 2
-
-
-# ---------------------------------------------------------------------------------------------
-# The runtime's MoE layer
-# ---------------------------------------------------------------------------------------------
-
-
-def quantized_moe(fmt, seed=0):
-    import mlx.nn as nn
-
-    from m3mlx.config import ModelArgs
-    from m3mlx.model import MoE
-
-    E, D, F, FS, K = SMALL.values()
-    mx.random.seed(seed)
-    layer = MoE(ModelArgs(hidden_size=D, intermediate_size=F, shared_intermediate_size=FS,
-                          num_local_experts=E, num_experts_per_tok=K, num_hidden_layers=4))
-    layer.gate.weight = layer.gate.weight * 8  # decisive routing
-    layer.e_score_correction_bias = mx.random.normal((E,)) * 0.1
-    mode, bits, gs = fmt
-    nn.quantize(layer, gs, bits, mode=mode, class_predicate=lambda p, m: p != "gate")
-    return layer
-
-
-@pytest.mark.parametrize("T", [1, 3])
-def test_twin_is_the_runtime_moe(T):
-    # Off Metal the layer runs its own gather_qmm code; the twin must be that computation.
-    layer = quantized_moe(FORMATS["affine4"])
-    x = cases.normal(np.random.default_rng(T), (T, SMALL["D"]))
-    scores = mx.sigmoid(layer.gate(x))
-    ids = mx.argpartition(-(scores + layer.e_score_correction_bias), kth=3, axis=-1)[:, :4]
-    w = mx.take_along_axis(scores, ids, axis=-1)
-    w = w / (w.sum(-1, keepdims=True) + 1e-20) * 2.0
-    want = moe.moe_decode_ops(x, ids, w, ExpertWeights.of(layer.switch_mlp),
-                              ExpertWeights.of(layer.shared_experts))
-    np.testing.assert_array_equal(np.array(layer(x)), np.array(want))
-
-
-@only_harness
-@pytest.mark.parametrize("T", [1, 5])
-def test_runtime_moe_takes_the_kernel_on_metal(monkeypatch, T):
-    # m3mlx.model.MoE as it runs on a Mac: Metal available, the kernels run (here under the
-    # harness) for up to 8 tokens, the gather_qmm path otherwise.
-    import m3mlx.model
-
-    layer = quantized_moe(FORMATS["mxfp8"], seed=T)
-    x = cases.normal(np.random.default_rng(T), (1, T, SMALL["D"]))
-    want = layer(x)
-    calls = []
-
-    def kernels(x, ids, rw, experts, shared, *, alpha, limit, use_metal):
-        calls.append(x.shape[0])
-        return moe.moe_decode_kernels(x, ids, rw, experts, shared, alpha, limit,
-                                      run=harness.run)
-
-    monkeypatch.setattr(m3mlx.model, "use_metal", lambda: True)
-    monkeypatch.setattr(m3mlx.model, "moe_decode", kernels)
-    got = layer(x)
-    assert calls == [T]
-    assert got.shape == want.shape
-    cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
-    layer(cases.normal(np.random.default_rng(0), (1, moe.MAX_TOKENS + 1, SMALL["D"])))
-    assert calls == [T]  # 9 tokens: the gather_qmm path
+        moe.moe_experts_kernels(x, ids, rw, dense_experts, run=harness.run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +343,7 @@ def to_mx(q: QuantizedWeight, wrap=mx.array, experts=None) -> QuantizedWeight:
     return replace(q, weight=wrap(pick(q.weight)), scales=wrap(pick(q.scales)))
 
 
-@pytest.mark.parametrize("run", cases.RUNNERS)
+@cases.kernel_runners
 def test_real_geometry(run):
     E, D, F, K, T = 128, 6144, 3072, 4, 1
     rng = np.random.default_rng(15)
@@ -399,68 +359,16 @@ def test_real_geometry(run):
     ids = mx.array([[127, 0, 77, 31]], mx.uint32)  # both ends of the expert buffers
     rw = mx.array([[0.9, 0.0, 0.6, 0.5]], mx.float32)  # expert 0 weighs nothing
     # Under the harness the weights stay numpy views, which it streams to the kernel in place.
-    wrap = harness.View if run is harness.run else mx.array
-    got = moe.moe_decode_kernels(x, ids, rw, ExpertWeights(*(to_mx(q, wrap) for q in routed)),
-                                 ExpertWeights(*(to_mx(q, wrap) for q in shared)), run=run)
+    wrap = mx.array if run is kernel.metal_run else harness.View
+    got = moe.moe_experts_kernels(x, ids, rw, ExpertWeights(*(to_mx(q, wrap) for q in routed)),
+                                  ExpertWeights(*(to_mx(q, wrap) for q in shared)), run=run)
 
     # The twin on the experts the routing names (gather_qmm with the ids remapped).
     used = np.unique(np.array(ids))
     remapped = mx.array(np.searchsorted(used, np.array(ids)).astype(np.uint32))
-    want = moe.moe_decode_ops(x, remapped, rw,
-                              ExpertWeights(*(to_mx(q, experts=used) for q in routed)),
-                              ExpertWeights(*(to_mx(q) for q in shared)))
+    want = moe.moe_experts_ops(x, remapped, rw,
+                               ExpertWeights(*(to_mx(q, experts=used) for q in routed)),
+                               ExpertWeights(*(to_mx(q) for q in shared)))
     scale = float(mx.abs(want).max())
     assert scale > 10.0  # activations of a sensible size, the clamps in play
     cases.assert_close(got, want, atol=2e-5 * scale, rtol=2e-5)
-
-
-# ---------------------------------------------------------------------------------------------
-# The harness catches broken kernels
-# ---------------------------------------------------------------------------------------------
-
-
-def mutant(spec, old, new):
-    source = spec.source
-    assert source.count(old) == 1, f"mutation site {old!r} not found once"
-    return Spec(spec.name + "_mutant", spec.input_names, spec.output_names,
-                     source.replace(old, new), spec.header)
-
-
-def mutation_case():
-    E, D, F, FS, K = SMALL.values()
-    rng = np.random.default_rng(17)
-    experts = random_experts(rng, FORMATS["mxfp4"], E, D, F)
-    shared = random_experts(rng, FORMATS["mxfp4"], None, D, FS)
-    x = cases.normal(rng, (4, D))
-    ids, rw = routing(rng, 4, K, E, pool=5)
-    return x, ids, rw, experts, shared
-
-
-@only_harness
-def test_mutant_counting_a_repeated_expert_twice_is_caught():
-    # Phase 2 without the first-slot test: an expert named by several tokens is applied once
-    # per naming slot.
-    down = mutant(moe.DOWN, "if (!moe_first_slot(ids, j, E)) {", "if (int(ids[j]) >= E) {")
-    x, ids, rw, experts, shared = mutation_case()
-    assert len(np.unique(np.array(ids))) < ids.size  # the case repeats experts
-    check(harness.run, x, ids, rw, experts, shared)  # the real kernel passes
-
-    def run(spec, launch):
-        return harness.run(down if spec is moe.DOWN else spec, launch)
-
-    with pytest.raises(AssertionError, match="Not equal to tolerance"):
-        check(run, x, ids, rw, experts, shared)
-
-
-@only_harness
-def test_mutant_reading_past_the_shared_rows_is_caught():
-    # Phase 1 without the row bound: the shared expert (FS = 128 < F = 192 rows) reads rows
-    # past the end of its tensors.
-    gate_up = mutant(moe.GATE_UP, "row >= (is_shared ? FS : F)", "row >= F")
-    x, ids, rw, experts, shared = mutation_case()
-
-    def run(spec, launch):
-        return harness.run(gate_up if spec is moe.GATE_UP else spec, launch)
-
-    with pytest.raises(harness.HarnessError, match="AddressSanitizer: heap-buffer-overflow"):
-        moe.moe_decode_kernels(x, ids, rw, experts, shared, run=run)

@@ -1,4 +1,16 @@
-"""Inputs for the kernel tests: random tensors, selections with every edge, comparisons."""
+"""What the kernel tests share: the paths they run on, random inputs with every edge, checks.
+
+A kernel test runs each case on every runner this machine has, and names the path in its id:
+
+- `harness`: the Metal kernel's exact source on the Metal-on-CPU harness (Linux, g++), threads
+  in order;
+- `harness-shuffled`: the same, each threadgroup's threads resumed in a seeded random order
+  between synchronisation points, so that an order-dependent race shows up;
+- `metal`: the kernel on a real Mac's GPU (wherever MLX has Metal).
+
+The MLX-ops twin is the reference in every case. Tests of the twin alone, or of the dispatch,
+say so in their names and docstrings.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +23,55 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from m3mlx.metal_kernels import msa_kernels
+from m3mlx.metal_kernels import dispatch, kernel, moe, msa_kernels
 
-from . import harness
+from . import harness, strict
 
-# The harness needs Linux and a C++17 compiler; on a Mac the kernels run on Metal itself.
-# M3MLX_MSL_REQUIRED=1 (set by CI) turns a missing compiler into a failure instead of a skip.
+# The harness needs Linux and g++; the strict compile check needs clang. On a Mac the kernels
+# run on Metal itself. M3MLX_MSL_REQUIRED=1 (set by CI) turns a missing compiler into a failure
+# instead of a skip.
+REQUIRED = os.environ.get("M3MLX_MSL_REQUIRED") == "1"
 ON_LINUX = sys.platform.startswith("linux")
-HARNESS = ON_LINUX and (shutil.which(harness.COMPILER) is not None
-                        or os.environ.get("M3MLX_MSL_REQUIRED") == "1")
+HARNESS = ON_LINUX and (shutil.which(harness.COMPILER) is not None or REQUIRED)
+STRICT = strict.available() or REQUIRED
 harness_only = pytest.mark.skipif(
-    not HARNESS, reason=f"the kernel harness needs Linux and {harness.COMPILER}")
+    not HARNESS, reason=f"the Metal-on-CPU kernel harness needs Linux and {harness.COMPILER}")
+strict_only = pytest.mark.skipif(
+    not STRICT, reason=f"the strict compile check needs {strict.COMPILER} (Debian: apt-get "
+                       "install clang); set M3MLX_MSL_REQUIRED=1 to make this a failure")
+
+
+def _harness_runner(order: str):
+    def run(spec, launch):
+        return harness.run_with_stats(spec, launch, order)[0]
+
+    return run
+
+
 RUNNERS = []
 if HARNESS:
-    RUNNERS.append(pytest.param(harness.run, id="harness"))
+    RUNNERS.append(pytest.param(_harness_runner("in-order"), id="harness"))
+    RUNNERS.append(pytest.param(_harness_runner("shuffled"), id="harness-shuffled"))
 if mx.metal.is_available():
-    RUNNERS.append(pytest.param(msa_kernels.metal_run, id="metal"))
+    RUNNERS.append(pytest.param(kernel.metal_run, id="metal"))
+kernel_runners = pytest.mark.parametrize("run", RUNNERS)
 
 
-@dataclass
+@pytest.fixture(scope="session")
+def prebuilt():
+    """The harness executables of `shapes.runtime_launches()`, compiled in parallel up front
+    (a kernel test module names this fixture; it is quick once they are cached)."""
+    if HARNESS:
+        from . import shapes
+
+        harness.prebuild(shapes.runtime_launches())
+needs_runner = pytest.mark.skipif(not RUNNERS, reason="no kernel runner here: neither the "
+                                  "harness (Linux, g++) nor Metal")
+
+
+@dataclass(frozen=True)
 class Spec:
-    """A kernel spec written in a test (the harness reads these fields)."""
+    """A kernel spec written in a test (the harness and `kernel.build` read these fields)."""
 
     name: str
     input_names: tuple
@@ -42,18 +82,18 @@ class Spec:
     atomic_outputs: bool = False
 
 
-def metal_is_the_harness(monkeypatch, dispatch, kernels) -> list:
-    """Pretend Metal is available to the public ops in module `dispatch` (its `_use_metal`),
-    with every launch through `kernels.metal_run` going to the harness; the launched kernels'
-    names, in order."""
+def metal_is_the_harness(monkeypatch, order="in-order") -> list:
+    """Every public op behaves as on a Mac (Metal 'available' to `dispatch`) with each kernel
+    launch going to the harness; returns the launched kernels' names, in order."""
     launched = []
 
     def run(spec, launch):
         launched.append(spec.name)
-        return harness.run(spec, launch)
+        return harness.run_with_stats(spec, launch, order)[0]
 
-    monkeypatch.setattr(dispatch, "_use_metal", lambda requested: requested is not False)
-    monkeypatch.setattr(kernels, "metal_run", run)
+    monkeypatch.setattr(dispatch, "use_metal", lambda requested=None: requested is not False)
+    for module in (msa_kernels, moe):
+        monkeypatch.setattr(module, "metal_run", run)
     return launched
 
 

@@ -1,24 +1,24 @@
 """Run an `mx.fast.metal_kernel` body on the CPU: the Metal-on-CPU kernel harness.
 
 `run(spec, launch)` takes the same kernel description and launch that the runtime hands to
-`mx.fast.metal_kernel` (see `m3mlx.metal_kernels.msa_kernels.KernelSpec` / `Launch`) and:
+`mx.fast.metal_kernel` (`m3mlx.metal_kernels.kernel.KernelSpec` / `Launch`) and:
 
-1. writes the kernel source exactly as MLX does (`write_signature` in MLX's
-   `backend/common/metal_kernel.cpp`): header, `template <...>`, the generated signature with
-   `[[buffer(i)]]` inputs (scalars by reference, arrays under 8 elements in `constant`),
-   `*_shape` / `*_strides` / `*_ndim` only when the body names them, outputs, the attributes
-   the body names, the body, and the explicit template instantiation, under MLX's kernel name;
+1. writes the kernel source exactly as MLX generates it (`source.py`);
 2. rewrites `threadgroup` declarations into per-threadgroup shared allocations and appends a
    `main` that reads buffers, dispatches the grid like MLX (`dispatchThreads` with
    `min(threadgroup, grid)`) and writes the outputs;
 3. compiles that with g++ against `metal_compat.h` (which stands in for MLX's Metal prelude)
    with AddressSanitizer and UBSan's integer checks, caches the executable by source hash
-   (`$M3MLX_MSL_CACHE`, default a per-user temp dir; the generated `.cpp` stays beside it),
-   runs it with the inputs streamed to its stdin (see `write_inputs` for the format), and
-   returns the outputs as MLX arrays.
+   (`$M3MLX_MSL_CACHE`, default a per-user temp dir; the generated `.cpp` stays beside it), runs
+   it with the inputs streamed to its stdin (see `write_inputs` for the format), and returns the
+   outputs as MLX arrays.
 
-A kernel error (out-of-bounds access, barrier divergence, deadlock, ...) raises HarnessError,
-and so does C++ that Metal does not have (`double`, `std::`, `static`, ...).
+Threads of a threadgroup run as fibers, in thread order or (`order="shuffled"`) in a seeded
+random order each time they resume between synchronisation points, so a result that depends on
+the order of threads between barriers shows up. A kernel error (out-of-bounds access, barrier
+divergence, deadlock, a simdgroup matrix that differs across lanes, ...) raises HarnessError,
+and so does C++ that Metal does not have (`double`, `std::`, `static`, ...). Whether Metal's
+compiler accepts the source is the strict compile check's job (`strict.py`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,18 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from .source import (TYPE_NAMES, HarnessError, check_metal_subset, launch_args, mlx_source,
+                     shape_infos, template_text, used_attributes)
+
+__all__ = ["HarnessError", "View", "run", "run_shuffled", "run_with_stats", "prepare",
+           "prebuild"]
 
 HERE = Path(__file__).resolve().parent
 COMPILER = os.environ.get("CXX", "g++")
@@ -50,14 +57,8 @@ RUN_ENV = {
     "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=86",
     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
 }
-MAX_CONSTANT_ARRAY_SIZE = 8  # MLX: inputs with fewer elements go to the constant space
+ORDERS = ("in-order", "shuffled")
 
-TYPE_NAMES = {
-    mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t",
-    mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t",
-    mx.int64: "int64_t", mx.uint8: "uint8_t", mx.uint16: "uint16_t",
-    mx.uint32: "uint32_t", mx.uint64: "uint64_t",
-}
 # numpy storage for each MLX dtype (bf16 travels as its raw 16 bits)
 NP_STORAGE = {
     mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.bool_: np.bool_,
@@ -65,34 +66,6 @@ NP_STORAGE = {
     mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32, mx.uint64: np.uint64,
 }
 FROM_NP = {np.dtype(v): k for k, v in NP_STORAGE.items() if k != mx.bfloat16}
-
-# MLX's attribute table, in MLX's order (backend/common/metal_kernel.cpp).
-ATTRIBUTES = [
-    ("dispatch_quadgroups_per_threadgroup", "uint"),
-    ("dispatch_simdgroups_per_threadgroup", "uint"),
-    ("dispatch_threads_per_threadgroup", "uint3"),
-    ("grid_origin", "uint3"),
-    ("grid_size", "uint3"),
-    ("quadgroup_index_in_threadgroup", "uint"),
-    ("quadgroups_per_threadgroup", "uint"),
-    ("simdgroup_index_in_threadgroup", "uint"),
-    ("simdgroups_per_threadgroup", "uint"),
-    ("thread_execution_width", "uint"),
-    ("thread_index_in_quadgroup", "uint"),
-    ("thread_index_in_simdgroup", "uint"),
-    ("thread_index_in_threadgroup", "uint"),
-    ("thread_position_in_grid", "uint3"),
-    ("thread_position_in_threadgroup", "uint3"),
-    ("threadgroup_position_in_grid", "uint3"),
-    ("threadgroups_per_grid", "uint3"),
-    ("threads_per_grid", "uint3"),
-    ("threads_per_simdgroup", "uint"),
-    ("threads_per_threadgroup", "uint3"),
-]
-
-
-class HarnessError(RuntimeError):
-    """The kernel failed under the harness: a sanitizer report, divergence or deadlock."""
 
 
 @dataclass
@@ -140,107 +113,14 @@ class _Input:
     def size(self):
         return int(np.prod(self.shape)) if self.shape else 1
 
-    @property
-    def suffix(self):
-        if self.ndim == 0:
-            return "s"
-        return "c" if self.size < MAX_CONSTANT_ARRAY_SIZE else ""
 
+@dataclass
+class Stats:
+    """What the emulated run observed, the most over its threadgroups: threadgroup memory
+    allocated, and threadgroup barriers passed."""
 
-# ---------------------------------------------------------------------------------------------
-# The source MLX generates
-# ---------------------------------------------------------------------------------------------
-
-
-def template_text(template) -> str:
-    """MLX's write_template: `<a, b, c>`; bools print as 1/0, dtypes as Metal type names."""
-    parts = []
-    for _, value in template:
-        if isinstance(value, bool):
-            parts.append("1" if value else "0")
-        elif isinstance(value, int):
-            parts.append(str(value))
-        else:
-            parts.append(TYPE_NAMES[value])
-    return "<" + ", ".join(parts) + ">"
-
-
-def _template_params(template) -> str:
-    def kind(value):
-        if isinstance(value, bool):
-            return "bool"
-        return "int" if isinstance(value, int) else "typename"
-
-    return "template <" + ", ".join(f"{kind(v)} {n}" for n, v in template) + ">\n"
-
-
-def kernel_name(spec, inputs: list[_Input], output_dtypes, template) -> str:
-    name = "custom_kernel_" + spec.name
-    if template:
-        name += "_" + re.sub(r"<|>|(, )", "_", template_text(template))[:-1]
-    for x in inputs:
-        name += "_" + TYPE_NAMES[x.dtype] + x.suffix
-    for dtype in output_dtypes:
-        name += "_" + TYPE_NAMES[dtype]
-    return name
-
-
-def shape_infos(spec):
-    src = spec.source
-    return [
-        (f"{n}_shape" in src, f"{n}_strides" in src, f"{n}_ndim" in src) for n in spec.input_names
-    ]
-
-
-def used_attributes(spec):
-    return [(a, t) for a, t in ATTRIBUTES if a in spec.source]
-
-
-def mlx_source(spec, inputs: list[_Input], output_dtypes, template) -> tuple[str, str]:
-    """(kernel name, source) exactly as MLX's metal_kernel generates them."""
-    name = kernel_name(spec, inputs, output_dtypes, template)
-    attributes = [f"  {t} {a} [[{a}]]" for a, t in used_attributes(spec)]
-    out = [spec.header]
-    if template:
-        out.append(_template_params(template))
-    out.append(f"[[kernel]] void {name}(\n")
-    index = 0
-    for x, (has_shape, has_strides, has_ndim) in zip(inputs, shape_infos(spec)):
-        location = "constant" if x.size < MAX_CONSTANT_ARRAY_SIZE else "device"
-        ref = "&" if x.ndim == 0 else "*"
-        out.append(f"  const {location} {TYPE_NAMES[x.dtype]}{ref} {x.name} [[buffer({index})]],\n")
-        index += 1
-        if x.ndim > 0:
-            if has_shape:
-                out.append(f"  const constant int* {x.name}_shape [[buffer({index})]],\n")
-                index += 1
-            if has_strides:
-                out.append(f"  const constant int64_t* {x.name}_strides [[buffer({index})]],\n")
-                index += 1
-            if has_ndim:
-                out.append(f"  const constant int& {x.name}_ndim [[buffer({index})]],\n")
-                index += 1
-    for oname, dtype in zip(spec.output_names, output_dtypes):
-        type_string = TYPE_NAMES[dtype]
-        if spec.atomic_outputs:
-            type_string = f"atomic<{type_string}>"
-        out.append(f"  device {type_string}* {oname} [[buffer({index})]]")
-        # MLX's own condition, index counting the shape/stride buffers too.
-        if index < len(inputs) + len(spec.output_names) - 1 or attributes:
-            out.append(",\n")
-        else:
-            out.append(") {\n")
-        index += 1
-    for i, attr in enumerate(attributes):
-        out.append(attr + (",\n" if i < len(attributes) - 1 else ") {\n"))
-    out.append(spec.source)
-    out.append("\n}\n")
-    if template:
-        inst = name + template_text(template)
-        out.append(
-            f'\ntemplate [[host_name("{name}")]] [[kernel]] decltype({inst}) {inst};\n'
-        )
-    return name, "".join(out)
+    threadgroup_bytes: int
+    barriers: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,21 +146,8 @@ def rewrite_threadgroup_decls(source: str) -> str:
     return _TG_DECL.sub(repl, source)
 
 
-# C++ that the harness would compile but Metal rejects (a short list, not a Metal compiler).
-_NOT_METAL = re.compile(r"\b(double|std::|printf|malloc|free|new|delete|static|goto|throw|try|"
-                        r"thread_local|long double)\b")
-
-
-def check_metal_subset(spec):
-    """Refuse bodies that use C++ Metal does not have, so they cannot pass here only."""
-    for part in (spec.header, spec.source):
-        code = re.sub(r"//[^\n]*|/\*.*?\*/", "", part, flags=re.DOTALL)
-        found = _NOT_METAL.search(code)
-        if found:
-            raise HarnessError(f"{spec.name}: {found.group(0)!r} is not available in Metal")
-
-
-def harness_program(spec, name, source, inputs: list[_Input], output_dtypes, template) -> str:
+def harness_program(spec, name, source, args, output_dtypes, template) -> str:
+    """args: (dtype, ndim, size) per input."""
     lines = ['#include "metal_compat.h"', rewrite_threadgroup_decls(source),
              '#include "harness_io.h"', "",
              "int main(int argc, char** argv) {",
@@ -288,28 +155,29 @@ def harness_program(spec, name, source, inputs: list[_Input], output_dtypes, tem
              "  msl::Reader in(argv[1]);",
              "  uint3 grid = in.dims();",
              "  uint3 threadgroup_size = in.dims();"]
-    args = []
-    for i, (x, (has_shape, has_strides, has_ndim)) in enumerate(zip(inputs, shape_infos(spec))):
-        lines.append(f"  auto in{i} = in.input<{TYPE_NAMES[x.dtype]}>();")
-        args.append(f"*in{i}.data" if x.ndim == 0 else f"in{i}.data")
-        if x.ndim > 0:
-            args += [f"in{i}.shape"] * has_shape + [f"in{i}.strides"] * has_strides
-            args += [f"in{i}.ndim"] * has_ndim
+    call = []
+    for i, ((dtype, ndim, _), (has_shape, has_strides, has_ndim)) in enumerate(
+            zip(args, shape_infos(spec))):
+        lines.append(f"  auto in{i} = in.input<{TYPE_NAMES[dtype]}>();")
+        call.append(f"*in{i}.data" if ndim == 0 else f"in{i}.data")
+        if ndim > 0:
+            call += [f"in{i}.shape"] * has_shape + [f"in{i}.strides"] * has_strides
+            call += [f"in{i}.ndim"] * has_ndim
     for i, dtype in enumerate(output_dtypes):
         if spec.atomic_outputs:
             raise NotImplementedError("the harness does not emulate atomic outputs")
         lines.append(f"  auto out{i} = in.output<{TYPE_NAMES[dtype]}>();")
-        args.append(f"out{i}.data")
-    args += [f"id.{a}" for a, _ in used_attributes(spec)]
+        call.append(f"out{i}.data")
+    call += [f"id.{a}" for a, _ in used_attributes(spec)]
     callee = name + (template_text(template) if template else "")
     lines += [
         "  msl::dispatch(grid, threadgroup_size, [&](const msl::ThreadIds& id) {",
-        f"    {callee}({', '.join(args)});",
+        f"    {callee}({', '.join(call)});",
         "  });",
         "  msl::Writer w(argv[2]);",
     ]
     lines += [f"  w.put(out{i});" for i in range(len(output_dtypes))]
-    lines += ["  return 0;", "}", ""]
+    lines += ["  msl::report_stats();", "  return 0;", "}", ""]
     return "\n".join(lines)
 
 
@@ -321,29 +189,35 @@ def cache_dir() -> Path:
     return path
 
 
-def build(program: str) -> Path:
-    """Compile (or reuse) the executable for this exact program text."""
-    if shutil.which(COMPILER) is None:
-        raise HarnessError(f"the kernel harness needs a C++17 compiler; {COMPILER!r} not found")
+def compile_cached(program: str, compiler: str, flags: list, headers: list, suffix: str,
+                   what: str) -> Path:
+    """Compile `program` (or reuse the result for this exact text, flags and headers)."""
+    if shutil.which(compiler) is None:
+        raise HarnessError(f"{what} needs {compiler!r}, which is not installed")
     key = hashlib.sha256()
-    for part in (program, " ".join(FLAGS), (HERE / "metal_compat.h").read_text(),
-                 (HERE / "harness_io.h").read_text()):
+    for part in (program, compiler, " ".join(flags), *((HERE / h).read_text() for h in headers)):
         key.update(part.encode())
-    exe = cache_dir() / f"k{key.hexdigest()[:24]}"
-    if exe.exists():
-        return exe
-    # The source stays next to the executable, so sanitizer reports point at a readable file.
-    src = exe.with_suffix(".cpp")
+    out = cache_dir() / f"k{key.hexdigest()[:24]}{suffix}"
+    if out.exists():
+        return out
+    # The source stays next to the result, so compiler and sanitizer reports point at it.
+    src = out.with_name(out.name.split(".")[0] + ".cpp")
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         (Path(tmp) / "k.cpp").write_text(program)
         os.replace(Path(tmp) / "k.cpp", src)
-        out = Path(tmp) / "kernel"
-        proc = subprocess.run([COMPILER, *FLAGS, f"-I{HERE}", str(src), "-o", str(out)],
+        result = Path(tmp) / "out"
+        proc = subprocess.run([compiler, *flags, f"-I{HERE}", str(src), "-o", str(result)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise HarnessError(f"compiling {src} failed:\n{proc.stderr[-6000:]}")
-        os.replace(out, exe)
-    return exe
+            raise HarnessError(f"{what}: compiling {src} failed:\n{proc.stderr[-6000:]}")
+        os.replace(result, out)
+    return out
+
+
+def build(program: str) -> Path:
+    """The harness executable for this exact program text."""
+    return compile_cached(program, COMPILER, FLAGS, ["metal_compat.h", "harness_io.h"], "",
+                          "the kernel harness")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +288,7 @@ def _decode(raw: bytes, launch) -> list[mx.array]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 # ---------------------------------------------------------------------------------------------
 
 
@@ -427,24 +301,50 @@ def prepare(spec, launch):
     check_metal_subset(spec)
     inputs = [_to_input(n, v, spec.ensure_row_contiguous)
               for n, v in zip(spec.input_names, launch.inputs)]
-    template = list(launch.template or [])
-    name, source = mlx_source(spec, inputs, launch.output_dtypes, template)
-    program = harness_program(spec, name, source, inputs, launch.output_dtypes, template)
+    name, program = harness_source(spec, [(x.dtype, x.ndim, x.size) for x in inputs], launch)
     return build(program), inputs, name
 
 
-def run(spec, launch, timeout=600) -> list[mx.array]:
-    """Run one launch of `spec` on the emulated grid; the outputs as MLX arrays.
+def harness_source(spec, args, launch) -> tuple[str, str]:
+    """(kernel name, harness program) for a launch whose inputs are `args`."""
+    template = list(launch.template or [])
+    name, source = mlx_source(spec, args, launch.output_dtypes, template)
+    return name, harness_program(spec, name, source, args, launch.output_dtypes, template)
 
-    The inputs stream to the executable through a pipe straight from the arrays' own memory
-    (MLX arrays, and numpy arrays in `View`s, are read in place), so gigabyte-sized inputs
-    cost no copies on the way."""
+
+def prebuild(pairs, workers=None) -> None:
+    """Compile the executables of these (spec, launch) pairs, one per CPU at a time, so that the
+    tests that run them find them built: compiling dominates a first run. Nothing is evaluated;
+    a pair that does not compile is left for its test to report."""
+    def one(pair):
+        spec, launch = pair
+        with contextlib.suppress(HarnessError):
+            build(harness_source(spec, launch_args(launch), launch)[1])
+
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        list(pool.map(one, pairs))
+
+
+_STATS = re.compile(r"^msl-stats: threadgroup_bytes=(\d+) barriers=(\d+)$", re.MULTILINE)
+
+
+def run_with_stats(spec, launch, order="in-order", seed=0, timeout=600):
+    """Run one launch of `spec` on the emulated grid: (outputs as MLX arrays, Stats).
+
+    order: "in-order" resumes a threadgroup's waiting threads by thread index, "shuffled" in a
+    random order drawn from `seed` (and the threadgroup's position) every time. The inputs
+    stream to the executable through a pipe straight from the arrays' own memory (MLX arrays,
+    and numpy arrays in `View`s, are read in place), so gigabyte-sized inputs cost no copies."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
     exe, inputs, name = prepare(spec, launch)
+    env = {**os.environ, **RUN_ENV,
+           "MSL_SCHEDULE": "in-order" if order == "in-order" else f"shuffle:{seed}"}
     with tempfile.TemporaryDirectory() as tmp:
         dst, log = Path(tmp) / "out.bin", Path(tmp) / "stderr.txt"
         with open(log, "wb") as err:
             proc = subprocess.Popen([str(exe), "/dev/stdin", str(dst)], stdin=subprocess.PIPE,
-                                    stderr=err, env={**os.environ, **RUN_ENV})
+                                    stderr=err, env=env)
             try:
                 # A broken pipe: the kernel died early, and its report is in the log.
                 with contextlib.suppress(BrokenPipeError):
@@ -456,8 +356,21 @@ def run(spec, launch, timeout=600) -> list[mx.array]:
                 proc.kill()
                 proc.wait()
                 raise
+        report = log.read_text(errors="replace")
         if code != 0:
-            report = log.read_text(errors="replace")
             raise HarnessError(
-                f"{name} failed under the harness (exit {code}):\n{report[-8000:]}")
-        return _decode(dst.read_bytes(), launch)
+                f"{name} failed under the harness ({order}, exit {code}):\n{report[-8000:]}")
+        stats = _STATS.search(report)
+        if not stats:
+            raise HarnessError(f"{name}: the harness wrote no statistics:\n{report[-2000:]}")
+        return _decode(dst.read_bytes(), launch), Stats(int(stats[1]), int(stats[2]))
+
+
+def run(spec, launch, timeout=600) -> list[mx.array]:
+    """Run one launch, threads in order; the outputs as MLX arrays."""
+    return run_with_stats(spec, launch, "in-order", timeout=timeout)[0]
+
+
+def run_shuffled(spec, launch, seed=1, timeout=600) -> list[mx.array]:
+    """Run one launch with each threadgroup's threads resumed in a shuffled order."""
+    return run_with_stats(spec, launch, "shuffled", seed, timeout)[0]

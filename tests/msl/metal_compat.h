@@ -7,11 +7,18 @@
 // and a simdgroup operation only when every live lane of the 32-lane simdgroup waits on the same
 // operation. Anything else (a barrier some threads never reach, lanes waiting on different
 // operations, a shuffle from an exited lane, more than 32 KB of threadgroup memory) aborts the
-// run with a message, as it would be undefined behaviour on a GPU.
+// run with a message, as it would be undefined behaviour on a GPU. MSL_SCHEDULE=shuffle:SEED
+// resumes the waiting threads in a fresh random order each time (default: thread order), so
+// that a result depending on the order of threads between barriers shows up.
+//
+// simdgroup_matrix<T, 8, 8> is emulated with every lane holding the whole matrix; its
+// operations (simdgroup_load, _store, _multiply, _multiply_accumulate) are simdgroup
+// rendezvous that insist on uniform arguments and on identical copies in every lane, and no
+// element accessor exists, so which lane holds which element cannot be observed, as in Metal.
 //
 // What this proves: the kernel's logic, indexing and synchronisation, with AddressSanitizer
-// watching every buffer. What it does not prove: that Metal's compiler accepts the source, or
-// anything about speed.
+// watching every buffer. What it does not prove: that Metal's compiler accepts the source (the
+// strict compile check, metal_strict.h, covers that), or anything about speed.
 #pragma once
 
 #include <ucontext.h>
@@ -57,6 +64,7 @@ namespace msl {
 typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef unsigned char uchar;
+typedef unsigned long ulong;
 typedef _Float16 half;
 typedef half float16_t;
 
@@ -172,6 +180,8 @@ MSL_VEC_TYPES(ushort, ushort)
 MSL_VEC_TYPES(char, char)
 MSL_VEC_TYPES(uchar, uchar)
 MSL_VEC_TYPES(bool, bool)
+MSL_VEC_TYPES(long, long)
+MSL_VEC_TYPES(ulong, ulong)
 
 // ---------------------------------------------------------------------------------------------
 // Address spaces. `threadgroup` declarations are rewritten by the harness into shared,
@@ -183,12 +193,21 @@ MSL_VEC_TYPES(bool, bool)
 #define thread
 #define threadgroup
 #define METAL_FUNC inline
+// MLX's unroll pragma (kernels/utils.h, part of the prelude MLX prepends to custom kernels).
+#define MLX_MTL_PRAGMA_UNROLL _Pragma("clang loop unroll(full)")
 
 // ---------------------------------------------------------------------------------------------
 // The emulated threadgroup: fibers, barriers, simdgroup rendezvous
 // ---------------------------------------------------------------------------------------------
 
+namespace metal {
+template <typename T, int Cols, int Rows>
+class simdgroup_matrix;
+}  // namespace metal
+using metal::simdgroup_matrix;
+
 namespace msl {
+struct matrix_access;
 
 constexpr int kSimdWidth = 32;
 constexpr size_t kThreadgroupMemoryLimit = 32768;
@@ -274,6 +293,7 @@ struct Fiber {
   int op = 0;
   int arg = 0;
   int site = 0;  // which call in the source (threadgroup_barrier and simdgroup operations)
+  size_t matrix_ops = 0;  // simdgroup matrix operations this lane has done
   Combine combine = nullptr;
   alignas(16) unsigned char value[64];
   alignas(16) unsigned char result[64];
@@ -284,13 +304,30 @@ struct Slot {
   size_t bytes;
 };
 
+struct MatrixEntry {
+  int site;
+  size_t args, args_bytes, result;  // offsets into MatrixLog::bytes
+};
+
+struct MatrixLog {
+  std::vector<MatrixEntry> entries;
+  std::vector<unsigned char> bytes;  // the entries' arguments and results
+  size_t base = 0;  // operations done and checked by every lane before entries[0]
+};
+
 struct Group {
   std::vector<Fiber> fibers;
   Context scheduler;
   std::function<void(const ThreadIds&)> entry;
   std::vector<Slot> slots;  // threadgroup memory, indexed by declaration
   size_t slot_bytes = 0;
+  size_t max_slot_bytes = 0;  // over every threadgroup of the dispatch
+  size_t barriers = 0;  // threadgroup barriers released in this threadgroup
+  size_t max_barriers = 0;  // over every threadgroup
+  uint64_t shuffle_seed = 0;  // 0: threads resume in order
+  uint64_t rng = 0;
   Fiber* current = nullptr;
+  std::vector<MatrixLog> matrix_logs;  // per simdgroup
   void* scheduler_fake_stack = nullptr;
   const void* scheduler_stack_bottom = nullptr;
   size_t scheduler_stack_size = 0;
@@ -378,6 +415,9 @@ T* tg_alloc(int slot) {
 
 inline void free_threadgroup_memory() {
   Group& g = group();
+  g.max_slot_bytes = std::max(g.max_slot_bytes, g.slot_bytes);
+  g.max_barriers = std::max(g.max_barriers, g.barriers);
+  g.barriers = 0;
   for (Slot& s : g.slots) std::free(s.ptr);
   g.slots.clear();
   g.slot_bytes = 0;
@@ -395,6 +435,8 @@ inline int lanes_of(int simdgroup, int n_threads, Fiber** lanes) {
   }
   return waiting;
 }
+
+inline void settle_matrix_log(int simdgroup, int n_threads);
 
 // Release whatever can be released; false when nothing can (a deadlock or divergence).
 inline bool release_waiters(int n_threads) {
@@ -418,6 +460,7 @@ inline bool release_waiters(int n_threads) {
         fail("lanes of a simdgroup wait on different simdgroup operations (divergence)");
     }
     if (!complete) continue;
+    settle_matrix_log(s, n_threads);
     first->combine(lanes);
     for (Fiber* f : lanes)
       if (f) f->wait = Wait::ready;
@@ -439,19 +482,36 @@ inline bool release_waiters(int n_threads) {
   for (int t = 1; t < n_threads; ++t)
     if (g.fibers[t].site != g.fibers[0].site)
       fail("threads wait on different threadgroup_barrier calls (divergence)");
+  for (int s = 0; s < n_simd; ++s) settle_matrix_log(s, n_threads);
   for (int t = 0; t < n_threads; ++t) g.fibers[t].wait = Wait::ready;
+  g.barriers += 1;
   return true;
+}
+
+inline uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
 }
 
 inline void run_threadgroup(int n_threads) {
   Group& g = group();
+  std::vector<int> order(n_threads);
+  for (int t = 0; t < n_threads; ++t) order[t] = t;
   for (;;) {
     // Every ready thread runs until it exits or waits; then release what can be released.
-    for (int t = 0; t < n_threads; ++t)
+    if (g.shuffle_seed)
+      for (int i = n_threads - 1; i > 0; --i)
+        std::swap(order[i], order[splitmix64(g.rng) % static_cast<uint64_t>(i + 1)]);
+    for (int t : order)
       if (g.fibers[t].wait == Wait::ready) switch_to_fiber(g.fibers[t]);
     bool all_done = true;
     for (int t = 0; t < n_threads; ++t) all_done &= g.fibers[t].wait == Wait::done;
-    if (all_done) return;
+    if (all_done) {
+      for (int s = 0; s * kSimdWidth < n_threads; ++s) settle_matrix_log(s, n_threads);
+      return;
+    }
     if (!release_waiters(n_threads)) fail("deadlock: no thread can make progress");
   }
 }
@@ -460,8 +520,22 @@ inline unsigned ceil_div(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
 // MLX's dispatch: dispatchThreads(grid, min(threadgroup, grid)); edge threadgroups may be
 // partial (non-uniform threadgroups), and their threads_per_threadgroup is their actual size.
+inline void read_schedule() {
+  Group& g = group();
+  const char* mode = std::getenv("MSL_SCHEDULE");
+  if (!mode || !std::strcmp(mode, "in-order")) return;
+  if (std::strncmp(mode, "shuffle:", 8)) fail("MSL_SCHEDULE must be in-order or shuffle:SEED");
+  g.shuffle_seed = std::strtoull(mode + 8, nullptr, 10) * 2 + 1;  // never 0
+}
+
+inline void report_stats() {
+  std::fprintf(stderr, "msl-stats: threadgroup_bytes=%zu barriers=%zu\n", group().max_slot_bytes,
+               group().max_barriers);
+}
+
 inline void dispatch(uint3 grid, uint3 requested_tg, std::function<void(const ThreadIds&)> entry) {
   Group& g = group();
+  read_schedule();
   uint3 tg(std::min(requested_tg.x, grid.x), std::min(requested_tg.y, grid.y),
            std::min(requested_tg.z, grid.z));
   if (tg.x == 0 || tg.y == 0 || tg.z == 0) return;
@@ -485,6 +559,8 @@ inline void dispatch(uint3 grid, uint3 requested_tg, std::function<void(const Th
         uint3 size(std::min(tg.x, grid.x - gx * tg.x), std::min(tg.y, grid.y - gy * tg.y),
                    std::min(tg.z, grid.z - gz * tg.z));
         int n = static_cast<int>(size.x * size.y * size.z);
+        // Each threadgroup's own shuffle, the same whatever order the dispatch visits them in.
+        g.rng = g.shuffle_seed ^ (0x100000001b3ull * (gx + 65536ull * (gy + 65536ull * gz)));
         for (int t = 0; t < n; ++t) {
           Fiber& f = g.fibers[t];
           uint3 tpos(t % size.x, (t / size.x) % size.y, t / (size.x * size.y));
@@ -512,7 +588,9 @@ inline void dispatch(uint3 grid, uint3 requested_tg, std::function<void(const Th
           id.thread_execution_width = kSimdWidth;
           start_context(f.ctx, f.stack, kFiberStack, fiber_main);
           f.wait = Wait::ready;
+          f.matrix_ops = 0;
         }
+        g.matrix_logs.clear();
         run_threadgroup(n);
         free_threadgroup_memory();
       }
@@ -635,10 +713,27 @@ void combine(Fiber** lanes) {
     if (lanes[l]) store(lanes[l]->result, acc);
 }
 
+// The types Metal's simd functions take: scalars and vectors of float, half, int, uint, short,
+// ushort, char, uchar, and bool for the exchanges and simd_any / simd_all (no bfloat, no 64-bit).
+template <typename V> struct simd_scalar : std::false_type {};
+template <> struct simd_scalar<float> : std::true_type {};
+template <> struct simd_scalar<half> : std::true_type {};
+template <> struct simd_scalar<int> : std::true_type {};
+template <> struct simd_scalar<uint> : std::true_type {};
+template <> struct simd_scalar<short> : std::true_type {};
+template <> struct simd_scalar<ushort> : std::true_type {};
+template <> struct simd_scalar<char> : std::true_type {};
+template <> struct simd_scalar<signed char> : std::true_type {};
+template <> struct simd_scalar<uchar> : std::true_type {};
+template <> struct simd_scalar<bool> : std::true_type {};
+template <typename T, int N> struct simd_scalar<vec<T, N>> : simd_scalar<T> {};
+
 template <typename V>
 V simd_op(int site, int op, V value, int arg = 0) {
+  static_assert(simd_scalar<V>::value,
+                "Metal's simd functions take float, half, (u)int, (u)short, (u)char or bool "
+                "scalars and vectors only");
   static_assert(sizeof(V) <= 64, "simdgroup operand too large");
-  static_assert(std::is_trivially_copyable<V>::value, "simdgroup operand must be trivial");
   Fiber& f = self();
   f.op = op;
   f.arg = arg;
@@ -655,6 +750,196 @@ inline void barrier(int site) {
   f.site = site;
   f.wait = Wait::barrier;
   yield_to_scheduler();
+}
+
+// ---- simdgroup matrices: the emulation behind metal::simdgroup_* ----
+//
+// A matrix operation is computed once per simdgroup, by the first lane to reach it, and logged;
+// each other lane, reaching the same operation (the same call site, in the same order), must
+// present byte-identical arguments (pointers, strides, operand matrices) and takes the logged
+// result. So no fiber switch is needed, lanes may run ahead of each other between
+// synchronisation points as they may on a GPU, and a lane that skips or reorders a matrix
+// operation (divergence) is caught: every lane of a simdgroup must have done the same number of
+// them whenever the simdgroup synchronises and when the threadgroup ends.
+
+struct matrix_access {
+  template <typename M>
+  static auto& elements(M& m) { return m.e_; }
+  template <typename M>
+  static const auto& elements(const M& m) { return m.e_; }
+  template <typename M, typename T>
+  static void fill(M& m, T value) {
+    for (auto& row : m.e_)
+      for (auto& x : row) x = value;
+  }
+};
+
+inline MatrixLog& matrix_log(const Fiber& f) {
+  Group& g = group();
+  size_t sg = f.ids.simdgroup_index_in_threadgroup;
+  if (g.matrix_logs.size() <= sg) g.matrix_logs.resize(sg + 1);
+  return g.matrix_logs[sg];
+}
+
+struct Piece {
+  const void* data;
+  size_t bytes;
+};
+
+// Byte moves between lanes' own matrices and the log: memory the harness owns, left out of
+// AddressSanitizer's checks (its memcmp / memcpy interceptors cost more than the operation).
+#define MSL_UNCHECKED __attribute__((no_sanitize("address")))
+MSL_UNCHECKED inline bool same_bytes(const void* a, const void* b, size_t n) {
+  const unsigned char* x = static_cast<const unsigned char*>(a);
+  const unsigned char* y = static_cast<const unsigned char*>(b);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t u, v;
+    __builtin_memcpy(&u, x + i, 8);
+    __builtin_memcpy(&v, y + i, 8);
+    if (u != v) return false;
+  }
+  for (; i < n; ++i)
+    if (x[i] != y[i]) return false;
+  return true;
+}
+MSL_UNCHECKED inline void copy_bytes(void* dst, const void* src, size_t n) {
+  unsigned char* x = static_cast<unsigned char*>(dst);
+  const unsigned char* y = static_cast<const unsigned char*>(src);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t u;
+    __builtin_memcpy(&u, y + i, 8);
+    __builtin_memcpy(x + i, &u, 8);
+  }
+  for (; i < n; ++i) x[i] = y[i];
+}
+
+template <typename V>
+Piece piece(const V& v) {
+  return Piece{&v, sizeof(V)};
+}
+
+// This lane's next matrix operation: `compute(out)` writes its result (result_bytes) when this
+// lane is the first to reach it; otherwise this lane's arguments must equal the first lane's.
+// Returns the logged result.
+template <typename Compute>
+const unsigned char* matrix_step(int site, std::initializer_list<Piece> args,
+                                 size_t result_bytes, Compute compute) {
+  Fiber& f = self();
+  MatrixLog& log = matrix_log(f);
+  size_t i = f.matrix_ops - log.base;
+  f.matrix_ops += 1;
+  if (i == log.entries.size()) {
+    MatrixEntry e{site, log.bytes.size(), 0, 0};
+    for (const Piece& a : args) {
+      size_t at = log.bytes.size();
+      log.bytes.resize(at + a.bytes);
+      copy_bytes(log.bytes.data() + at, a.data, a.bytes);
+    }
+    e.args_bytes = log.bytes.size() - e.args;
+    e.result = log.bytes.size();
+    log.bytes.resize(log.bytes.size() + result_bytes);
+    compute(log.bytes.data() + e.result);
+    log.entries.push_back(e);
+    return log.bytes.data() + e.result;
+  }
+  const MatrixEntry& e = log.entries[i];
+  if (e.site != site)
+    fail("lanes of a simdgroup run different simdgroup matrix operations (divergence)");
+  size_t at = e.args;
+  for (const Piece& a : args) {
+    if (at + a.bytes > e.args + e.args_bytes ||
+        !same_bytes(log.bytes.data() + at, a.data, a.bytes))
+      fail("simdgroup matrix operation: an argument or operand differs across the lanes of the "
+           "simdgroup (a lane-dependent pointer, stride or matrix value?)");
+    at += a.bytes;
+  }
+  return log.bytes.data() + e.result;
+}
+
+// Called whenever the simdgroup synchronises and when the threadgroup ends: every lane must
+// have done the same matrix operations; the log is then settled.
+inline void settle_matrix_log(int simdgroup, int n_threads) {
+  Group& g = group();
+  if (g.matrix_logs.size() <= static_cast<size_t>(simdgroup)) return;
+  MatrixLog& log = g.matrix_logs[simdgroup];
+  size_t done = log.base + log.entries.size();
+  for (int l = 0; l < kSimdWidth; ++l) {
+    int t = simdgroup * kSimdWidth + l;
+    if (t < n_threads && g.fibers[t].matrix_ops != done)
+      fail("a simdgroup matrix operation is not run by every lane of the simdgroup "
+           "(divergent control flow, or lanes that returned early)");
+  }
+  log.base = done;
+  log.entries.clear();
+  log.bytes.clear();
+}
+
+template <typename T>
+using matrix = simdgroup_matrix<T, 8, 8>;
+
+inline void check_origin(ulong2 origin) {
+  if (origin[0] || origin[1])
+    fail("simdgroup_load/store: the harness models matrix_origin 0 only; offset the pointer");
+}
+
+inline size_t matrix_index(int row, int col, ulong elements_per_row, bool transpose) {
+  return transpose ? col * elements_per_row + row : row * elements_per_row + col;
+}
+
+template <typename T>
+void matrix_load(int site, matrix<T>& d, const T* src, ulong epr, ulong2 origin, bool tr) {
+  check_origin(origin);
+  auto& e = matrix_access::elements(d);
+  const unsigned char* r = matrix_step(site, {piece(src), piece(epr), piece(tr)}, sizeof e,
+                                       [&](unsigned char* out) {
+    T m[8][8];
+    for (int row = 0; row < 8; ++row)
+      for (int col = 0; col < 8; ++col) m[row][col] = src[matrix_index(row, col, epr, tr)];
+    std::memcpy(out, m, sizeof m);
+  });
+  copy_bytes(&e, r, sizeof e);
+}
+
+template <typename T>
+void matrix_store(int site, const matrix<T>& a, T* dst, ulong epr, ulong2 origin, bool tr) {
+  check_origin(origin);
+  const auto& e = matrix_access::elements(a);
+  matrix_step(site, {piece(dst), piece(epr), piece(tr), piece(e)}, 0, [&](unsigned char*) {
+    for (int row = 0; row < 8; ++row)
+      for (int col = 0; col < 8; ++col) dst[matrix_index(row, col, epr, tr)] = e[row][col];
+  });
+}
+
+// m = a b (+ c), accumulating in float.
+template <typename T>
+MSL_UNCHECKED void multiply(const T (&a)[8][8], const T (&b)[8][8], const T (*c)[8][8],
+                            T (&m)[8][8]) {
+  for (int row = 0; row < 8; ++row)
+    for (int col = 0; col < 8; ++col) {
+      float acc = c ? float((*c)[row][col]) : 0.0f;
+      for (int k = 0; k < 8; ++k) acc += float(a[row][k]) * float(b[k][col]);
+      m[row][col] = static_cast<T>(acc);
+    }
+}
+
+template <typename T>
+void matrix_mma(int site, matrix<T>& d, const matrix<T>& a, const matrix<T>& b,
+                const matrix<T>* c) {
+  const auto& ea = matrix_access::elements(a);
+  const auto& eb = matrix_access::elements(b);
+  auto& ed = matrix_access::elements(d);
+  auto compute = [&](unsigned char* out) {
+    T m[8][8];
+    multiply(ea, eb, c ? &matrix_access::elements(*c) : nullptr, m);
+    copy_bytes(out, m, sizeof m);
+  };
+  const unsigned char* r =
+      c ? matrix_step(site, {piece(ea), piece(eb), piece(matrix_access::elements(*c))},
+                      sizeof ed, compute)
+        : matrix_step(site, {piece(ea), piece(eb)}, sizeof ed, compute);
+  copy_bytes(&ed, r, sizeof ed);
 }
 
 }  // namespace msl
@@ -705,6 +990,70 @@ MSL_SIMD_EXCHANGE(simd_broadcast, msl::op_broadcast)
 
 inline bool simd_any_at(int site, bool v) { return msl::simd_op(site, msl::op_any, v); }
 inline bool simd_all_at(int site, bool v) { return msl::simd_op(site, msl::op_all, v); }
+
+// ---- simdgroup matrices ----
+
+template <typename T, int Cols, int Rows>
+class simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "Metal's simdgroup matrices are 8 x 8");
+  static_assert(std::is_same<T, float>::value || std::is_same<T, half>::value ||
+                    std::is_same<T, bfloat>::value,
+                "simdgroup matrices hold float, half or bfloat");
+
+ public:
+  simdgroup_matrix() {  // uninitialised in Metal: NaN here, so using it shows
+    for (auto& row : e_)
+      for (T& x : row) x = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+  }
+  explicit simdgroup_matrix(T diagonal) {  // Metal's scalar constructor: a diagonal matrix
+    for (int r = 0; r < 8; ++r)
+      for (int c = 0; c < 8; ++c) e_[r][c] = r == c ? diagonal : static_cast<T>(0.0f);
+  }
+
+ private:
+  T e_[8][8];  // [row][col]; every lane holds all of it, and nothing outside msl reads it
+  friend struct msl::matrix_access;
+};
+
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <typename T, int Cols, int Rows>
+simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, Cols, Rows> m;
+  msl::matrix_access::fill(m, value);
+  return m;
+}
+
+template <typename T>
+void simdgroup_load_at(int site, simdgroup_matrix<T, 8, 8>& d, const T* src,
+                       ulong elements_per_row = 8, ulong2 matrix_origin = ulong2(0),
+                       bool transpose_matrix = false) {
+  msl::matrix_load(site, d, src, elements_per_row, matrix_origin, transpose_matrix);
+}
+
+template <typename T>
+void simdgroup_store_at(int site, const simdgroup_matrix<T, 8, 8>& a, T* dst,
+                        ulong elements_per_row = 8, ulong2 matrix_origin = ulong2(0),
+                        bool transpose_matrix = false) {
+  msl::matrix_store(site, a, dst, elements_per_row, matrix_origin, transpose_matrix);
+}
+
+template <typename T>
+void simdgroup_multiply_accumulate_at(int site, simdgroup_matrix<T, 8, 8>& d,
+                                      const simdgroup_matrix<T, 8, 8>& a,
+                                      const simdgroup_matrix<T, 8, 8>& b,
+                                      const simdgroup_matrix<T, 8, 8>& c) {
+  msl::matrix_mma(site, d, a, b, &c);
+}
+
+template <typename T>
+void simdgroup_multiply_at(int site, simdgroup_matrix<T, 8, 8>& d,
+                           const simdgroup_matrix<T, 8, 8>& a,
+                           const simdgroup_matrix<T, 8, 8>& b) {
+  msl::matrix_mma<T>(site, d, a, b, nullptr);
+}
 
 // ---- math ----
 using std::abs;
@@ -796,4 +1145,9 @@ inline IdxT elem_to_loc(IdxT elem, const constant int* shape, const constant int
 #define simd_shuffle_down(v, delta) metal::simd_shuffle_down_at(__COUNTER__, v, delta)
 #define simd_broadcast(v, lane) metal::simd_broadcast_at(__COUNTER__, v, lane)
 #define simd_any(v) metal::simd_any_at(__COUNTER__, v)
+#define simdgroup_load(...) metal::simdgroup_load_at(__COUNTER__, __VA_ARGS__)
+#define simdgroup_store(...) metal::simdgroup_store_at(__COUNTER__, __VA_ARGS__)
+#define simdgroup_multiply_accumulate(...) \
+  metal::simdgroup_multiply_accumulate_at(__COUNTER__, __VA_ARGS__)
+#define simdgroup_multiply(...) metal::simdgroup_multiply_at(__COUNTER__, __VA_ARGS__)
 #define simd_all(v) metal::simd_all_at(__COUNTER__, v)
