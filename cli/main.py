@@ -110,9 +110,12 @@ def demo(directory, max_tokens):
 def _register_subcommands():
     from .chat import chat
     from .convert import convert
+    from .plan import calibrate_experts, plan
 
     cli.add_command(chat)
     cli.add_command(convert)
+    cli.add_command(plan)
+    cli.add_command(calibrate_experts)
 
 
 _register_subcommands()

@@ -86,6 +86,7 @@ def generation_options(*, max_tokens: int, sampling: dict,
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      default="auto", show_default=True,
                      help="Activation dtype (float32 on CPU)."),
+        *memory_options(),
     ]
 
     def apply(command):
@@ -96,18 +97,62 @@ def generation_options(*, max_tokens: int, sampling: dict,
     return apply
 
 
+MEMORY = "m3mlx.memory"  # where the memory options wait for load_or_fail, in the click context
+
+
+def _remember(ctx, param, value):
+    if value is not None:
+        ctx.meta.setdefault(MEMORY, {})[param.name] = value
+    return value
+
+
+def memory_options() -> list:
+    """How the model is held in memory: --expert-cache, --memory-limit, --expert-policy,
+    --no-prefetch. They are not parameters of the command: `load_or_fail` reads them from the
+    click context, so every command that loads a model through it takes them."""
+    from m3mlx.experts import DEFAULT_POLICY, POLICIES
+
+    keep = dict(expose_value=False, callback=_remember)
+    return [
+        click.option("--expert-cache", type=Size(fraction=True), default=None, **keep,
+                     help="Stream the routed experts from the SSD through a cache of this "
+                          "size: bytes (40GB) or a share of the experts (25%)."),
+        click.option("--memory-limit", type=Size(), default=None, **keep,
+                     help="Memory m3mlx may use (64GB): everything loads if it fits, else the "
+                          "experts stream through the cache that fits (see `m3mlx plan`)."),
+        click.option("--expert-policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY,
+                     show_default=True, **keep,
+                     help="Which cached expert gives way: lru, lfu (frequency), pinned (the "
+                          "most used in `m3mlx calibrate-experts` stay)."),
+        click.option("--no-prefetch", "expert_prefetch", flag_value=False, default=None, **keep,
+                     help="Do not read the next layer's likely experts ahead."),
+    ]
+
+
+def memory_settings() -> dict:
+    """The memory options given to the running command (empty outside one)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get(MEMORY, {})) if ctx is not None else {}
+
+
 def stop_option(command):
     return click.option("--stop", multiple=True, callback=_stop_strings,
                         help="Stop string (repeatable, not empty).")(command)
 
 
 def load_or_fail(model_path: str, dtype: str):
-    """(model, tokenizer); a failure is reported by the error boundary as one line."""
+    """(model, tokenizer), held as the memory options say; a failure is reported by the error
+    boundary as one line."""
     import mlx.core as mx
 
     from m3mlx import load
 
-    return load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype))
+    model, tokenizer = load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype),
+                            **memory_settings())
+    tier = getattr(model, "expert_tier", None)
+    if tier is not None:
+        click.echo(tier.describe(), err=True)
+    return model, tokenizer
 
 
 def decode_input(data: bytes, what: str) -> str:

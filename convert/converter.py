@@ -92,13 +92,10 @@ def convert(
     `dtype` is the float type of unquantized tensors and affine scales. Returns a
     ConvertResult; raises ConvertError on any bad input, before writing anything."""
     # 1. options and output directory
-    if dtype not in FLOAT_NAMES:
-        raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(FLOAT_NAMES)}")
     if resume and force:
         raise ConvertError("--resume and --force contradict each other: --resume continues the "
                            "conversion in OUTPUT_DIR, --force deletes it; pick one")
-    base = base_spec(mode, bits, group_size)
-    specs = role_specs(recipe, base, roles, dtype)
+    base, specs = _specs(mode, bits, group_size, recipe, roles, dtype)
     output = Path(output).expanduser()
     state = _check_output(output, resume=resume, force=force, dry_run=dry_run)
 
@@ -196,6 +193,24 @@ def convert(
     if upload_repo:
         upload(output, upload_repo, api=hub_api, log=log)
     return ConvertResult(plan, output, written=True, seconds=seconds, verified=verified)
+
+
+def _specs(mode, bits, group_size, recipe, roles, dtype):
+    if dtype not in FLOAT_NAMES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(FLOAT_NAMES)}")
+    base = base_spec(mode, bits, group_size)
+    return base, role_specs(recipe, base, roles, dtype)
+
+
+def conversion_plan(source, *, mode: str = "affine", bits: Optional[int] = None,
+                    group_size: Optional[int] = None, recipe: str = DEFAULT_RECIPE,
+                    roles: Optional[Mapping[str, object]] = None, dtype: str = "bfloat16",
+                    revision: Optional[str] = None, hub_api=None) -> Plan:
+    """What `convert(source, ..., dry_run=True)` plans, without an output (a Hub source: its
+    config and shard headers only)."""
+    base, specs = _specs(mode, bits, group_size, recipe, roles, dtype)
+    src, _ = _open_source(source, revision=revision, api=hub_api)
+    return build_plan(src, specs, base=base, dtype=dtype, recipe=recipe)
 
 
 def _source_files(src: Source, side: List[Path]) -> List[Path]:

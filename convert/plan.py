@@ -17,7 +17,7 @@ import numpy as np
 from m3mlx.weights import MTP_FILE
 
 from .errors import ConvertError
-from .recipes import ROLES, Spec
+from .recipes import FLOAT_BYTES, ROLES, Spec
 from .safetensors_io import FLOAT_NAMES, PlannedTensor, file_size
 from .source import Source, SourceWeight
 
@@ -302,3 +302,18 @@ def duration(seconds: float) -> str:
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
+
+def footprint(plan: Plan):
+    """The memory the conversion `plan` would take loaded (`m3mlx.plan.Footprint`): what
+    `m3mlx plan` shows for an original checkpoint and a recipe."""
+    from m3mlx.plan import Footprint
+
+    args = plan.source.args
+    experts = sum(u.out_bytes for u in plan.units if u.role == "experts")
+    embedding = sum(u.out_bytes for u in plan.units if u.role == "embed")
+    moe_layers = sum(args.moe_layers)
+    E = args.num_local_experts
+    what = (f"{plan.source.repo_id or plan.source.path} converted with recipe {plan.recipe}, "
+            f"experts {plan.base} (planned)")
+    return Footprint(args, plan.out_bytes - experts, experts // max(1, E * moe_layers),
+                     moe_layers, E, FLOAT_BYTES[plan.dtype], embedding, True, what)

@@ -96,10 +96,12 @@ class MoE(nn.Module):
         self.switch_mlp = Experts(args)
         if args.n_shared_experts:
             self.shared_experts = MLP(args, args.shared_intermediate_size)
+        # Set when the routed experts stream from disk (m3mlx.experts): switch_mlp then holds a
+        # pool of expert slots, and this computes the op over it through the slot table.
+        self.streamed = None
 
-    def __call__(self, x: mx.array) -> mx.array:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+    def route(self, x: mx.array):
+        """x [N, D] -> (experts [N, k], routing weights [N, k] in x's dtype)."""
         # Routing is fp32: the bias only picks experts, the weights use the plain sigmoid.
         scores = mx.sigmoid(self.gate(x.astype(mx.float32)).astype(mx.float32))
         biased = scores + self.e_score_correction_bias.astype(mx.float32)
@@ -107,12 +109,21 @@ class MoE(nn.Module):
         experts = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k])
         weights = mx.take_along_axis(scores, experts, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        weights = (weights * self.routed_scaling_factor).astype(x.dtype)
+        return experts, (weights * self.routed_scaling_factor).astype(x.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        experts, weights = self.route(x)
         # The routed and shared experts in one op: Metal kernels for a few tokens over
         # quantized experts on a Mac, gather_qmm / gather_mm otherwise.
+        routed = ExpertWeights.of(self.switch_mlp)
         shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
-        y = moe_experts(x, experts, weights, ExpertWeights.of(self.switch_mlp), shared,
-                        alpha=self.alpha, limit=self.limit)
+        if self.streamed is None:
+            y = moe_experts(x, experts, weights, routed, shared, alpha=self.alpha,
+                            limit=self.limit)
+        else:
+            y = self.streamed(x, experts, weights, routed, shared, self.alpha, self.limit)
         return y.reshape(shape)
 
 

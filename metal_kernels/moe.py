@@ -173,12 +173,15 @@ def _expert_ffn(x, indices, experts: ExpertWeights, alpha, limit, sorted_indices
     return experts.down(swiglu_oai(gate, up, alpha, limit), indices, sorted_indices)
 
 
-def expert_outputs(x, expert_ids, experts: ExpertWeights, alpha=1.702, limit=7.0) -> mx.array:
+def expert_outputs(x, expert_ids, experts: ExpertWeights, alpha=1.702, limit=7.0,
+                   sort: Optional[bool] = None) -> mx.array:
     """Each routed expert's output on its token, before the routing weight: x [N, D],
-    expert_ids [N, K] (rows of the stacked experts) -> [N, K, D]. A row's result does not
-    depend on the other rows, so outputs computed a few rows at a time are the same."""
+    expert_ids [N, K] (rows of the stacked experts) -> [N, K, D]. `sort` (default: from
+    SORT_THRESHOLD rows) gathers the rows by expert first. A row's result does not depend on
+    the other rows, so outputs computed a few rows at a time (with the same `sort`) are the
+    same."""
     N, K = expert_ids.shape
-    if expert_ids.size >= SORT_THRESHOLD:
+    if expert_ids.size >= SORT_THRESHOLD if sort is None else sort:
         # Sorting rows by expert pays off once several rows share an expert (prefill).
         order = mx.argsort(expert_ids.flatten())
         # Index after adding the row axis: gather_mm is several times slower on the strides
