@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -347,7 +347,8 @@ def forget_open_files(path=None):
 
 class Reads:
     """Reads running on the reader threads; `wait()` returns when all have landed, raising
-    the first failure (a CheckpointError naming the file and the offset)."""
+    the first failure (a CheckpointError naming the file and the offset) only once none is
+    running any more: a buffer given up after a failure is never written to later."""
 
     def __init__(self, futures):
         self._futures = futures
@@ -358,6 +359,7 @@ class Reads:
     def wait(self) -> float:
         """Wait for every read; returns the seconds from the first piece's start to the last
         piece's end (the time the disk worked on them, not the time waited)."""
+        wait(self._futures)
         spans = [f.result() for f in self._futures]
         return max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
 

@@ -418,6 +418,25 @@ class ExpertTier:
     def moe(self, index: int, x, expert_ids, weights, routed, shared, alpha, limit) -> mx.array:
         """What `moe_experts` computes over all the experts, with only layer `index`'s pool
         resident: x [N, D], expert_ids / weights [N, K] -> [N, D]."""
+        try:
+            return self._moe(index, x, expert_ids, weights, routed, shared, alpha, limit)
+        except BaseException:
+            self._drain()
+            raise
+
+    def _drain(self):
+        """After a failure: let every read ahead land (or fail) and give up its slots, so the
+        pools hold only experts read whole."""
+        for layer in self.layers:
+            if layer.reading is not None:
+                (reads, slots, _), layer.reading = layer.reading, None
+                try:
+                    reads.wait()
+                except Exception:
+                    pass
+                layer.release(slots)
+
+    def _moe(self, index, x, expert_ids, weights, routed, shared, alpha, limit) -> mx.array:
         layer = self.layers[index]
         nxt = self.layers[index + 1] if self.prefetch and index + 1 < len(self.routers) else None
         guess = self.routers[index + 1](x)[0] if nxt is not None else None
