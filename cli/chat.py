@@ -12,6 +12,8 @@ import click
 
 from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
+from m3mlx.experts import format_expert_stats
+from m3mlx.units import format_size
 
 from .errors import Command, describe
 from .options import PrefillMeter, decode_input, generation_options, load_or_fail, read_stdin
