@@ -86,7 +86,8 @@ def runners(path):
     ours = m3mlx.load_model(path, dtype=mx.float32)
     ref, _ = load_model(Path(path))
     ref.set_dtype(mx.float32)
-    return [Runner("m3mlx", ours, lambda: m3mlx.make_cache(ours)),
+    # Index keys as mlx-lm keeps them (the activation dtype), for a like-for-like comparison.
+    return [Runner("m3mlx", ours, lambda: m3mlx.make_cache(ours, index_bits=16)),
             Runner("mlx-lm", ref, ref.make_cache)]
 
 

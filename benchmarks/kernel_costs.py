@@ -76,11 +76,16 @@ def report(contexts, moe_formats, moe_tokens) -> dict:
     for context in contexts:
         label = context_label(context)
         d, d8 = cost.msa_decode(context), cost.msa_decode(context, int8=True)
+        compact = {bits: cost.msa_decode(context, int8=True, kv_bits=bits) for bits in (8, 4)}
         p = cost.msa_prefill(context)
         decode += [(label, c) for c in d] + [(label, d8[0])]
+        decode += [(label, compact[bits][2]) for bits in compact]
         prefill += [(label, c) for c in p]
+        prefill += [(label, cost.msa_prefill(context, kv_bits=8)[2])]
         phases.append((f"decode at {label}, bf16 index keys", d))
         phases.append((f"decode at {label}, int8 index keys", [d8[0], *d[1:]]))
+        for bits, launches in compact.items():
+            phases.append((f"decode at {label}, int8 index keys, {bits}-bit K/V", launches))
         phases.append((f"prefill chunk of {cost.M3['chunk']} at {label}", p))
     moe = [(f"{f[0]} {f[1]}-bit, T={t}", c) for f in moe_formats for t in moe_tokens
            for c in cost.moe_decode(f, t)]

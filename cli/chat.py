@@ -120,7 +120,9 @@ def stats_text(session) -> str:
     lines = [
         f"context: {session.context_used:,} of {limit:,} tokens" if limit
         else f"context: {session.context_used:,} tokens",
-        f"cache: {session.cache_nbytes / 1e6:.1f} MB",
+        f"cache: {session.cache_nbytes / 1e6:.1f} MB"
+        + (f" ({session.cache_resident_nbytes / 1e6:.1f} MB in memory)"
+           if session.cache_resident_nbytes < session.cache_nbytes else ""),
         f"messages: {len(session.messages)}, thinking: {session.thinking}",
     ]
     r = session.last_reply
@@ -174,7 +176,8 @@ def run_command(line: str, state: "ChatState"):
                 path = session.save(path)
                 console.info(f"saved {len(session.messages)} messages to {path}")
             else:
-                state.session = type(session).load(path, session.model, session.tokenizer)
+                state.session = type(session).load(path, session.model, session.tokenizer,
+                                                   **session.cache_settings)
                 console.info(f"loaded {len(state.session.messages)} messages "
                              f"({state.session.context_used:,} tokens) from {path}")
     elif name == "stats":
@@ -325,7 +328,8 @@ def piped(state: ChatState, input_mode: str):
               help="When stdin is not a terminal: each line is a message (lines starting with / "
                    "are commands), or all of stdin is one message.")
 def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
-         repetition_penalty, seed, prefill_step_size, index_bits, dtype, input_mode):
+         repetition_penalty, seed, prefill_step_size, index_bits, kv_bits, kv_memory,
+         kv_cache_dir, dtype, input_mode):
     """Chat with a model in the terminal: streaming replies, reasoning dimmed.
 
     In the chat, /help lists the commands (/think, /system, /reset, /save, /load, /stats,
@@ -344,7 +348,8 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     model, tokenizer = load_or_fail(model_path, dtype)
     session = ChatSession(
         model, tokenizer, system=system, thinking=thinking,
-        index_bits=index_bits, max_tokens=max_tokens, temperature=temp,
+        index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory, kv_cache_dir=kv_cache_dir,
+        max_tokens=max_tokens, temperature=temp,
         top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         prefill_step_size=prefill_step_size,
     )

@@ -24,7 +24,7 @@ def cli():
 @click.option("--prompt", "-p", required=True, help="Prompt text, or - to read it from stdin.")
 @stop_option
 def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
-             seed, stop, prefill_step_size, index_bits, dtype):
+             seed, stop, prefill_step_size, index_bits, kv_bits, kv_memory, kv_cache_dir, dtype):
     """Continue a plain-text PROMPT, streaming to the terminal, then print statistics.
 
     A prompt that takes more than a few seconds to prefill shows its progress on stderr.
@@ -37,7 +37,8 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
     if not prompt:
         raise click.UsageError("the prompt is empty")
     model, tokenizer = load_or_fail(model_path, dtype)
-    cache = make_cache(model, index_bits=index_bits)
+    cache = make_cache(model, index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory,
+                       kv_cache_dir=kv_cache_dir)
     meter = PrefillMeter()
     last = None
     try:

@@ -11,7 +11,7 @@ import click
 
 from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
 from m3mlx.convert.plan import duration
-from m3mlx.defaults import PREFILL_STEP
+from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
 from m3mlx.units import parse_size, parse_size_or_fraction
 
 
@@ -80,9 +80,22 @@ def generation_options(*, max_tokens: int, sampling: dict,
         click.option("--prefill-step-size", default=PREFILL_STEP, show_default=True,
                      type=option_type("prefill_step_size"),
                      help="Prompt tokens per prefill chunk."),
-        click.option("--index-bits", type=click.Choice(["16", "8"]), default="16",
-                     show_default=True, callback=lambda ctx, param, v: 8 if v == "8" else None,
-                     help="Storage of MSA index keys; 8 halves the long-context index scan."),
+        click.option("--index-bits", type=click.Choice(["8", "16"]), default=str(INDEX_BITS),
+                     show_default=True, callback=lambda ctx, param, v: int(v),
+                     help="Storage of MSA index keys: int8 with a scale per key (half the "
+                          "long-context index scan of 16), or the activation dtype."),
+        click.option("--kv-bits", type=click.Choice(["16", "8", "4"]), default="16",
+                     show_default=True, callback=lambda ctx, param, v: int(v),
+                     help="Storage of the K/V cache: the activation dtype (16), or 8 or 4 bits "
+                          "per value with a scale per group of head_dim (about 0.53x, 0.31x)."),
+        click.option("--kv-memory", type=Size(), default=None, metavar="SIZE",
+                     help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V in "
+                          "memory; the other blocks go to a file in --kv-cache-dir and are read "
+                          "back when selected [default: all in memory]."),
+        click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where --kv-memory puts the K/V blocks not in memory, one file per "
+                          "session, removed at exit [default: $M3MLX_HOME/kv or "
+                          "~/.cache/m3mlx/kv]."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      default="auto", show_default=True,
                      help="Activation dtype (float32 on CPU)."),
@@ -147,8 +160,13 @@ def load_or_fail(model_path: str, dtype: str):
 
     from m3mlx import load
 
+    settings = memory_settings()
+    if "memory_limit" in settings:  # the plan prices the K/V cache as the command keeps it
+        ctx = click.get_current_context()
+        kv_bits = ctx.params.get("kv_bits")
+        settings["kv_bits"] = None if kv_bits in (None, 16) else kv_bits
     model, tokenizer = load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype),
-                            **memory_settings())
+                            **settings)
     tier = getattr(model, "expert_tier", None)
     if tier is not None:
         click.echo(tier.describe(), err=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from m3mlx.defaults import PREFILL_STEP
+from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
 
 from .errors import Command
 from .options import Size, memory_options, memory_settings, option_type, read_stdin
@@ -45,6 +45,13 @@ def footprint_of(path: str, dtype, recipe_options: dict):
               help="The memory budget, e.g. 64GB [default: this machine's].")
 @click.option("--context", type=click.IntRange(1), default=None,
               help="Tokens of K/V to reserve [default: 32768, or the model's context].")
+@click.option("--kv-bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True,
+              help="K/V storage to plan for, as --kv-bits of generate/chat/serve.")
+@click.option("--index-bits", type=click.Choice(["8", "16"]), default=str(INDEX_BITS),
+              show_default=True, help="MSA index key storage to plan for, as --index-bits.")
+@click.option("--kv-memory", type=Size(), default=None, metavar="SIZE",
+              help="Plan with at most SIZE of the sparse-attention layers' K/V in memory, the "
+                   "rest on the SSD, as --kv-memory.")
 @click.option("--recipe", default=None, help="For an original checkpoint: the recipe to plan "
                                              "(as for `m3mlx convert`) [default: m3].")
 @click.option("--mode", default=None, help="For an original checkpoint: --mode of the plan.")
@@ -53,14 +60,17 @@ def footprint_of(path: str, dtype, recipe_options: dict):
               help="For an original checkpoint: --group-size.")
 @click.option("--role", "roles", multiple=True, metavar="ROLE=PRECISION",
               help="For an original checkpoint: --role overrides, as for `m3mlx convert`.")
-def plan(path, memory, context, recipe, mode, bits, group_size, roles):
+def plan(path, memory, context, kv_bits, index_bits, kv_memory, recipe, mode, bits, group_size,
+         roles):
     """What a memory budget holds of the model at PATH, and its decode speed on named Macs.
 
     PATH is a converted model, or an original checkpoint (a directory or a Hub repo id: only
     its config and shard headers are fetched) planned with a conversion recipe. Prints what
     stays resident (weights besides the routed experts, K/V cache and MSA index keys at the
     context, activations), the expert cache the rest holds, the hit rate to expect and the
-    predicted tokens per second on the Macs of m3mlx's hardware table.
+    predicted tokens per second on the Macs of m3mlx's hardware table. --context with
+    --kv-bits, --index-bits and --kv-memory prices a long context, e.g. M3 at 1M tokens:
+    `m3mlx plan MiniMaxAI/MiniMax-M3 --memory 128GB --context 1048576 --kv-bits 4`.
     """
     from m3mlx.experts import USAGE_FILE, read_usage, routed_experts
     from m3mlx.hardware import machine_memory
@@ -74,8 +84,10 @@ def plan(path, memory, context, recipe, mode, bits, group_size, roles):
     usage = None
     if ckpt is not None and (ckpt.path / USAGE_FILE).is_file():
         usage = read_usage(ckpt.path / USAGE_FILE, routed_experts(ckpt))
-    click.echo(format_plan(make_plan(fp, memory if memory is not None else machine_memory(),
-                                     context, usage)))
+    kv_bits, index_bits = int(kv_bits), int(index_bits)
+    click.echo(format_plan(make_plan(
+        fp, memory if memory is not None else machine_memory(), context, usage,
+        kv_bits=None if kv_bits == 16 else kv_bits, index_bits=index_bits, kv_memory=kv_memory)))
 
 
 CALIBRATION_TEXT = (

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .cache import (
-    check_cache_fits, load_prompt_cache, model_signature, prompt_cache_bytes, save_prompt_cache,
+    LayerCache, check_cache_fits, load_prompt_cache, model_signature, prompt_cache_bytes,
+    save_prompt_cache,
 )
 from .chat_format import (
     THINK_BEGIN,
@@ -29,9 +30,10 @@ from .chat_format import (
     tool_result_text,
 )
 from .checks import OPTION_RANGES, InputError, check_option, check_text
-from .defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING
+from .defaults import CHAT_MAX_TOKENS, INDEX_BITS, RECOMMENDED_SAMPLING
 from .experts import ExpertStats
 from .generate import context_limit, stream_generate
+from .kv_tier import tiers_of
 from .model import make_cache
 
 # M3's recommended sampling (model card); temperature 0 makes replies greedy.
@@ -111,10 +113,11 @@ class ChatSession:
 
     `add_tool_result(...)` answers the model's tool calls, after which `send()` continues.
     `system`, `tools` and `thinking` ("enabled", "disabled", "adaptive") may be changed between
-    turns; the next reply re-prefills from the first token they change. `index_bits=8` stores
-    MSA index keys in 8 bits. Generation options (`max_tokens`, `temperature`, `top_p`,
-    `top_k`, `min_p`, `repetition_penalty`, `seed`, `prefill_step_size`, ...) default to M3's
-    recommended sampling.
+    turns; the next reply re-prefills from the first token they change. `index_bits`,
+    `kv_bits`, `kv_memory`, `kv_cache_dir` and `kv_policy` set up the cache as `make_cache`
+    does. Generation options (`max_tokens`, `temperature`, `top_p`, `top_k`, `min_p`,
+    `repetition_penalty`, `seed`, `prefill_step_size`, ...) default to M3's recommended
+    sampling.
     """
 
     def __init__(
@@ -126,7 +129,11 @@ class ChatSession:
         tools: Optional[Sequence[Dict[str, Any]]] = None,
         thinking: str = "adaptive",
         chat_template: Optional[str] = None,
-        index_bits: Optional[int] = None,
+        index_bits: Optional[int] = INDEX_BITS,
+        kv_bits: Optional[int] = None,
+        kv_memory=None,
+        kv_cache_dir=None,
+        kv_policy: Optional[str] = None,
         **options,
     ):
         self.model = model
@@ -139,7 +146,11 @@ class ChatSession:
         self.options = {**DEFAULT_OPTIONS, **_checked_options(options)}
         self.messages: List[Dict[str, Any]] = []
         self.last_reply: Optional[ChatReply] = None
-        self._cache = make_cache(model, index_bits=index_bits)
+        # How the cache is kept (a loaded session keeps its saved K/V as they were saved, in
+        # this session's memory tier).
+        self.cache_settings = dict(index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory,
+                                   kv_cache_dir=kv_cache_dir, kv_policy=kv_policy)
+        self._cache = make_cache(model, **self.cache_settings)
         self._tokens: List[int] = []  # exactly the tokens the cache holds
 
     # -- settings --------------------------------------------------------------------------
@@ -167,7 +178,13 @@ class ChatSession:
 
     @property
     def cache_nbytes(self) -> int:
+        """Bytes the conversation's cache holds, in memory or in a memory tier's file."""
         return prompt_cache_bytes(self._cache)
+
+    @property
+    def cache_resident_nbytes(self) -> int:
+        """Bytes of the cache held in memory (less than cache_nbytes with kv_memory)."""
+        return sum(c.resident_nbytes for c in self._cache)
 
     @property
     def context_limit(self) -> Optional[int]:
@@ -330,7 +347,8 @@ class ChatSession:
         The file is checked completely before anything is used: its cache (as
         `load_prompt_cache` checks it), and every saved setting, option, message and token.
         InputError says what is wrong. `overrides` replace saved settings (system, tools,
-        thinking, generation options).
+        thinking, generation options) and set the cache up (`kv_memory`, ...: the saved K/V go
+        into that memory tier as they were saved).
         """
         path = Path(path)
         if not path.exists() and path.with_name(path.name + ".safetensors").exists():
@@ -358,7 +376,11 @@ class ChatSession:
             session.render()
         except Exception as e:  # whatever the saved messages make the template do: refused
             raise InputError(f"{path}: the saved conversation does not render ({e})") from None
-        session._cache = cache
+        tiers = tiers_of(session._cache)
+        # The saved cache as saved (compact K/V are not quantized again), in the session's
+        # memory tier when it has one.
+        session._cache = [LayerCache.from_state(c.state, c.meta(), tiers[0] if tiers and c.index
+                                                else None) for c in cache] if tiers else cache
         session._tokens = state["tokens"]
         return session
 

@@ -95,3 +95,4 @@ def check_stop_strings(stop_strings: Sequence[str]) -> List[str]:
             raise InputError("a stop string is empty: it would match before the first token; "
                              "remove it")
     return list(stop_strings)
+

@@ -11,6 +11,7 @@ import numpy as np
 from .checks import InputError, check_option, check_stop_strings, check_text
 from .defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING, PREFILL_STEP
 from .experts import ExpertStats, format_expert_stats
+from .kv_tier import check_cache_room
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
 
@@ -105,7 +106,7 @@ def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
     step = min(check_option("prefill_step_size", step), max(n, 1))
     for start in range(0, n, step):
         logits = model(tokens[None, start : start + step], cache=cache)[0, -1]
-        mx.eval(logits, [c.state for c in cache])
+        mx.eval(logits, [c.arrays for c in cache])
         if progress:
             progress(min(n, start + step), n)
     return logits
@@ -182,6 +183,9 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
     stop_strings = check_stop_strings(stop_strings)
     ids = _prompt_ids(model, tokenizer, prompt)
     max_tokens = _fit_context(model, prompt_cache, len(ids), check_option("max_tokens", max_tokens))
+    if prompt_cache is not None:  # a memory tier must have disk room for the whole context
+        held = min((c.offset for c in prompt_cache), default=0)
+        check_cache_room(prompt_cache, held + len(ids) + max_tokens)
     return _stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                    processors=processors, seed=seed, stop_strings=stop_strings,
                    prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,

@@ -19,6 +19,7 @@ from .checks import InputError
 from .config import ConfigError, ModelArgs
 from .errors import CheckpointError, reported_as
 from .experts import DEFAULT_POLICY, POLICIES, USAGE_FILE, ExpertCache, attach, is_routed_expert
+from .kv_tier import kv_group_size
 from .model import Model, is_precision_sensitive
 from .plan import BudgetError, cache_slots, check_fits, footprint, plan_budget
 from .tokenizer import Tokenizer
@@ -238,10 +239,12 @@ def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None, **
 
 
 def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
-         expert_cache=None, memory_limit=None, expert_policy: str = DEFAULT_POLICY,
-         expert_prefetch: bool = True):
+         kv_bits: Optional[int] = None, expert_cache=None, memory_limit=None,
+         expert_policy: str = DEFAULT_POLICY, expert_prefetch: bool = True):
     """(model, tokenizer) from a model directory or a Hub repo id. Everything is checked, the
-    tokenizer included, before the weights are read.
+    tokenizer included, before the weights are read. kv_bits (8 or 4) makes the model's caches
+    (`make_cache(model)`, generation without a prompt cache) store K/V compact; InputError
+    before anything is read when the model cannot.
 
     `expert_cache` (bytes, a size like "40GB", or a share of the routed experts like "25%")
     keeps the routed experts on disk and streams them through a cache of that size;
@@ -253,6 +256,7 @@ def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
     path = resolve(str(path_or_repo))
     with reported_as(LoadError, ConfigError, BudgetError):
         ckpt = Checkpoint.open(path)
+        kv_group_size(ckpt.args, kv_bits)
         tokenizer = Tokenizer.from_dir(path, eos_token_ids=ckpt.args.eos_token_ids)
         if tokenizer.vocab_size > ckpt.args.vocab_size:
             raise LoadError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, more than "
@@ -260,13 +264,16 @@ def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
                             "that came with these weights")
         experts = expert_cache_for(ckpt, dtype, expert_cache=expert_cache,
                                    memory_limit=memory_limit, expert_policy=expert_policy,
-                                   expert_prefetch=expert_prefetch)
-        return model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype, experts=experts), tokenizer
+                                   expert_prefetch=expert_prefetch, kv_bits=kv_bits)
+        model = model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype, experts=experts)
+        model.kv_bits = kv_bits
+        return model, tokenizer
 
 
 def expert_cache_for(ckpt: Checkpoint, dtype: Optional[mx.Dtype] = None, *, expert_cache=None,
                      memory_limit=None, expert_policy: str = DEFAULT_POLICY,
-                     expert_prefetch: bool = True) -> Optional[ExpertCache]:
+                     expert_prefetch: bool = True, kv_bits: Optional[int] = None
+                     ) -> Optional[ExpertCache]:
     """How to hold `ckpt`'s routed experts: None for all resident (they fit, or were not asked
     to stream), else the expert cache. Decided before anything is read."""
     if expert_policy not in POLICIES:
@@ -284,7 +291,7 @@ def expert_cache_for(ckpt: Checkpoint, dtype: Optional[mx.Dtype] = None, *, expe
     if expert_cache is not None:
         slots = cache_slots(fp, expert_cache)
     else:
-        budget = plan_budget(fp, memory_limit)
+        budget = plan_budget(fp, memory_limit, kv_bits=kv_bits)
         if not budget.streams:
             return None
         slots = budget.slots

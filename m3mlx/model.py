@@ -10,10 +10,10 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import LayerCache
+from .cache import KVView, LayerCache
 from .config import ModelArgs
-from .metal_kernels import (ExpertWeights, index_topk, moe_experts, sparse_attention,
-                            swiglu_oai)
+from .defaults import INDEX_BITS
+from .metal_kernels import ExpertWeights, index_topk, moe_experts, swiglu_oai
 
 
 class GemmaRMSNorm(nn.Module):
@@ -172,26 +172,20 @@ class Attention(nn.Module):
         if self.sparse:
             index_k = self._rope(self.index_k_norm(self.index_k_proj(x)), offset)  # [B, L, Di]
 
-        if cache is not None:
-            keys, values, index_keys, index_scales = cache.update(k, v, index_k)
-        else:
-            keys, values, index_keys, index_scales = k, v, index_k, None
-        length = offset + L
+        # What attention reads: the cache's K/V (maybe compact, maybe partly on the SSD), or
+        # this step's own.
+        kv = cache.update(k, v, index_k) if cache is not None else KVView(k, v, index_k, None, 0)
 
-        if self.sparse and length > self.topk * self.block_size:
+        if self.sparse and offset + L > self.topk * self.block_size:
             index_q = self._rope(self.index_q_norm(self._heads(self.index_q_proj(x),
                                                                self.index_heads)), offset)
-            selection = index_topk(index_q, index_keys, offset=offset,
+            selection = index_topk(index_q, kv.index_keys, offset=offset,
                                    block_size=self.block_size, topk=self.topk,
-                                   index_scales=index_scales)
-            out = sparse_attention(q, keys, values, selection, offset=offset,
-                                   scale=self.scale, block_size=self.block_size)
+                                   index_scales=kv.index_scales)
+            out = kv.sparse_attention(q, selection, scale=self.scale, block_size=self.block_size)
         else:
             # Up to top-k x block keys MSA selects every visible block: dense attention is exact.
-            out = mx.fast.scaled_dot_product_attention(
-                q, keys[..., :length, :], values[..., :length, :], scale=self.scale,
-                mask="causal" if L > 1 else None,
-            )
+            out = kv.dense_attention(q, scale=self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -276,6 +270,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.language_model = LanguageModel(args, with_mtp)
+        self.kv_bits: Optional[int] = None  # how make_cache stores K/V by default (load sets it)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
         """inputs [B, L] token ids -> logits [B, L, vocab]."""
@@ -290,10 +285,31 @@ class Model(nn.Module):
         return "mtp" in self.language_model.model
 
 
-def make_cache(model: Model, index_bits: Optional[int] = None) -> List[LayerCache]:
-    """Per-layer caches; sparse layers also keep index keys (8-bit when index_bits=8)."""
+def make_cache(model: Model, index_bits: Optional[int] = INDEX_BITS, *,
+               kv_bits: Optional[int] = None, kv_memory=None, kv_cache_dir=None,
+               kv_policy: Optional[str] = None) -> List[LayerCache]:
+    """Per-layer caches; sparse layers also keep index keys: int8 with a scale per key
+    (index_bits=8, the default) or in the activation dtype (16, or None).
+
+    kv_bits=8 or 4 stores K/V compact (quantized per row of head_dim), 16 in the activation
+    dtype, None as the model was loaded (`load(..., kv_bits=...)`). kv_memory (bytes, or a
+    size such as "8GB") keeps at most that much of the sparse layers' K/V in memory, the other
+    blocks in a file in kv_cache_dir (default $M3MLX_HOME/kv); kv_policy picks which blocks
+    stay (see `kv_tier.POLICIES`). InputError when the model cannot store K/V that way.
+    """
+    from .kv_tier import KVTier, kv_group_size
+
+    kv_bits = getattr(model, "kv_bits", None) if kv_bits is None else kv_bits
+    kv_bits = None if kv_bits == 16 else kv_bits
+    group = kv_group_size(model.args, kv_bits)
+    tier = None
+    if kv_memory is not None:
+        dtype = model.layers[0].input_layernorm.weight.dtype  # the activations' (never quantized)
+        tier = KVTier.for_model(model.args, kv_memory, kv_bits=kv_bits, dtype=dtype,
+                                directory=kv_cache_dir, policy=kv_policy)
     return [
-        LayerCache(index=layer.self_attn.sparse, index_bits=index_bits)
+        LayerCache(index=layer.self_attn.sparse, index_bits=index_bits, kv_bits=kv_bits,
+                   kv_group_size=group, tier=tier if layer.self_attn.sparse else None)
         for layer in model.layers
     ]
 

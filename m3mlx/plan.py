@@ -27,10 +27,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import hardware
-from .cache import STEP
+from .context_memory import ContextCost, context_cost
 from .checks import InputError
 from .config import ModelArgs
-from .defaults import PREFILL_STEP
+from .defaults import INDEX_BITS, PREFILL_STEP
 from .units import Fraction, format_size, parse_size, parse_size_or_fraction
 
 PLAN_CONTEXT = 32768  # tokens of K/V a memory budget reserves unless told otherwise
@@ -105,14 +105,9 @@ def footprint(ckpt, dtype: Optional[mx.Dtype] = None) -> Footprint:
                      act if dtype is None else dtype.size, embedding, streamable, what)
 
 
-def kv_bytes(args: ModelArgs, context: int, act_bytes: int, index_bits: Optional[int] = None
-             ) -> int:
-    """The K/V cache and MSA index keys at `context` tokens, as `m3mlx.cache` allocates them
-    (in steps of STEP positions)."""
-    n = -(-context // STEP) * STEP
-    kv = 2 * args.num_key_value_heads * args.head_dim * n * act_bytes * args.num_hidden_layers
-    per_key = args.index_head_dim + 4 if index_bits == 8 else args.index_head_dim * act_bytes
-    return kv + sum(args.sparse_layers) * n * per_key
+def act_dtype(fp: "Footprint") -> mx.Dtype:
+    """The activation dtype a footprint's K/V cache is stored in."""
+    return mx.float32 if fp.act_bytes == 4 else mx.bfloat16
 
 
 def activation_bytes(args: ModelArgs, act_bytes: int, step: int = PREFILL_STEP) -> int:
@@ -122,18 +117,15 @@ def activation_bytes(args: ModelArgs, act_bytes: int, step: int = PREFILL_STEP) 
     return step * (args.vocab_size + 8 * H + 3 * K * F) * act_bytes
 
 
-def decode_read_bytes(fp: Footprint, context: int) -> float:
+def decode_read_bytes(fp: Footprint, kv: ContextCost) -> float:
     """Bytes a decode step reads from memory: resident weights but the embedding table, the
-    active experts, the K/V the attention reads at `context` (MSA: every index key, the
-    selected blocks, all K/V of the dense layers)."""
+    active experts, and the context cache `kv` as the attention reads it (MSA layers: every
+    index key and the selected blocks' K/V; dense layers: all their K/V)."""
     a = fp.args
-    kv_token = 2 * a.num_key_value_heads * a.head_dim * fp.act_bytes
-    dense_layers = a.num_hidden_layers - sum(a.sparse_layers)
-    selected = min(context, a.index_topk_blocks * a.index_block_size)
-    kv = (dense_layers * kv_token * context
-          + sum(a.sparse_layers) * (a.index_head_dim * fp.act_bytes * context
-                                    + kv_token * selected))
-    return fp.resident - fp.embedding + fp.top_k * fp.moe_layers * fp.expert + kv
+    selected = min(kv.tokens, a.index_topk_blocks * a.index_block_size)
+    msa_read = kv.msa_kv * selected / kv.tokens if kv.tokens else 0
+    return (fp.resident - fp.embedding + fp.top_k * fp.moe_layers * fp.expert
+            + kv.index_keys + kv.dense_kv + msa_read)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,12 +137,20 @@ class Budget:
     """What a memory budget holds."""
 
     memory: int
-    context: int
+    context_cost: ContextCost  # the context cache at the planned length (m3mlx.context_memory)
     resident: int
-    kv: int
     activations: int
     slots: int  # experts per MoE layer in the cache (= experts when everything is resident)
     experts: int
+
+    @property
+    def context(self) -> int:
+        return self.context_cost.tokens
+
+    @property
+    def kv(self) -> int:
+        """The context cache's bytes in memory (K/V beyond a --kv-memory limit is on disk)."""
+        return self.context_cost.resident
 
     @property
     def cache(self) -> int:
@@ -179,14 +179,19 @@ def cache_slots(fp: Footprint, expert_cache: Union[int, str, Fraction]) -> int:
     return min(fp.experts, size // one)
 
 
-def plan_budget(fp: Footprint, memory, context: Optional[int] = None,
-                index_bits: Optional[int] = None) -> Budget:
-    """How a memory budget splits: resident weights, K/V at `context`, activations, and the
-    expert cache with what is left. BudgetError when the budget cannot hold what must stay
-    resident, or not even one expert per layer, saying what would."""
+def plan_budget(fp: Footprint, memory, context: Optional[int] = None, *,
+                kv_bits: Optional[int] = None, index_bits: Optional[int] = INDEX_BITS,
+                kv_memory=None) -> Budget:
+    """How a memory budget splits: resident weights, the context cache at `context` tokens
+    (K/V at kv_bits, index keys at index_bits, at most kv_memory of MSA K/V in memory: as
+    `make_cache` would hold it), activations, and the expert cache with what is left.
+    BudgetError when the budget cannot hold what must stay resident, or not even one expert
+    per layer, saying what would."""
     memory = parse_size(memory, "the memory limit")
     context = min(context or PLAN_CONTEXT, fp.args.max_position_embeddings)
-    kv = kv_bytes(fp.args, context, fp.act_bytes, index_bits)
+    cost = context_cost(fp.args, context, kv_bits=kv_bits, index_bits=index_bits,
+                        kv_memory=kv_memory, dtype=act_dtype(fp))
+    kv = cost.resident
     act = activation_bytes(fp.args, fp.act_bytes)
     fixed = fp.resident + kv + act
     if memory < fixed:
@@ -197,7 +202,7 @@ def plan_budget(fp: Footprint, memory, context: Optional[int] = None,
             f"activations; it needs at least {format_size(fixed + fp.expert * fp.moe_layers)} "
             f"(or a smaller conversion: `m3mlx plan PATH --memory SIZE` lists what fits)")
     if fp.total + kv + act <= memory:
-        return Budget(memory, context, fp.resident, kv, act, fp.experts, fp.experts)
+        return Budget(memory, cost, fp.resident, act, fp.experts, fp.experts)
     if not fp.streamable:
         raise BudgetError(
             f"{fp.what}: the model needs {format_size(fp.total + kv + act)}, more than "
@@ -210,7 +215,7 @@ def plan_budget(fp: Footprint, memory, context: Optional[int] = None,
             f"a memory limit of {format_size(memory)} leaves {format_size(memory - fixed)} for "
             f"experts, less than one per layer ({format_size(one)}); give at least "
             f"{format_size(fixed + one)}")
-    return Budget(memory, context, fp.resident, kv, act, min(slots, fp.experts), fp.experts)
+    return Budget(memory, cost, fp.resident, act, min(slots, fp.experts), fp.experts)
 
 
 def check_fits(fp: Footprint, memory: Optional[int] = None):
@@ -273,7 +278,7 @@ class Prediction:
 
 
 def predict(fp: Footprint, budget: Budget, hit_rate: float, mac: hardware.Mac) -> Prediction:
-    reads = decode_read_bytes(fp, budget.context)
+    reads = decode_read_bytes(fp, budget.context_cost)
     streams = budget.streams
     miss = (1.0 - hit_rate) * fp.top_k * fp.moe_layers * fp.expert if streams else 0.0
     syncs = (fp.moe_layers if streams else 0) + 1
@@ -297,8 +302,10 @@ class Plan:
 
 def make_plan(fp: Footprint, memory, context: Optional[int] = None,
               usage: Optional[Dict[str, np.ndarray]] = None,
-              macs: Sequence[hardware.Mac] = hardware.MACS) -> Plan:
-    budget = plan_budget(fp, memory, context)
+              macs: Sequence[hardware.Mac] = hardware.MACS, **context_options) -> Plan:
+    """The plan of `fp` in `memory`; `context_options`: kv_bits, index_bits, kv_memory as for
+    `plan_budget`."""
+    budget = plan_budget(fp, memory, context, **context_options)
     if not budget.streams:
         rate, source = 1.0, "everything resident"
     elif usage:
@@ -310,6 +317,14 @@ def make_plan(fp: Footprint, memory, context: Optional[int] = None,
     return Plan(fp, budget, rate, source, [predict(fp, budget, rate, m) for m in macs])
 
 
+def _context_text(b: Budget) -> str:
+    c = b.context_cost
+    text = (f"K/V {format_size(c.dense_kv + c.msa_kv)}, index keys {format_size(c.index_keys)}")
+    if c.on_disk:
+        text += f"; {format_size(c.on_disk)} of K/V on the SSD"
+    return text
+
+
 def format_plan(plan: Plan) -> str:
     fp, b = plan.footprint, plan.budget
     lines = [
@@ -319,7 +334,7 @@ def format_plan(plan: Plan) -> str:
         f"{format_size(fp.experts_total)}",
         f"budget       {format_size(b.memory)} at {b.context:,} tokens of context",
         f"  weights besides the routed experts  {format_size(b.resident):>10}",
-        f"  K/V cache and MSA index keys        {format_size(b.kv):>10}",
+        f"  K/V cache and MSA index keys        {format_size(b.kv):>10}  ({_context_text(b)})",
         f"  activations of a prefill chunk      {format_size(b.activations):>10}",
     ]
     if b.streams:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
+
 from . import moe
+from .kv import DEFAULT_GROUP, kv_row_bytes
 from .kernel import SIMD, THREADGROUP_MEMORY, Footprint, ceil_div
 from .msa_kernels import (DECODE_SIMDGROUPS, MERGE_THREADS, PREFILL_KEYS, PREFILL_SIMDGROUPS,
                           SCORES_BLOCKS_PER_GROUP, SCORES_MMA_SIMDGROUPS, SCORES_SIMDGROUPS,
@@ -118,8 +121,19 @@ def _index_key_bytes(int8: bool) -> float:
     return M3["index_dim"] * (1 + 4 / M3["index_dim"] if int8 else BF16)  # int8: + an fp32 scale
 
 
-def msa_decode(context: int, int8: bool = False) -> list[Cost]:
-    """The four launches of one decode step: scores, top-k, split-K attention, merge."""
+def _kv_row_bytes(kv_bits) -> int:
+    """One key (or value) row of one head as the cache stores it for bf16 activations."""
+    D = M3["head_dim"]
+    return kv_row_bytes(D, kv_bits, DEFAULT_GROUP.get(kv_bits), mx.bfloat16)
+
+
+def _kv_name(kv_bits) -> str:
+    return f"{kv_bits}-bit K/V" if kv_bits else "bf16 K/V"
+
+
+def msa_decode(context: int, int8: bool = False, kv_bits=None) -> list[Cost]:
+    """The four launches of one decode step: scores, top-k, split-K attention, merge. kv_bits:
+    compact K/V (decoded into the key tile, the values after the scores: two more phases)."""
     g = M3
     H, Di, block, topk = g["index_heads"], g["index_dim"], g["block"], g["topk"]
     G, D = g["q_per_kv"], g["head_dim"]
@@ -136,16 +150,18 @@ def msa_decode(context: int, int8: bool = False) -> list[Cost]:
         Cost("msa_index_select", f"{select // SIMD} simdgroup(s)", H, select,
              index_select_footprint(topk, select), n_cols * H * 4, 0, SCALAR_ALU, phases=3,
              serial=ceil_div(n_cols, select) * 2 + (topk - 1) * 10),
-        Cost("msa_decode_attention", "bf16 K/V", H * parts, SIMD * DECODE_SIMDGROUPS,
-             decode_attention_footprint(G, D, D), H * attended * 2 * D * BF16 + partials,
-             H * G * attended * 2 * D, SCALAR_ALU, phases=3),
+        Cost("msa_decode_attention", _kv_name(kv_bits), H * parts, SIMD * DECODE_SIMDGROUPS,
+             decode_attention_footprint(G, D, D, kv_bits or 0),
+             H * attended * 2 * _kv_row_bytes(kv_bits) + partials,
+             H * G * attended * 2 * D, SCALAR_ALU, phases=5 if kv_bits else 3),
         Cost("msa_decode_merge", "", ceil_div(D, MERGE_THREADS) * G * H, MERGE_THREADS,
              Footprint(0, 0), partials + H * G * D * BF16, H * G * parts * D, SCALAR_ALU,
              phases=2, serial=2 * parts),
     ]
 
 
-def msa_prefill(context: int, int8: bool = False, chunk: int = M3["chunk"]) -> list[Cost]:
+def msa_prefill(context: int, int8: bool = False, chunk: int = M3["chunk"],
+                kv_bits=None) -> list[Cost]:
     """The three launches of one prefill chunk ending at `context`: scores, top-k, attention.
 
     DRAM bytes assume the planned orders keep what neighbouring threadgroups share in the cache:
@@ -172,9 +188,9 @@ def msa_prefill(context: int, int8: bool = False, chunk: int = M3["chunk"]) -> l
         Cost("msa_index_select", f"{select // SIMD} simdgroup(s)", H * chunk, select,
              index_select_footprint(topk, select), scores_out, 0, SCALAR_ALU, phases=3,
              serial=ceil_div(n_cols, select) * 2 + (topk - 1) * 10),
-        Cost("msa_prefill_attention", "bf16 K/V", H * ceil_div(chunk, tq),
+        Cost("msa_prefill_attention", _kv_name(kv_bits), H * ceil_div(chunk, tq),
              SIMD * PREFILL_SIMDGROUPS, prefill_attention_footprint(G, D, D, topk),
-             H * distinct * block * 2 * D * BF16 + 2 * H * G * chunk * D * BF16,
+             H * distinct * block * 2 * _kv_row_bytes(kv_bits) + 2 * H * G * chunk * D * BF16,
              H * G * chunk * attended * 2 * D, MATRIX_ALU,
              phases=4 + 2 * topk * block // PREFILL_KEYS),
     ]

@@ -18,13 +18,18 @@ def index_topk(index_q, index_keys, *, offset, block_size, topk, index_scales=No
     return msa_ops.index_topk(index_q, index_keys, offset, block_size, topk, index_scales)
 
 
-def sparse_attention(q, keys, values, selection, *, offset, scale, block_size, use_metal=None):
+def sparse_attention(q, keys, values, selection, *, offset, scale, block_size, slots=None,
+                     use_metal=None):
     """Attention over the selected key blocks: q [B, H*G, L, D] -> [B, H*G, L, Dv].
 
+    keys/values [B, H, S, D]: float arrays, or compact (`QuantizedKV`), decoded only where a
+    selected block is read. With `slots` (int32 like selection), they are a pool of blocks and
+    selected block `selection[..., i]` is stored at pool block `slots[..., i]`.
     Decode (L == 1) and prefill chunks use different Metal kernels; dispatch as index_topk.
     """
     if runs_metal("sparse_attention", use_metal, lambda: msa_kernels.sparse_attention_supported(
             q, keys, values, selection, block_size)):
         return msa_kernels.sparse_attention(q, keys, values, selection, offset, scale,
-                                            block_size)
-    return msa_ops.sparse_attention(q, keys, values, selection, offset, scale, block_size)
+                                            block_size, slots=slots)
+    return msa_ops.sparse_attention(q, keys, values, selection, offset, scale, block_size,
+                                    slots)

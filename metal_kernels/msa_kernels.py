@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from .kernel import (FLOATS, SIMD, Footprint, KernelSpec, Launch, Runner, ceil_div, metal_run,
                      placeholder)
+from .kv import GROUP_SIZES, KV_BITS, QuantizedKV
 
 HEADER = ("msa_common.metal",)
 INDEX_SCORES = KernelSpec(
@@ -29,22 +30,17 @@ INDEX_SCORES_MMA = KernelSpec(
     "msa_index_scores_mma.metal", HEADER)
 INDEX_SELECT = KernelSpec(
     "msa_index_select", ("scores", "offset"), ("selection",), "msa_index_select.metal", HEADER)
+# The attention kernels read float or compact K/V (KV_BITS), contiguous or as a pool of blocks
+# (PAGED); inputs a variant does not use are one-element placeholders (`kv_inputs`).
+KV_INPUTS = ("q", "keys", "k_scales", "k_biases", "values", "v_scales", "v_biases",
+             "selection", "slots", "offset", "scale")
 DECODE_ATTENTION = KernelSpec(
-    "msa_decode_attention",
-    ("q", "keys", "values", "selection", "offset", "scale"),
-    ("o_part", "ml_part"),
-    "msa_decode_attention.metal",
-    HEADER,
-)
+    "msa_decode_attention", KV_INPUTS, ("o_part", "ml_part"), "msa_decode_attention.metal",
+    HEADER)
 DECODE_MERGE = KernelSpec(
     "msa_decode_merge", ("o_part", "ml_part"), ("out",), "msa_decode_merge.metal")
 PREFILL_ATTENTION = KernelSpec(
-    "msa_prefill_attention",
-    ("q", "keys", "values", "selection", "offset", "scale"),
-    ("out",),
-    "msa_prefill_attention.metal",
-    HEADER,
-)
+    "msa_prefill_attention", KV_INPUTS, ("out",), "msa_prefill_attention.metal", HEADER)
 SPECS = (INDEX_SCORES, INDEX_SCORES_MMA, INDEX_SELECT, DECODE_ATTENTION, DECODE_MERGE,
          PREFILL_ATTENTION)
 
@@ -90,10 +86,11 @@ def index_select_footprint(topk, threads) -> Footprint:
     return Footprint(3 * 4 * (threads // SIMD) * kl, 2 * kl)  # ls[], li[]
 
 
-def decode_attention_footprint(G, D, DV) -> Footprint:
+def decode_attention_footprint(G, D, DV, kv_bits=0) -> Footprint:
     threads = SIMD * DECODE_SIMDGROUPS
     rows, cpt = ceil_div(G, DECODE_SIMDGROUPS), ceil_div(DV, threads)
-    return Footprint(4 * (G * D + DECODE_KEYS * (D + 1) + G * DECODE_KEYS), rows + G * cpt)
+    tile = DECODE_KEYS * (max(D, DV) + 1 if kv_bits else D + 1)  # compact: values reuse it
+    return Footprint(4 * (G * D + tile + G * DECODE_KEYS), rows + G * cpt)
 
 
 def prefill_tile(G: int) -> int:
@@ -101,11 +98,12 @@ def prefill_tile(G: int) -> int:
     return max(1, min(32, PREFILL_ROWS // G))
 
 
-def prefill_attention_footprint(G, D, DV, topk) -> Footprint:
+def prefill_attention_footprint(G, D, DV, topk, paged=False) -> Footprint:
     nsg, kc, tq = PREFILL_SIMDGROUPS, PREFILL_KEYS, prefill_tile(G)
     d8, dv8 = _pad8(D), _pad8(DV)
     stage = kc * (d8 + 4 + dv8 + 4)
-    tg = 4 * (stage + nsg * 8 * kc + nsg * 64 + 4 * tq * topk)
+    ids = (6 if paged else 4) * tq * topk + (0 if paged else 2)  # + the 1-int placeholders
+    tg = 4 * (stage + nsg * 8 * kc + nsg * 64 + ids)
     matrices = d8 // 8 + dv8 // 8 + kc // 8 + 3  # qf[], of[], sf[], kf / pf / vf
     return Footprint(tg, MATRIX_REGISTERS * matrices + kc // 4)  # + s[]
 
@@ -221,16 +219,35 @@ def index_topk(index_q, index_keys, offset, block_size, topk, index_scales=None,
 # ---------------------------------------------------------------------------------------------
 
 
+def compact_supported(x) -> bool:
+    """A QuantizedKV the kernels decode: 8 or 4 bits, float scales, rows of whole words."""
+    return (x.bits in KV_BITS and x.group_size in GROUP_SIZES and x.scales.dtype in FLOATS
+            and x.biases.dtype == x.scales.dtype and x.shape[-1] % x.group_size == 0)
+
+
+def _kv_format(keys, values):
+    """(KV_BITS, KV_GROUP) of K/V both float (0, 32) or both compact alike; None otherwise."""
+    compact = [isinstance(x, QuantizedKV) for x in (keys, values)]
+    if not any(compact):
+        return (0, 32) if keys.dtype in FLOATS and values.dtype in FLOATS else None
+    if not all(compact) or not all(compact_supported(x) for x in (keys, values)):
+        return None
+    if (keys.bits, keys.group_size) != (values.bits, values.group_size):
+        return None
+    return keys.bits, keys.group_size
+
+
 def sparse_attention_supported(q, keys, values, selection, block_size) -> bool:
     B, Hq, L, D = q.shape
     H, DV, topk = keys.shape[1], values.shape[-1], selection.shape[-1]
-    if not (q.dtype in FLOATS and keys.dtype in FLOATS and values.dtype in FLOATS
-            and Hq % H == 0 and 1 <= topk <= MAX_TOPK and block_size >= 1):
+    fmt = _kv_format(keys, values)
+    if not (q.dtype in FLOATS and fmt is not None and Hq % H == 0 and 1 <= topk <= MAX_TOPK
+            and block_size >= 1):
         return False
     G = Hq // H
     if L == 1:
-        return decode_attention_footprint(G, D, DV).fits
-    return G <= PREFILL_ROWS and prefill_attention_footprint(G, D, DV, topk).fits
+        return decode_attention_footprint(G, D, DV, fmt[0]).fits
+    return G <= PREFILL_ROWS and prefill_attention_footprint(G, D, DV, topk, True).fits
 
 
 def decode_parts(block_size: int) -> int:
@@ -238,20 +255,43 @@ def decode_parts(block_size: int) -> int:
     return ceil_div(block_size, DECODE_KEYS)
 
 
-def decode_attention_launch(q, keys, values, selection, offset, scale, block_size) -> Launch:
+def kv_inputs(keys, values, selection, slots) -> list:
+    """The K/V inputs of the attention kernels, in KV_INPUTS order after q: codes or floats,
+    scales and biases (placeholders for float K/V), the selection and the slots."""
+    out = []
+    for x in (keys, values):
+        if isinstance(x, QuantizedKV):
+            out += list(x.arrays)
+        else:
+            out += [x, placeholder(mx.float32), placeholder(mx.float32)]
+    return out + [selection, slots if slots is not None else placeholder(mx.int32)]
+
+
+def _kv_template(keys, values, slots) -> tuple:
+    bits, group = _kv_format(keys, values)
+    return (("KV_BITS", bits), ("KV_GROUP", group), ("PAGED", slots is not None))
+
+
+def out_dtype(q, values):
+    """The attention output's type: the values', or q's for compact values (as the twin)."""
+    return q.dtype if isinstance(values, QuantizedKV) else values.dtype
+
+
+def decode_attention_launch(q, keys, values, selection, offset, scale, block_size,
+                            slots=None) -> Launch:
     B, Hq, _, D = q.shape
     H, DV, topk = keys.shape[1], values.shape[-1], selection.shape[-1]
     G = Hq // H
     parts = topk * decode_parts(block_size)
     threads = SIMD * DECODE_SIMDGROUPS
     return Launch(
-        inputs=[q, keys, values, selection, offset, float(scale)],
+        inputs=[q, *kv_inputs(keys, values, selection, slots), offset, float(scale)],
         output_shapes=[(B, H, parts, G, DV), (B, H, parts, G, 2)],
         output_dtypes=[mx.float32, mx.float32],
         grid=(threads, parts, B * H),
         threadgroup=(threads, 1, 1),
         template=(("G", G), ("D", D), ("DV", DV), ("BLOCK", block_size),
-                  ("NSG", DECODE_SIMDGROUPS)),
+                  ("NSG", DECODE_SIMDGROUPS), *_kv_template(keys, values, slots)),
     )
 
 
@@ -267,26 +307,30 @@ def decode_merge_launch(o_part, ml_part, dtype) -> Launch:
     )
 
 
-def prefill_attention_launch(q, keys, values, selection, offset, scale, block_size) -> Launch:
+def prefill_attention_launch(q, keys, values, selection, offset, scale, block_size,
+                             slots=None) -> Launch:
     B, Hq, L, D = q.shape
     H, DV, topk = keys.shape[1], values.shape[-1], selection.shape[-1]
     G = Hq // H
     tq = prefill_tile(G)
     threads = SIMD * PREFILL_SIMDGROUPS
+    dtype = out_dtype(q, values)
     return Launch(
-        inputs=[q, keys, values, selection, offset, float(scale)],
+        inputs=[q, *kv_inputs(keys, values, selection, slots), offset, float(scale)],
         output_shapes=[(B, Hq, L, DV)],
-        output_dtypes=[values.dtype],
+        output_dtypes=[dtype],
         grid=(threads, ceil_div(L, tq), B * H),
         threadgroup=(threads, 1, 1),
-        template=(("T", values.dtype), ("G", G), ("D", D), ("DV", DV), ("BLOCK", block_size),
-                  ("TOPK", topk), ("TQ", tq), ("NSG", PREFILL_SIMDGROUPS)),
+        template=(("T", dtype), ("G", G), ("D", D), ("DV", DV), ("BLOCK", block_size),
+                  ("TOPK", topk), ("TQ", tq), ("NSG", PREFILL_SIMDGROUPS),
+                  *_kv_template(keys, values, slots)),
     )
 
 
 def sparse_attention(q, keys, values, selection, offset, scale, block_size,
-                     run: Runner | None = None):
-    """Attention over the selected blocks with the Metal kernels: [B, H*G, L, Dv]."""
+                     run: Runner | None = None, slots=None):
+    """Attention over the selected blocks with the Metal kernels: [B, H*G, L, Dv]; K/V float
+    or compact, contiguous or a pool of blocks read through `slots` (the twin's contract)."""
     run = run or metal_run
     B, Hq, L, D = q.shape
     if keys.ndim != 4 or keys.shape[0] != B or keys.shape[3] != D or Hq % keys.shape[1]:
@@ -295,15 +339,19 @@ def sparse_attention(q, keys, values, selection, offset, scale, block_size,
         raise ValueError(f"values {values.shape} do not match keys {keys.shape}")
     if selection.shape[:3] != (B, keys.shape[1], L):
         raise ValueError(f"selection {selection.shape} does not match q {q.shape}")
+    if slots is not None and slots.shape != selection.shape:
+        raise ValueError(f"slots {slots.shape} do not match the selection {selection.shape}")
     if not sparse_attention_supported(q, keys, values, selection, block_size):
         raise ValueError("no Metal attention kernel for this geometry or dtype; use the ops path")
     if selection.dtype != mx.int32:
         selection = selection.astype(mx.int32)
+    if slots is not None and slots.dtype != mx.int32:
+        slots = slots.astype(mx.int32)
     if L == 1:
         o_part, ml_part = run(DECODE_ATTENTION, decode_attention_launch(
-            q, keys, values, selection, offset, scale, block_size))
-        (out,) = run(DECODE_MERGE, decode_merge_launch(o_part, ml_part, values.dtype))
+            q, keys, values, selection, offset, scale, block_size, slots))
+        (out,) = run(DECODE_MERGE, decode_merge_launch(o_part, ml_part, out_dtype(q, values)))
         return out
     (out,) = run(PREFILL_ATTENTION, prefill_attention_launch(
-        q, keys, values, selection, offset, scale, block_size))
+        q, keys, values, selection, offset, scale, block_size, slots))
     return out

@@ -8,11 +8,20 @@ Shapes (B batch, H index heads = KV heads, G query heads per KV head, L queries,
   index_q      [B, H, L, Di]     index queries after norm and RoPE
   index_keys   [B, S, Di]        index-key buffer (float, or int8 with `index_scales` [B, S])
   selection    [B, H, L, topk]   int32 block ids, valid ids first (ascending), -1 padding
-  q            [B, H*G, L, D];   keys/values [B, H, S, D]
+  q            [B, H*G, L, D];   keys/values [B, H, S, D], float or compact (`kv.QuantizedKV`)
+  slots        [B, H, L, topk]   optional: where each selected block is stored (see below)
 Query t sits at absolute position `offset + t`; buffers may be longer than `offset + L`.
+
+Compact K/V is decoded block by block, only for the selected blocks, inside the products
+(`mx.gather_qmm`). With `slots`, keys/values are a pool of blocks per (batch, KV head): block
+`selection[..., i]` (whose id still sets the positions, hence the masks) is read from block
+`slots[..., i]` of the pool. A memory tier keeps a bounded pool that way; without slots, block j
+is stored at block j.
 """
 
 import mlx.core as mx
+
+from .kv import QuantizedKV, block_matmul
 
 # Bounds on one scores tile, so that no temporary grows with the context: a decode step's
 # scan works through the index keys MAX_TILE_KEYS at a time.
@@ -101,28 +110,22 @@ def _settled(x, tiled):
     return x
 
 
-def _block_matmul(a, blocks, lhs, rhs):
-    """a[lhs[i]] @ blocks[rhs[i]] for every pair i, without copying the blocks where possible."""
-    if a.dtype == mx.float32 or mx.default_device() == mx.gpu:
-        return mx.gather_mm(a, blocks, lhs, rhs)
-    # The CPU gather_mm only takes float32: gather the blocks and upcast them.
-    return (a[lhs].astype(mx.float32) @ blocks[rhs].astype(mx.float32)).astype(a.dtype)
-
-
-def _attend_tile(q_rows, k_blocks, v_blocks, sel, row_base, positions, scale, block_size):
+def _attend_tile(q_rows, k_blocks, v_blocks, sel, src, row_base, positions, scale, block_size,
+                 dtype):
     """Sparse attention for one tile of query rows.
 
     q_rows [R, G, D]: one row per (batch, kv head, query) with its G query heads;
-    k_blocks/v_blocks [N, block, D]: every block of every (batch, kv head);
-    sel [R, k] block ids within the row's sequence (-1 padding); row_base [R] the flat index
-    of the row's block 0; positions [R] the query positions.
+    k_blocks/v_blocks [N, block, D]: every stored block of every (batch, kv head);
+    sel [R, k] block ids within the row's sequence (-1 padding), src [R, k] where they are
+    stored; row_base [R] the flat index of the row's stored block 0; positions [R] the query
+    positions; dtype the output's.
     """
     R, G, _ = q_rows.shape
     k = sel.shape[-1]
     valid = sel >= 0
-    rhs = (row_base[:, None] + mx.maximum(sel, 0)).reshape(-1).astype(mx.uint32)
+    rhs = (row_base[:, None] + mx.maximum(src, 0)).reshape(-1).astype(mx.uint32)
     lhs = mx.repeat(mx.arange(R, dtype=mx.uint32), k)
-    scores = _block_matmul(q_rows * scale, k_blocks.swapaxes(-1, -2), lhs, rhs)
+    scores = block_matmul(q_rows * scale, k_blocks, lhs, rhs, transpose=True)
     scores = scores.astype(mx.float32).reshape(R, k, G, block_size)
 
     key_pos = sel[..., None] * block_size + mx.arange(block_size)
@@ -132,33 +135,44 @@ def _attend_tile(q_rows, k_blocks, v_blocks, sel, row_base, positions, scale, bl
     weights = mx.exp(scores - peak)
     total = weights.sum(axis=(1, 3))  # [R, G]; normalizing the small output is cheaper
     pairs = mx.arange(R * k, dtype=mx.uint32)
-    weights = weights.astype(v_blocks.dtype).reshape(R * k, G, block_size)
-    out = _block_matmul(weights, v_blocks, pairs, rhs).reshape(R, k, G, -1).sum(axis=1)
-    return (out / total[..., None]).astype(v_blocks.dtype)
+    weights = weights.astype(dtype).reshape(R * k, G, block_size)
+    out = block_matmul(weights, v_blocks, pairs, rhs, transpose=False)
+    out = out.reshape(R, k, G, -1).sum(axis=1)
+    return (out / total[..., None]).astype(dtype)
 
 
-def _as_blocks(x, block_size):
-    """[B, H, S, D] -> [B*H*nblk, block, D], padding S up to a whole block (a view if aligned)."""
-    B, H, S, D = x.shape
+def _pad_blocks(x, block_size):
+    """[B, H, S, W] -> [B*H*nblk, block, W], padding S up to a whole block (a view if aligned)."""
+    B, H, S, W = x.shape
     pad = -S % block_size
     if pad:
         x = mx.pad(x, [(0, 0), (0, 0), (0, pad), (0, 0)])
-    return x.reshape(B * H * ((S + pad) // block_size), block_size, D)
+    return x.reshape(B * H * ((S + pad) // block_size), block_size, W)
 
 
-def sparse_attention(q, keys, values, selection, offset, scale, block_size):
+def as_blocks(x, block_size):
+    """K or V [B, H, S, D] (an array or a QuantizedKV) as [B*H*nblk, block, D] blocks."""
+    if isinstance(x, QuantizedKV):
+        return x.map(lambda a: _pad_blocks(a, block_size))
+    return _pad_blocks(x, block_size)
+
+
+def sparse_attention(q, keys, values, selection, offset, scale, block_size, slots=None):
     """Attention of each query over its selected key blocks only: [B, H*G, L, Dv].
 
     Causal inside the query's own block; -1 slots are skipped; ids may come in any order.
+    The output has the type of float values, or of q when they are compact.
     """
     B, Hq, L, D = q.shape
     H = keys.shape[1]
     G = Hq // H
     n_blocks = -(-keys.shape[2] // block_size)
-    k_blocks = _as_blocks(keys, block_size)
-    v_blocks = _as_blocks(values, block_size)
+    dtype = q.dtype if isinstance(values, QuantizedKV) else values.dtype
+    k_blocks = as_blocks(keys, block_size)
+    v_blocks = as_blocks(values, block_size)
     q_rows = q.reshape(B, H, G, L, D).transpose(0, 1, 3, 2, 4).reshape(B * H * L, G, D)
     sel = selection.reshape(B * H * L, -1)
+    src = sel if slots is None else slots.reshape(B * H * L, -1)
     row_base = mx.repeat(mx.arange(B * H, dtype=mx.int32) * n_blocks, L)
     positions = mx.tile(mx.arange(offset, offset + L, dtype=mx.int32), B * H)
 
@@ -167,8 +181,8 @@ def sparse_attention(q, keys, values, selection, offset, scale, block_size):
     outs = []
     for start in range(0, B * H * L, rows_per_tile):
         tile = slice(start, start + rows_per_tile)
-        out = _attend_tile(q_rows[tile], k_blocks, v_blocks, sel[tile], row_base[tile],
-                           positions[tile], scale, block_size)
+        out = _attend_tile(q_rows[tile], k_blocks, v_blocks, sel[tile], src[tile],
+                           row_base[tile], positions[tile], scale, block_size, dtype)
         outs.append(_settled(out, tiled))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
     return out.reshape(B, H, L, G, -1).transpose(0, 1, 3, 2, 4).reshape(B, Hq, L, -1)

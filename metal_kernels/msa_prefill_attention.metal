@@ -15,9 +15,17 @@
 // exceeds it by more than RESCALE (e^8 bounds every weight), and the output is rescaled then,
 // by a diagonal matrix product: at most a few times per row instead of every chunk.
 //
-// Inputs: q [B, H*G, L, D], keys [B, H, S, D], values [B, H, S, DV], selection
-// [B, H, L, TOPK] int32, offset, scale. Any strides. Output: out [B, H*G, L, DV] in T.
-// Templates: T, G, D, DV, BLOCK, TOPK, TQ (<= 32, TQ * G <= 8 * NSG), NSG.
+// Compact K/V (KV_BITS 8 or 4): each chunk's keys and values are decoded as they are staged
+// (msa_stage_compact_rows), so only the selected blocks are ever decoded. A pool of blocks
+// (PAGED): selected block `selection[...]` (whose id sets the positions) is stored at block
+// `slots[...]` of the buffers; the tile's unique blocks carry both.
+//
+// Inputs: q [B, H*G, L, D], keys [B, H, S, D], values [B, H, S, DV] (compact: uint32 codes
+// [B, H, S, D * KV_BITS / 32] with k_scales / k_biases [B, H, S, D / KV_GROUP], the same for
+// values; otherwise those four are unread placeholders), selection [B, H, L, TOPK] int32,
+// slots (PAGED: like selection; otherwise a placeholder), offset, scale. Any strides.
+// Output: out [B, H*G, L, DV] in T. Templates: T, G, D, DV, BLOCK, TOPK, TQ (<= 32,
+// TQ * G <= 8 * NSG), NSG, KV_BITS (0: float K/V), KV_GROUP, PAGED.
 
 constexpr int NT = 32 * NSG;
 constexpr int KC = 16;  // keys per chunk: two 8-key tiles
@@ -53,6 +61,8 @@ threadgroup int cand[CAND];
 threadgroup uint cand_mask[CAND];
 threadgroup int unique_block[CAND];
 threadgroup uint unique_mask[CAND];
+threadgroup int cand_src[PAGED ? CAND : 1];  // where each id is stored (PAGED)
+threadgroup int unique_src[PAGED ? CAND : 1];
 
 // 1. The tile's selected ids; queries past L select nothing.
 for (int e = tid; e < CAND; e += NT) {
@@ -60,6 +70,11 @@ for (int e = tid; e < CAND; e += NT) {
   cand[e] = t < L ? selection[b * selection_strides[0] + h * selection_strides[1] +
                               t * selection_strides[2] + (e % TOPK) * selection_strides[3]]
                   : -1;
+  if (PAGED) {
+    cand_src[e] = t < L ? slots[b * slots_strides[0] + h * slots_strides[1] +
+                                t * slots_strides[2] + (e % TOPK) * slots_strides[3]]
+                        : -1;
+  }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -78,7 +93,10 @@ for (int e = tid; e < CAND; e += NT) {
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
-// 3. Compact the leaders into the unique-block list.
+// 3. Compact the leaders into the unique-block list, in ascending block order: each query then
+// meets its own blocks in the same order whichever queries share its tile, so its arithmetic
+// (hence its bits) does not depend on where a call's tiles start (a memory tier splits long
+// prefill chunks into groups of queries).
 int n_unique = 0;
 for (int k = 0; k < CAND; ++k) {
   n_unique += cand_mask[k] != 0u;
@@ -86,11 +104,14 @@ for (int k = 0; k < CAND; ++k) {
 for (int e = tid; e < CAND; e += NT) {
   if (cand_mask[e] != 0u) {
     int at = 0;
-    for (int k = 0; k < e; ++k) {
-      at += cand_mask[k] != 0u;
+    for (int k = 0; k < CAND; ++k) {
+      at += cand_mask[k] != 0u && cand[k] < cand[e];
     }
     unique_block[at] = cand[e];
     unique_mask[at] = cand_mask[e];
+    if (PAGED) {
+      unique_src[at] = cand_src[e];
+    }
   }
 }
 
@@ -142,19 +163,34 @@ auto head_values = values + b * values_strides[0] + h * values_strides[1];
 
 for (int u = 0; u < n_unique; ++u) {
   const int blk = unique_block[u];
+  const int src = PAGED ? unique_src[u] : blk;
   const bool chose = row_ok && ((unique_mask[u] >> (row / G)) & 1u);
   for (int c0 = 0; c0 < BLOCK; c0 += KC) {
-    const int key0 = blk * BLOCK + c0;
-    const int n = min(min(KC, BLOCK - c0), S - key0);
+    const int key0 = blk * BLOCK + c0;  // the chunk's first position
+    const int krow = src * BLOCK + c0;  // and its row in the buffers
+    const int n = min(min(KC, BLOCK - c0), S - krow);
     if (n <= 0 || key0 > last_pos) {
       break;  // uniform: the rest of the block lies past the buffer or after every tile query
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous chunk is consumed
-    msa_stage_rows<KC, D, D8, LDK, NT>(
-        ks, head_keys + key0 * keys_strides[2], keys_strides[2], keys_strides[3], n, tid);
-    msa_stage_rows<KC, DV, DV8, LDV, NT>(
-        vs, head_values + key0 * values_strides[2], values_strides[2], values_strides[3], n,
-        tid);
+    if (KV_BITS) {
+      const int64_t kat = b * k_scales_strides[0] + h * k_scales_strides[1] +
+                          int64_t(krow) * k_scales_strides[2];
+      const int64_t vat = b * v_scales_strides[0] + h * v_scales_strides[1] +
+                          int64_t(krow) * v_scales_strides[2];
+      msa_stage_compact_rows<KC, D, D8, LDK, NT, (KV_BITS ? KV_BITS : 8), KV_GROUP>(
+          ks, head_keys + krow * keys_strides[2], keys_strides[2], keys_strides[3],
+          k_scales + kat, k_biases + kat, k_scales_strides[2], k_scales_strides[3], n, tid);
+      msa_stage_compact_rows<KC, DV, DV8, LDV, NT, (KV_BITS ? KV_BITS : 8), KV_GROUP>(
+          vs, head_values + krow * values_strides[2], values_strides[2], values_strides[3],
+          v_scales + vat, v_biases + vat, v_scales_strides[2], v_scales_strides[3], n, tid);
+    } else {
+      msa_stage_rows<KC, D, D8, LDK, NT>(
+          ks, head_keys + krow * keys_strides[2], keys_strides[2], keys_strides[3], n, tid);
+      msa_stage_rows<KC, DV, DV8, LDV, NT>(
+          vs, head_values + krow * values_strides[2], values_strides[2], values_strides[3], n,
+          tid);
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // Scores S = Q K^T for the chunk: 8 rows x KC keys.

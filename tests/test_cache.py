@@ -31,15 +31,15 @@ def run_in_chunks(model, ids, chunks, cache):
 def test_chunked_prefill_and_decode_equal_full_forward(sparse_model, chunks):
     model, _ = sparse_model
     ids = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 320)))
-    full = model(ids)
-    got = run_in_chunks(model, ids, chunks, m3mlx.make_cache(model))
+    full = model(ids)  # index keys as computed: the cache keeps them so (16) to match
+    got = run_in_chunks(model, ids, chunks, m3mlx.make_cache(model, index_bits=16))
     np.testing.assert_allclose(np.array(got), np.array(full), atol=1e-4)
 
 
 def test_8bit_index_keys_select_like_the_full_keys_and_run(sparse_model):
     model, _ = sparse_model
     ids = mx.array(np.random.default_rng(1).integers(0, model.args.vocab_size, (1, 300)))
-    cache8, cache32 = m3mlx.make_cache(model, index_bits=8), m3mlx.make_cache(model)
+    cache8, cache32 = m3mlx.make_cache(model, index_bits=8), m3mlx.make_cache(model, 16)
     out8 = run_in_chunks(model, ids, (200,), cache8)
     run_in_chunks(model, ids, (200,), cache32)
     assert cache8[1].index_keys.dtype == mx.int8
@@ -66,7 +66,7 @@ def test_trim_then_redo_gives_the_same_logits(sparse_model):
 
 def test_prompt_cache_round_trips_exactly(sparse_model, tmp_path):
     model, tokenizer = sparse_model
-    for index_bits in (None, 8):
+    for index_bits in (16, 8):
         cache = m3mlx.make_cache(model, index_bits)
         prompt = "The quick brown fox jumps over the lazy dog. " * 8
         text = m3mlx.generate(model, tokenizer, prompt, max_tokens=6, prompt_cache=cache)

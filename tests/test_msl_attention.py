@@ -7,7 +7,7 @@ import pytest
 from msl import cases, harness, shapes
 from msl.cases import prebuilt  # noqa: F401 (the fixture)
 
-from m3mlx.metal_kernels import msa_kernels, msa_ops
+from m3mlx.metal_kernels import msa_kernels, msa_ops, quantize_kv
 
 pytestmark = [cases.needs_runner, pytest.mark.usefixtures("prebuilt")]
 
@@ -111,3 +111,63 @@ def test_real_geometry_prefill(run):
     iq, ik = cases.normal(rng, (1, 1, 8, 16)), cases.normal(rng, (1, 2700, 16))
     sel = msa_ops.index_topk(iq, ik, 2684, 128, 16)
     check(run, q, k, v, sel, 2684, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compact K/V (8 or 4 bits per row) and pools of blocks (a memory tier's layout)
+
+
+def kv_case(seed, B, H, G, D, DV, block, topk, offset, L, extra, bits, group, paged,
+            dtype=mx.float32, holes=True):
+    """q, K/V (compact when bits) and a selection; with `paged` the K/V as a shuffled pool and
+    its slots. Returns (kernel inputs, contiguous twin inputs)."""
+    S = offset + L + extra
+    rng, q, k, v = random_case(seed, B, H, G, D, DV, S, L, dtype)
+    if bits:
+        k, v = quantize_kv(k, bits, group), quantize_kv(v, bits, group)
+    sel = mx.array(cases.edgy_selection(rng, B, H, L, offset, block, topk, holes=holes))
+    slots = None
+    kk, vk = k, v
+    if paged:
+        kk, vk, slots = cases.pooled(k, v, sel, block, rng)
+    return (q, kk, vk, sel, slots), (q, k, v, sel)
+
+
+@cases.kernel_runners
+@pytest.mark.parametrize("B,H,G,D,DV,block,topk,offset,L,extra,bits,group,paged",
+                         shapes.KV_ATTENTION_SHAPES)
+def test_compact_and_pooled_kv(run, B, H, G, D, DV, block, topk, offset, L, extra, bits, group,
+                               paged):
+    """The kernels decode compact K/V and read pools through slots: the twin's answer over the
+    same K/V, contiguous, with unordered ids and -1 holes."""
+    (q, k, v, sel, slots), twin = kv_case(offset + L + bits, B, H, G, D, DV, block, topk, offset,
+                                          L, extra, bits, group, paged)
+    scale = D ** -0.5
+    got = msa_kernels.sparse_attention(q, k, v, sel, offset, scale, block, run=run, slots=slots)
+    want = msa_ops.sparse_attention(*twin, offset, scale, block)
+    assert got.dtype == want.dtype
+    cases.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@cases.kernel_runners
+def test_real_geometry_compact_pooled_decode_bf16(run):
+    # M3's decode over 8-bit K/V (group 64, float16 scales, as the cache stores bf16 K/V) in a
+    # shuffled pool: 4 KV heads x 16 query heads, head dim 128, blocks of 128, top-16.
+    (q, k, v, sel, slots), twin = kv_case(21, 1, 4, 16, 128, 128, 128, 16, 2597, 1, 2, 8, 64,
+                                          True, mx.bfloat16, holes=False)
+    got = msa_kernels.sparse_attention(q, k, v, sel, 2597, 128 ** -0.5, 128, run=run,
+                                       slots=slots)
+    want = msa_ops.sparse_attention(*twin, 2597, 128 ** -0.5, 128)
+    cases.assert_close(got, want, atol=3e-2)
+
+
+@cases.kernel_runners
+def test_real_geometry_compact_pooled_prefill(run):
+    # One KV group of M3 over 4-bit K/V (group 32) in a shuffled pool: eight queries crossing a
+    # block boundary.
+    (q, k, v, sel, slots), twin = kv_case(22, 1, 1, 16, 128, 128, 128, 16, 2684, 8, 8, 4, 32,
+                                          True, holes=False)
+    got = msa_kernels.sparse_attention(q, k, v, sel, 2684, 128 ** -0.5, 128, run=run,
+                                       slots=slots)
+    want = msa_ops.sparse_attention(*twin, 2684, 128 ** -0.5, 128)
+    cases.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -25,11 +25,11 @@ def footprint(spec, launch):
     if spec is K.INDEX_SELECT:
         return K.index_select_footprint(t["TOPK"], launch.threadgroup[0])
     if spec is K.DECODE_ATTENTION:
-        return K.decode_attention_footprint(t["G"], t["D"], t["DV"])
+        return K.decode_attention_footprint(t["G"], t["D"], t["DV"], t["KV_BITS"])
     if spec is K.DECODE_MERGE:
         return K.Footprint(0, 0)
     if spec is K.PREFILL_ATTENTION:
-        return K.prefill_attention_footprint(t["G"], t["D"], t["DV"], t["TOPK"])
+        return K.prefill_attention_footprint(t["G"], t["D"], t["DV"], t["TOPK"], t["PAGED"])
     bits = (t["RBITS"], t["SBITS"])
     if spec is moe.GATE_UP:
         return moe.gate_up_footprint(t["MAXT"], bits)

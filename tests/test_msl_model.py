@@ -9,8 +9,9 @@ from msl import cases
 from msl.moe_cases import FORMATS, SMALL
 
 import m3mlx
+import m3mlx.kv_tier
 from m3mlx.demo import write_demo_checkpoint
-from m3mlx.metal_kernels import ExpertWeights, dispatch, moe
+from m3mlx.metal_kernels import ExpertWeights, dispatch, moe, msa_kernels
 
 
 def quantized_moe(fmt, seed=0):
@@ -105,4 +106,45 @@ def test_logits_with_every_kernel_match_the_twins(tmp_path, monkeypatch, seed, o
         assert {"msa_index_scores", "msa_index_scores_mma", "msa_index_select",
                 "msa_decode_attention", "msa_decode_merge", "msa_prefill_attention",
                 "moe_decode_gate_up", "moe_decode_down"} <= set(launched)
+    assert float(mx.abs(got - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))
+
+
+@pytest.mark.parametrize("kernels_on", [
+    pytest.param("harness", marks=cases.harness_only),
+    pytest.param("metal", marks=pytest.mark.skipif(not mx.metal.is_available(),
+                                                   reason="Metal: only on a Mac")),
+])
+def test_logits_over_compact_tiered_kv_match_the_twins(tmp_path, monkeypatch, kernels_on):
+    """8-bit K/V in a memory tier far smaller than the context: the attention kernels decode the
+    compact blocks and read the pool through slots (via the harness, threads shuffled, or on a
+    Mac's GPU), giving the twins' logits through a sparse prefill chunk and decode steps."""
+    path = write_demo_checkpoint(tmp_path, seed=3, dtype=mx.float32, head_dim=32, rotary_dim=16,
+                                 sparse_layers=[True] * 4, moe_layers=[True] * 4)
+    model = m3mlx.load_model(path, dtype=mx.float32)
+    ids = mx.array(np.random.default_rng(3).integers(0, model.args.vocab_size, (1, 200)))
+
+    def tiered_run():
+        cache = m3mlx.make_cache(model, kv_bits=8, kv_memory=40_000, kv_cache_dir=tmp_path)
+        out = [model(ids[:, s:s + 64], cache) for s in (0, 64, 128)]  # 64: prefill kernels
+        out += [model(ids[:, i:i + 1], cache) for i in range(192, 200)]
+        assert m3mlx.kv_tier.tiers_of(cache)[0].stats.misses > 0  # blocks came back from disk
+        return mx.concatenate(out, axis=1)
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "ops")
+    want = tiered_run()
+    templates = []
+    if kernels_on == "harness":
+        cases.metal_is_the_harness(monkeypatch, order="shuffled")
+        run = msa_kernels.metal_run
+
+        def spying(spec, launch):
+            templates.append((spec.name, dict(launch.template)))
+            return run(spec, launch)
+
+        monkeypatch.setattr(msa_kernels, "metal_run", spying)
+    monkeypatch.setenv(dispatch.ENV_VAR, "metal")
+    got = tiered_run()
+    if kernels_on == "harness":
+        variants = {(name, t["KV_BITS"], t["PAGED"]) for name, t in templates if "KV_BITS" in t}
+        assert variants == {("msa_prefill_attention", 8, True), ("msa_decode_attention", 8, True)}
     assert float(mx.abs(got - want).max()) <= 1e-4 * max(1.0, float(mx.abs(want).max()))

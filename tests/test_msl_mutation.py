@@ -19,7 +19,7 @@ import pytest
 from msl import cases, harness
 from msl.moe_cases import FORMATS, random_experts, routing
 
-from m3mlx.metal_kernels import moe, msa_kernels, msa_ops, quantize_index_keys
+from m3mlx.metal_kernels import moe, msa_kernels, msa_ops, quantize_index_keys, quantize_kv
 from m3mlx.metal_kernels.moe import ExpertWeights
 
 pytestmark = cases.harness_only
@@ -81,7 +81,13 @@ MUTANTS = [
     Mutant(K.INDEX_SELECT, "out[slot] = slot == want ? own : -1;",
            "out[slot] = slot == want + 1 ? own : -1;"),
     # msa_decode_attention
-    Mutant(K.DECODE_ATTENTION, "min(offset + 1, S) - key0", "min(offset + 2, S) - key0"),
+    Mutant(K.DECODE_ATTENTION, "min(offset + 1 - key0, S - krow)",
+           "min(offset + 2 - key0, S - krow)"),
+    Mutant(K.DECODE_ATTENTION, "const int krow = src * BLOCK + in_block;",
+           "const int krow = blk * BLOCK + in_block;"),
+    Mutant(K.DECODE_ATTENTION, ": KV_BITS ? ks[k * LDV + col]", ": KV_BITS ? ks[k * LD + col]"),
+    Mutant(K.DECODE_ATTENTION, "  threadgroup_barrier(mem_flags::mem_threadgroup);\n}\nfloat o[G][CPT];",
+           "}\nfloat o[G][CPT];"),
     Mutant(K.DECODE_ATTENTION, "exp(sc - m)", "exp(sc)"),
     Mutant(K.DECODE_ATTENTION, "(e % D) * q_strides[3]]) * scale;", "(e % D) * q_strides[3]]);"),
     Mutant(K.DECODE_ATTENTION, "o[g][c] += ps[g * 32 + k] * v;",
@@ -97,8 +103,12 @@ MUTANTS = [
     Mutant(K.PREFILL_ATTENTION, "        simdgroup_multiply(of[c], diag, of[c]);\n", ""),
     Mutant(K.PREFILL_ATTENTION, "l_sum = l_sum * alpha + p_sum;", "l_sum = l_sum + p_sum;"),
     Mutant(K.PREFILL_ATTENTION, "leads = leads && k >= e;", "leads = leads && k > e;"),
-    Mutant(K.PREFILL_ATTENTION, f"{BARRIER}\n    msa_stage_rows<KC, D, D8, LDK, NT>(",
-           "msa_stage_rows<KC, D, D8, LDK, NT>("),
+    Mutant(K.PREFILL_ATTENTION, f"{BARRIER}\n    if (KV_BITS) {{", "if (KV_BITS) {"),
+    Mutant(K.PREFILL_ATTENTION, "const int src = PAGED ? unique_src[u] : blk;",
+           "const int src = blk;"),
+    Mutant(K.PREFILL_ATTENTION, "v_scales + vat, v_biases + vat", "v_scales + vat, v_scales + vat"),
+    Mutant(K.PREFILL_ATTENTION, "out[i] = s * float((word >> (i * BITS)) & MASK) + b;",
+           "out[i] = s * float((word >> (i * BITS)) & (MASK >> 1)) + b;", "header"),
     Mutant(K.PREFILL_ATTENTION, "simdgroup_load(vf, vs + kt * 8 * LDV + c * 8, LDV);",
            "simdgroup_load(vf, vs + kt * 8 * LDK + c * 8, LDK);"),
     Mutant(K.PREFILL_ATTENTION, "square[r8 * 8 + quarter * 2 + i] / l_sum",
@@ -174,6 +184,20 @@ def attention_battery(run) -> bool:
         v = cases.normal(rng, (B, H, S, DV))
         sel = mx.array(cases.edgy_selection(rng, B, H, L, offset, block, topk))
         got = msa_kernels.sparse_attention(q, k, v, sel, offset, 0.3, block, run=run)
+        if not np.allclose(np.array(got), np.array(msa_ops.sparse_attention(
+                q, k, v, sel, offset, 0.3, block)), atol=2e-5, rtol=2e-5):
+            return False
+    for B, H, G, D, DV, block, topk, offset, L, extra, bits, group, paged in [
+            (1, 2, 3, 32, 64, 8, 4, 203, 1, 5, 8, 32, True),
+            (1, 1, 5, 64, 32, 70, 3, 300, 9, 0, 4, 32, True)]:
+        S = offset + L + extra
+        q, k = cases.normal(rng, (B, H * G, L, D)), cases.normal(rng, (B, H, S, D))
+        k, v = quantize_kv(k, bits, group), quantize_kv(cases.normal(rng, (B, H, S, DV)), bits,
+                                                        group)
+        sel = mx.array(cases.edgy_selection(rng, B, H, L, offset, block, topk))
+        pk, pv, slots = cases.pooled(k, v, sel, block, rng)
+        got = msa_kernels.sparse_attention(q, pk, pv, sel, offset, 0.3, block, run=run,
+                                           slots=slots)
         if not np.allclose(np.array(got), np.array(msa_ops.sparse_attention(
                 q, k, v, sel, offset, 0.3, block)), atol=2e-5, rtol=2e-5):
             return False

@@ -28,12 +28,21 @@ def launch_cases():
     add("m3-decode-int8", shapes.m3_msa_launches(8192, 1, int8=True))
     add("m3-prefill-int8", shapes.m3_msa_launches(8192, 2048, int8=True))
     add("m3-decode-fp32", shapes.m3_msa_launches(8192, 1, mx.float32))
+    for bits in (8, 4):  # compact K/V in a pool of blocks (a memory tier), and contiguous
+        add(f"m3-decode-kv{bits}-pooled", shapes.m3_kv_attention_launches(131072, 1, bits, True))
+        add(f"m3-prefill-kv{bits}-pooled",
+            shapes.m3_kv_attention_launches(131072, 2048, bits, True))
+        add(f"m3-decode-kv{bits}", shapes.m3_kv_attention_launches(1 << 20, 1, bits, False))
+    add("m3-decode-pooled", shapes.attention_launches(1, 4, 16, 128, 128, 128, 16, 8191, 1, 0,
+                                                      mx.bfloat16, paged=True))
     for i, shape in enumerate(shapes.INDEX_SHAPES):
         add(f"index-{i}", shapes.index_launches(*shape))
     for i, shape in enumerate(shapes.ATTENTION_SHAPES):
         add(f"attention-{i}", shapes.attention_launches(*shape))
     for i, shape in enumerate(shapes.CONSTANT_SPACE_SHAPES):
         add(f"constant-{i}", shapes.msa_launches(*shape))
+    for i, shape in enumerate(shapes.KV_ATTENTION_SHAPES):
+        add(f"kv-attention-{i}", shapes.attention_launches(*shape[:10], mx.float32, *shape[10:]))
     for name, fmt in FORMATS.items():
         for T in (1, moe.MAX_TOKENS):
             add(f"m3-{name}-T{T}", shapes.moe_launches(fmt, T, **shapes.M3_MOE))
@@ -77,6 +86,8 @@ def test_kernel_plans_fit_the_threadgroup_limits():
     assert msa_kernels.index_scores_mma_footprint(128).fits
     assert msa_kernels.prefill_attention_footprint(16, 128, 128, 16).fits
     assert msa_kernels.decode_attention_footprint(16, 128, 128).fits
+    assert msa_kernels.decode_attention_footprint(16, 128, 128, kv_bits=8).fits
+    assert msa_kernels.prefill_attention_footprint(16, 128, 128, 16, paged=True).fits
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from m3mlx.metal_kernels import dispatch, kernel, moe, msa_kernels
+from m3mlx.metal_kernels import QuantizedKV, dispatch, kernel, moe, msa_kernels
 
 from . import harness, strict
 
@@ -138,3 +138,41 @@ def assert_close(got, want, atol, rtol=0.0):
     want = np.array(want.astype(mx.float32))
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=atol, rtol=rtol)
+
+
+def _pooled_array(x: mx.array, block: int, slot_of: np.ndarray, capacity: int, rng):
+    """x [B, H, S, W] as a pool [B, H, capacity * block, W] holding block j of (b, h) at block
+    slot_of[b, h, j], every other slot filled with garbage."""
+    bf16 = x.dtype == mx.bfloat16
+    a = np.array(x.view(mx.uint16) if bf16 else x)
+    B, H, S, W = a.shape
+    n = -(-S // block)
+    a = np.pad(a, ((0, 0), (0, 0), (0, n * block - S), (0, 0))).reshape(B, H, n, block, W)
+    if a.dtype.kind == "f":
+        pool = rng.standard_normal((B, H, capacity, block, W)).astype(a.dtype) * 100
+    else:
+        pool = rng.integers(0, np.iinfo(a.dtype).max, (B, H, capacity, block, W), a.dtype)
+    for b, h in np.ndindex(B, H):
+        pool[b, h, slot_of[b, h]] = a[b, h]
+    out = mx.array(pool.reshape(B, H, capacity * block, W))
+    return out.view(mx.bfloat16) if bf16 else out
+
+
+def pooled(keys, values, selection: mx.array, block: int, rng, spare: int = 2):
+    """The same K/V as a pool of blocks in a random order with `spare` garbage slots, and the
+    slots that locate the selection in it (-1 where it is -1): what a memory tier hands the
+    attention op. K/V are arrays or QuantizedKV."""
+    B, H, S = keys.shape[:3]
+    n = -(-S // block)
+    capacity = n + spare
+    slot_of = np.stack([rng.permutation(capacity)[:n] for _ in range(B * H)]).reshape(B, H, n)
+
+    def pool(x):
+        if isinstance(x, QuantizedKV):
+            return x.map(lambda a: _pooled_array(a, block, slot_of, capacity, rng))
+        return _pooled_array(x, block, slot_of, capacity, rng)
+
+    sel = np.array(selection)
+    slots = np.where(sel >= 0, np.take_along_axis(
+        slot_of, np.maximum(sel, 0).reshape(B, H, -1), axis=2).reshape(sel.shape), -1)
+    return pool(keys), pool(values), mx.array(slots.astype(np.int32))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from m3mlx.metal_kernels import msa_kernels as K
+from m3mlx.metal_kernels.kv import DEFAULT_GROUP, QuantizedKV, scale_dtype
 from m3mlx.metal_kernels.moe import (DOWN, GATE_UP, ExpertWeights, QuantizedWeight, down_launch,
                                      gate_up_launch)
 
@@ -44,6 +45,16 @@ ATTENTION_SHAPES = [
 ]
 # Inputs of fewer than 8 elements, which MLX passes in the `constant` address space.
 CONSTANT_SPACE_SHAPES = [(1, 1, 2, 1, 1, 1, 2, 2, 1, 0), (1, 1, 2, 1, 1, 1, 2, 1, 2, 0)]
+# Attention over compact and/or pooled K/V: the ATTENTION_SHAPES columns, then K/V bits (0:
+# float), group size and paged (a pool of blocks read through slots); see test_msl_attention.py.
+KV_ATTENTION_SHAPES = [
+    (2, 2, 3, 32, 64, 8, 4, 203, 1, 5, 8, 32, False),  # decode, 8-bit, Dv != D, partial block
+    (1, 2, 4, 64, 32, 45, 3, 100, 1, 3, 4, 32, True),  # decode, 4-bit, pooled, two parts a block
+    (1, 2, 3, 40, 36, 45, 3, 100, 1, 3, 0, 32, True),  # decode, float K/V, pooled
+    (2, 2, 3, 64, 64, 8, 4, 50, 21, 11, 4, 64, False),  # prefill after a cache, 4-bit g64
+    (1, 1, 5, 32, 32, 70, 3, 300, 9, 0, 8, 32, True),  # prefill, 8-bit, pooled, block 70
+    (1, 1, 3, 40, 36, 45, 3, 100, 6, 3, 0, 32, True),  # prefill, float K/V, pooled
+]
 
 
 def index_launches(B, H, D, block, topk, offset, L, extra, dtype=mx.float32, int8=False):
@@ -61,15 +72,28 @@ def index_launches(B, H, D, block, topk, offset, L, extra, dtype=mx.float32, int
     return [scores, (K.INDEX_SELECT, select)]
 
 
-def attention_launches(B, H, G, D, DV, block, topk, offset, L, extra, dtype=mx.float32):
-    """(spec, launch) of sparse_attention's kernels (decode: split and merge)."""
+def compact_rows(shape, bits, group, dtype=mx.float32) -> QuantizedKV:
+    """A stand-in compact K or V of float rows `shape` (scales as the cache stores them)."""
+    *lead, S, D = shape
+    scales = mx.zeros((*lead, S, D // group), scale_dtype(dtype))
+    return QuantizedKV(mx.zeros((*lead, S, D * bits // 32), mx.uint32), scales, scales, bits,
+                       group)
+
+
+def attention_launches(B, H, G, D, DV, block, topk, offset, L, extra, dtype=mx.float32,
+                       bits=0, group=32, paged=False):
+    """(spec, launch) of sparse_attention's kernels (decode: split and merge), over float or
+    compact (bits) K/V, contiguous or pooled (the pool as long as the buffer)."""
     S = offset + L + extra
     q, k = mx.zeros((B, H * G, L, D), dtype), mx.zeros((B, H, S, D), dtype)
     v, sel = mx.zeros((B, H, S, DV), dtype), mx.zeros((B, H, L, topk), mx.int32)
+    if bits:
+        k, v = compact_rows(k.shape, bits, group, dtype), compact_rows(v.shape, bits, group, dtype)
+    slots = sel if paged else None
     if L > 1:
         return [(K.PREFILL_ATTENTION,
-                 K.prefill_attention_launch(q, k, v, sel, offset, 0.1, block))]
-    split = K.decode_attention_launch(q, k, v, sel, offset, 0.1, block)
+                 K.prefill_attention_launch(q, k, v, sel, offset, 0.1, block, slots))]
+    split = K.decode_attention_launch(q, k, v, sel, offset, 0.1, block, slots)
     o_part, ml_part = (mx.zeros(s, mx.float32) for s in split.output_shapes)
     return [(K.DECODE_ATTENTION, split),
             (K.DECODE_MERGE, K.decode_merge_launch(o_part, ml_part, dtype))]
@@ -85,6 +109,14 @@ def m3_msa_launches(context: int, L: int, dtype=mx.bfloat16, int8=False):
     g = M3_MSA
     return msa_launches(g["B"], g["H"], g["G"], g["D"], g["DV"], g["block"], g["topk"],
                         context - L, L, 0, dtype, int8)
+
+
+def m3_kv_attention_launches(context: int, L: int, bits: int, paged: bool,
+                             dtype=mx.bfloat16):
+    """M3's sparse attention over compact K/V at `context` tokens (the default group size)."""
+    g = M3_MSA
+    return attention_launches(g["B"], g["H"], g["G"], g["D"], g["DV"], g["block"], g["topk"],
+                              context - L, L, 0, dtype, bits, DEFAULT_GROUP[bits], paged)
 
 
 def quantized(fmt, shape, float_dtype=mx.bfloat16) -> QuantizedWeight:
@@ -128,6 +160,10 @@ def runtime_launches() -> list:
     pairs += index_launches(1, 4, 128, 128, 16, 2672, 20, 8, mx.float32, int8=True)
     pairs += attention_launches(1, 4, 16, 128, 128, 128, 16, 2597, 1, 2, mx.bfloat16)
     pairs += attention_launches(1, 1, 16, 128, 128, 128, 16, 2684, 8, 8)
+    for shape in KV_ATTENTION_SHAPES:
+        pairs += attention_launches(*shape[:10], mx.float32, *shape[10:])
+    pairs += attention_launches(1, 4, 16, 128, 128, 128, 16, 2597, 1, 2, mx.bfloat16, 8, 64, True)
+    pairs += attention_launches(1, 1, 16, 128, 128, 128, 16, 2684, 8, 8, mx.float32, 4, 32, True)
     for fmt in FORMATS.values():
         for T in (1, 8):
             pairs += moe_launches(fmt, T, **SMALL, dtype=mx.float32)
