@@ -7,6 +7,8 @@ import click
 
 from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
 
+from m3mlx.checks import InputError
+
 from .errors import Command
 from .options import Size, memory_options, memory_settings, option_type, read_stdin
 
@@ -84,10 +86,43 @@ def plan(path, memory, context, kv_bits, index_bits, kv_memory, recipe, mode, bi
     usage = None
     if ckpt is not None and (ckpt.path / USAGE_FILE).is_file():
         usage = read_usage(ckpt.path / USAGE_FILE, routed_experts(ckpt))
-    kv_bits, index_bits = int(kv_bits), int(index_bits)
-    click.echo(format_plan(make_plan(
-        fp, memory if memory is not None else machine_memory(), context, usage,
-        kv_bits=None if kv_bits == 16 else kv_bits, index_bits=index_bits, kv_memory=kv_memory)))
+    memory = memory if memory is not None else machine_memory()
+    context_options = dict(kv_bits=None if kv_bits == "16" else int(kv_bits),
+                           index_bits=int(index_bits), kv_memory=kv_memory)
+    click.echo(format_plan(make_plan(fp, memory, context, usage, **context_options)))
+    click.echo("")
+    click.echo(recipes_that_fit(fp.args, memory, context, context_options))
+
+
+# Expert precisions tried for "what fits entirely", best first.
+EXPERT_PRECISIONS = (("affine", 8), ("mxfp8", None), ("affine", 6), ("affine", 5),
+                     ("affine", 4), ("mxfp4", None), ("affine", 3), ("affine", 2))
+
+
+def recipes_that_fit(args, memory: int, context, context_options: dict) -> str:
+    """For each conversion recipe, the most precise experts with which the whole model (and
+    the context) fits in `memory`, from the config's tensor layout."""
+    from m3mlx.convert.plan import config_footprint
+    from m3mlx.convert.recipes import RECIPES, base_spec
+    from m3mlx.plan import plan_budget
+    from m3mlx.units import format_size
+
+    lines = [f"converted to fit entirely in {format_size(memory)} (no streaming):"]
+    for recipe in RECIPES:
+        found = "nothing fits"
+        for mode, bits in EXPERT_PRECISIONS:
+            base = base_spec(mode, bits, None)
+            whole = config_footprint(args, recipe, base)
+            try:
+                if not plan_budget(whole, memory, context, **context_options).streams:
+                    found = (f"experts {base}: {format_size(whole.total)} "
+                             f"(`m3mlx convert SRC OUT --recipe {recipe} --mode {mode}"
+                             f"{f' --bits {bits}' if bits else ''}`)")
+                    break
+            except InputError:
+                continue
+        lines.append(f"  recipe {recipe:<8} {found}")
+    return "\n".join(lines)
 
 
 CALIBRATION_TEXT = (

@@ -349,7 +349,7 @@ def format_plan(plan: Plan) -> str:
     lines += ["", f"decode, predicted (memory at {100 * hardware.MEMORY_EFFICIENCY:.0f}% of "
                   f"peak, SSD at {100 * hardware.SSD_EFFICIENCY:.0f}%, "
                   f"{hardware.SYNC_SECONDS * 1e6:.0f} us a sync):",
-              f"  {'Mac':<30}{'bandwidth':>11}{'SSD':>11}{'read/token':>12}{'tok/s':>8}"
+              f"  {'Mac':<30}{'bandwidth':>11}{'SSD':>11}{'SSD/token':>12}{'tok/s':>8}"
               f"{'overlapped':>12}"]
     for p in plan.predictions:
         note = "  (has less memory than the budget)" if p.mac.memory < b.memory else ""

@@ -12,7 +12,8 @@ from m3mlx.checkpoint import Checkpoint
 from m3mlx.cli.main import cli
 from m3mlx.convert import convert
 from m3mlx.convert.converter import conversion_plan
-from m3mlx.convert.plan import footprint as planned_footprint, human
+from m3mlx.convert.plan import config_footprint, human
+from m3mlx.convert.plan import footprint as planned_footprint
 from m3mlx.demo import write_demo_checkpoint
 from m3mlx.experts import USAGE_FILE
 from m3mlx.plan import footprint
@@ -94,6 +95,9 @@ def test_plan_matches_the_conversion_dry_run(original, converted):
     experts_row = next(line for line in dry.output.splitlines() if line.startswith("experts "))
     assert human(planned.experts_total) in experts_row
     assert f"after {human(planned.total)}" in dry.output
+    # The same sizes from the config alone (what `m3mlx plan` lists as the recipes that fit).
+    from_config = config_footprint(plan.source.args, plan.recipe, plan.base)
+    assert (from_config.resident, from_config.expert) == (planned.resident, planned.expert)
 
 
 def test_plan_prints_the_split_and_the_macs(original, converted):
@@ -104,6 +108,8 @@ def test_plan_prints_the_split_and_the_macs(original, converted):
     assert r.exit_code == 0, r.output
     assert "expert cache" in r.output and "experts per layer" in r.output
     assert "Mac mini M4 Pro" in r.output and "tok/s" in r.output
+    assert re.search(r"recipe m3 +experts (affine \d-bit g64|mxfp\d): .*`m3mlx convert SRC OUT",
+                     r.output)
     # An original checkpoint is planned under a recipe, with the same numbers.
     again = run("plan", original, "--memory", f"{budget}", "--context", "256")
     assert again.exit_code == 0, again.output
