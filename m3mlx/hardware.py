@@ -56,6 +56,16 @@ SSD_EFFICIENCY = 0.8
 SYNC_SECONDS = 150e-6
 
 
+# Of a Mac's unified memory, the share Metal keeps for the GPU without paging by default
+# (recommendedMaxWorkingSetSize, about 3/4 on Macs with 64 GB and more; `machine_memory` reads
+# the real figure on the machine itself): the budget the planner gives a named Mac.
+WORKING_SET_SHARE = 0.75
+
+
+def usable_memory(mac: Mac) -> int:
+    return int(mac.memory * WORKING_SET_SHARE)
+
+
 def find(name: str) -> Optional[Mac]:
     return next((m for m in MACS if m.name == name), None)
 

@@ -72,7 +72,29 @@ def describe(path) -> dict:
                          if k in ("group_size", "bits", "mode")},
         "quantization_overrides": sum(k not in ("group_size", "bits", "mode")
                                       for k in config.get("quantization") or {}),
+        "memory_plan": _memory_plan(ckpt),
     }
+
+
+def _memory_plan(ckpt) -> str:
+    """One line of `m3mlx plan` for this machine: whether the model fits, or what streams."""
+    from .hardware import machine_memory
+    from .plan import PLAN_CONTEXT, BudgetError, footprint, plan_budget
+    from .units import format_size
+
+    fp, memory = footprint(ckpt), machine_memory()
+    head = (f"{format_size(fp.resident)} besides the routed experts, "
+            f"{format_size(fp.experts_total)} of routed experts; in this machine's "
+            f"{format_size(memory)} at {PLAN_CONTEXT:,} tokens: ")
+    try:
+        b = plan_budget(fp, memory)
+    except BudgetError as e:
+        return head + str(e)
+    if not b.streams:
+        return head + "everything fits"
+    return head + (f"the experts stream through a cache of {b.slots} of {b.experts} per layer "
+                   f"({100 * b.share:.0f}%): load with --memory-limit "
+                   f"{format_size(memory).replace(' ', '')}")
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -96,5 +118,6 @@ def format_info(info: dict) -> str:
         f"on disk: {_human(info['disk_bytes'], 'B')}, in memory: {_human(info['memory_bytes'], 'B')}",
         "quantization: " + (json.dumps(q) + f" (+{info['quantization_overrides']} per-module "
                             "overrides)" if q else "none"),
+        f"memory: {info['memory_plan']} (`m3mlx plan PATH --memory SIZE` for other budgets)",
     ]
     return "\n".join(lines)

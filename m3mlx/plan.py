@@ -277,10 +277,14 @@ class Prediction:
         return 1.0 / (max(self.memory_seconds, self.ssd_seconds) + self.sync_seconds)
 
 
-def predict(fp: Footprint, budget: Budget, hit_rate: float, mac: hardware.Mac) -> Prediction:
+def predict(fp: Footprint, budget: Budget, hit_rate: float, mac: hardware.Mac,
+            read_share: Optional[float] = None) -> Prediction:
+    """Decode time per token on `mac`. The SSD reads `read_share` of the active experts per
+    token (misses and reads ahead, as measured), by default the misses: 1 - hit_rate."""
     reads = decode_read_bytes(fp, budget.context_cost)
     streams = budget.streams
-    miss = (1.0 - hit_rate) * fp.top_k * fp.moe_layers * fp.expert if streams else 0.0
+    share = 1.0 - hit_rate if read_share is None else read_share
+    miss = share * fp.top_k * fp.moe_layers * fp.expert if streams else 0.0
     syncs = (fp.moe_layers if streams else 0) + 1
     return Prediction(mac, reads / (mac.bandwidth * hardware.MEMORY_EFFICIENCY),
                       miss / (mac.ssd_read * hardware.SSD_EFFICIENCY),

@@ -33,3 +33,13 @@ def test_kernel_cost_report_covers_every_kernel_and_chip():
                  "moe_decode_gate_up", "moe_decode_down", "M3 Ultra", "M4 Max", "M5 Max", "64K"):
         assert name in out, name
     assert "(bandwidth)" in out and "(compute)" in out and "(latency)" in out
+
+
+def test_expert_benchmark_covers_policies_sizes_and_the_m3_prediction(tmp_path):
+    out = run("bench_experts.py", "--shares", "25,100", "--policies", "lru,pinned", "--tokens",
+              "8", "--calibration", "100", "--gb", "0.005", "--width", "64", "--experts", "16",
+              "--speed-tokens", "2", "--dir", str(tmp_path))
+    for text in ("1. hit rates", "RANDOM weights", "25% (8 slots) pinned", "2. speed", "resident",
+                 "100% lru O_DIRECT", "25% lru page cache", "no prefetch", "3. M3 at 4 bits",
+                 "MacBook Pro M5 Max, 128 GB", "Mac mini M4 Pro, 64 GB"):
+        assert text in out, text

@@ -136,3 +136,10 @@ def test_calibrate_experts_then_pinned_policy(converted, tmp_path):
     missing = run("generate", "--model", converted, "--prompt", "Hello", "-m", "2",
                   "--expert-cache", "50%", "--expert-policy", "pinned")
     assert missing.exit_code == 1 and "calibrate-experts" in missing.output
+
+
+def test_info_includes_the_memory_plan(converted):
+    r = run("info", converted)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"memory: .* besides the routed experts, .* of routed experts; in this "
+                     r"machine's .*: everything fits", r.output)
