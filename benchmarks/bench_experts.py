@@ -40,7 +40,7 @@ from m3mlx.experts import USAGE_FILE, ExpertCache, routed_experts, write_usage
 from m3mlx.generate import prefill
 from m3mlx.hardware import MACS, usable_memory
 from m3mlx.loading import model_from_checkpoint
-from m3mlx.plan import cache_slots, footprint, hit_rate_curve, plan_budget, predict
+from m3mlx.plan import LRU_CURVE, cache_slots, curve_at, footprint, plan_budget, predict
 from m3mlx.tokenizer import Tokenizer
 from m3mlx.units import Fraction, format_size
 
@@ -183,23 +183,26 @@ def speed(args, tmp: Path):
 
 def m3(curve, context: int):
     fp = config_footprint(ModelArgs(), "m3", base_spec("affine", 4, None))
-    hits = sorted({0.0: 0.0, **{k: h for k, (h, _) in curve.items()}, 1.0: 1.0}.items())
-    reads = sorted({0.0: 1.0, **{k: r for k, (_, r) in curve.items()}, 1.0: 0.0}.items())
-    print("  measured LRU curve (cache share: hit rate, share of the active experts read):")
-    print("   " + ", ".join(f"{100 * k:.0f}%: {100 * h:.1f}% / {r:.3f}"
-                            for k, (h, r) in sorted(curve.items())))
+    if curve is None:
+        points, where = LRU_CURVE, "m3mlx.plan.LRU_CURVE (measured before)"
+    else:
+        points = sorted({0.0: (0.0, 1.0), 1.0: (1.0, 0.0), **curve}.items())
+        points = tuple((k, round(h, 3), round(r, 3)) for k, (h, r) in points)
+        where = "part 1"
+    print(f"  LRU curve from {where} (cache share, hit rate, experts read per active "
+          f"expert):\n  {points}")
     print(f"\n3. M3 at 4 bits (recipe m3): {format_size(fp.total)}, {format_size(fp.resident)} "
           f"resident, {fp.moe_layers} MoE layers x {fp.experts} experts of "
           f"{format_size(fp.expert)}; K/V at {context:,} tokens; hit rate and reads from "
-          "part 1's LRU curve at the budget's cache share")
+          "the LRU curve at the budget's cache share")
     print(f"  {'Mac':<30}{'budget':>10}{'cache':>8}{'hits':>7}{'SSD/token':>11}{'tok/s':>7}"
           f"{'overlapped':>12}")
     for mac in MACS:
         if mac.memory > 128 * 2**30:
             continue
         budget = plan_budget(fp, usable_memory(mac), context)
-        rate = hit_rate_curve(budget.share, hits)
-        p = predict(fp, budget, rate, mac, read_share=hit_rate_curve(budget.share, reads))
+        rate, reads = curve_at(budget.share, points)
+        p = predict(fp, budget, rate, mac, read_share=reads)
         print(f"  {mac.name:<30}{format_size(budget.memory):>10}{100 * budget.share:>7.1f}%"
               f"{100 * rate:>6.1f}%{format_size(p.miss_bytes):>11}{p.tokens_per_second:>7.2f}"
               f"{p.overlapped:>12.2f}")
@@ -219,12 +222,14 @@ def main():
     ap.add_argument("--speed-tokens", type=int, default=32, help="decode tokens of part 2")
     ap.add_argument("--context", type=int, default=32768, help="context of part 3's plan")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-hit-rates", action="store_true",
+                    help="part 3 from m3mlx.plan.LRU_CURVE instead of part 1")
     ap.add_argument("--dir", default=None, help="where to build the models [a temp dir]")
     args = ap.parse_args()
     args.shares = [int(s) for s in args.shares.split(",")]
     args.policies = args.policies.split(",")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-experts-") as tmp:
-        curve = hit_rates(args, Path(tmp))
+        curve = None if args.skip_hit_rates else hit_rates(args, Path(tmp))
         if not args.skip_speed:
             speed(args, Path(tmp))
         m3(curve, args.context)

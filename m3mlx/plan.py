@@ -14,14 +14,14 @@ Predicted decode time per token, on a Mac with memory bandwidth B and SSD read s
 
 with the efficiencies and the sync time of `m3mlx.hardware` and the hit rate at the cache's
 share of the experts from calibration counts (a fixed cache of the most used experts) or, by
-default, a measured curve (HIT_RATES).
+default, a measured curve (LRU_CURVE).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -35,10 +35,13 @@ from .units import Fraction, format_size, parse_size, parse_size_or_fraction
 
 PLAN_CONTEXT = 32768  # tokens of K/V a memory budget reserves unless told otherwise
 
-# Hit rate of the LRU expert cache by the cache's share of each layer's experts, measured while
-# generating (benchmarks/bench_experts.py, see the README); the planner's default for models
-# without calibration counts. Between points it interpolates linearly.
-HIT_RATES = ((0.0, 0.0), (1.0, 1.0))
+# The LRU expert cache (prefetch on) measured on the trained tiny M3 (32 experts, top 4; 512 tokens
+# of Python source decoded one at a time: benchmarks/bench_experts.py, README "Measured"): the
+# cache's share of each layer's experts -> (hit rate, experts read from disk per active expert:
+# the misses and the reads ahead). The planner's curve for models without calibration counts,
+# linear in between; a Mac run of the benchmark on M3 itself replaces it.
+LRU_CURVE = ((0.0, 0.0, 1.0), (0.125, 0.416, 0.815), (0.25, 0.722, 0.682), (0.5, 0.855, 0.364),
+             (0.75, 0.949, 0.128), (1.0, 1.0, 0.0))
 
 
 class BudgetError(InputError):
@@ -243,9 +246,10 @@ def check_fits(fp: Footprint, memory: Optional[int] = None):
 # Predictions
 
 
-def hit_rate_curve(share: float, curve: Sequence = HIT_RATES) -> float:
-    xs, ys = zip(*curve)
-    return float(np.interp(share, xs, ys))
+def curve_at(share: float, curve: Sequence = LRU_CURVE) -> Tuple[float, float]:
+    """(hit rate, experts read per active expert) of a cache holding `share` of the experts."""
+    xs, hits, reads = zip(*curve)
+    return float(np.interp(share, xs, hits)), float(np.interp(share, xs, reads))
 
 
 def hit_rate_from_usage(counts: Dict[str, np.ndarray], slots: int) -> float:
@@ -311,14 +315,14 @@ def make_plan(fp: Footprint, memory, context: Optional[int] = None,
     `plan_budget`."""
     budget = plan_budget(fp, memory, context, **context_options)
     if not budget.streams:
-        rate, source = 1.0, "everything resident"
+        rate, reads, source = 1.0, 0.0, "everything resident"
     elif usage:
         rate = hit_rate_from_usage(usage, budget.slots)
-        source = "the calibration counts (a cache of the most used experts)"
+        reads, source = 1.0 - rate, "the calibration counts (a cache of the most used experts)"
     else:
-        rate = hit_rate_curve(budget.share)
-        source = "the measured LRU curve (HIT_RATES in m3mlx/plan.py)"
-    return Plan(fp, budget, rate, source, [predict(fp, budget, rate, m) for m in macs])
+        rate, reads = curve_at(budget.share)
+        source = "the LRU curve measured on the tiny trained M3 (LRU_CURVE in m3mlx/plan.py)"
+    return Plan(fp, budget, rate, source, [predict(fp, budget, rate, m, reads) for m in macs])
 
 
 def _context_text(b: Budget) -> str:
