@@ -277,16 +277,23 @@ def test_bfloat16_without_shared_expert(run):
     cases.assert_close(got, want, atol=tol)
 
 
-@cases.kernel_runners
-def test_out_of_range_ids_read_nothing(run):
-    # Not part of the contract (the twin's gather would fail), but memory-safe: such a slot
-    # contributes nothing, as if its weight were zero.
+def _two_tokens(seed):
+    """Affine 4-bit experts and a shared expert of SMALL's sizes, two tokens routed to them."""
     E, D, F, FS, K = SMALL.values()
-    rng = np.random.default_rng(13)
+    rng = np.random.default_rng(seed)
     experts = random_experts(rng, FORMATS["affine4"], E, D, F)
     shared = random_experts(rng, FORMATS["affine4"], None, D, FS)
     x = cases.normal(rng, (2, D))
     ids, rw = routing(rng, 2, K, E, zeros=False)
+    return experts, shared, x, ids, rw
+
+
+@cases.kernel_runners
+def test_out_of_range_ids_read_nothing(run):
+    # Not part of the contract (the twin's gather would fail), but memory-safe: such a slot
+    # contributes nothing, as if its weight were zero.
+    E = SMALL["E"]
+    experts, shared, x, ids, rw = _two_tokens(13)
     bad = np.array(ids)
     bad[1, 2] = E + 3
     got = moe.moe_experts_kernels(x, mx.array(bad), rw, experts, shared, run=run)
@@ -336,12 +343,8 @@ def test_a_slot_table_over_a_pool_of_resident_experts(run, fmt, T):
 def test_an_expert_without_a_slot_reads_nothing(run):
     # Memory safety, as for out-of-range ids: a table entry of -1 (or past the pool) makes that
     # expert contribute nothing; the tier never routes to one.
-    E, D, F, FS, K = SMALL.values()
-    rng = np.random.default_rng(47)
-    experts = random_experts(rng, FORMATS["affine4"], E, D, F)
-    shared = random_experts(rng, FORMATS["affine4"], None, D, FS)
-    x = cases.normal(rng, (2, D))
-    ids, rw = routing(rng, 2, K, E, zeros=False)
+    E = SMALL["E"]
+    experts, shared, x, ids, rw = _two_tokens(47)
     missing, far = int(np.array(ids)[1, 2]), int(np.array(ids)[0, 0])
     table = np.arange(E, dtype=np.int32)
     table[missing], table[far] = -1, E + 5
