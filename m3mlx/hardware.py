@@ -70,6 +70,15 @@ def find(name: str) -> Optional[Mac]:
     return next((m for m in MACS if m.name == name), None)
 
 
+def physical_memory() -> int:
+    """Bytes of memory this machine has."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return int(mx.device_info()["memory_size"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def machine_memory() -> int:
     """Bytes this process may plan to use: on a Mac, the GPU's recommended working set (what
     Metal keeps wired without paging); elsewhere the physical memory."""
@@ -78,4 +87,4 @@ def machine_memory() -> int:
     if mx.metal.is_available():
         info = mx.device_info()
         return int(info.get("max_recommended_working_set_size") or info["memory_size"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical_memory()

@@ -222,9 +222,10 @@ def plan_budget(fp: Footprint, memory, context: Optional[int] = None, *,
 
 
 def check_fits(fp: Footprint, memory: Optional[int] = None):
-    """Refuse, before anything is read, a model that cannot load whole on this machine, saying
-    what to run instead."""
-    memory = hardware.machine_memory() if memory is None else memory
+    """Refuse, before anything is read, a model that cannot load whole on this machine (more
+    than its physical memory: loading as before whatever could work, e.g. with a raised GPU
+    wired limit), saying what to run instead."""
+    memory = hardware.physical_memory() if memory is None else memory
     act = activation_bytes(fp.args, fp.act_bytes)
     need = fp.total + act
     if need <= memory:
@@ -232,12 +233,13 @@ def check_fits(fp: Footprint, memory: Optional[int] = None):
     if not fp.streamable:
         raise BudgetError(
             f"{fp.what} needs {format_size(need)} of memory, this machine has "
-            f"{format_size(memory)} for it; convert it (`m3mlx convert PATH OUT`, quantized) "
+            f"{format_size(memory)}; convert it (`m3mlx convert PATH OUT`, quantized) "
             "and load the conversion with --memory-limit to stream its experts from the SSD")
-    limit = format_size(memory).replace(" ", "")
+    # What the GPU may keep without paging (a Mac's working set) is the limit to stream within.
+    limit = format_size(min(memory, hardware.machine_memory())).replace(" ", "")
     raise BudgetError(
         f"{fp.what} needs {format_size(need)} of memory, this machine has {format_size(memory)}"
-        f" for it: stream the routed experts from the SSD with --memory-limit {limit} (Python: "
+        f": stream the routed experts from the SSD with --memory-limit {limit} (Python: "
         f"memory_limit=\"{limit}\") or --expert-cache 25%; `m3mlx plan PATH --memory {limit}` "
         "shows what that gives")
 
