@@ -179,6 +179,9 @@ def speed(args, tmp: Path):
     model = open_streamed(model_dir, Fraction(0.25), "lru", direct=True, prefetch=False)
     tps, s = decode(model, ids, args.prompt)
     print(row(" 25% lru O_DIRECT, no prefetch", tps, s))
+    # Again at the end: on a shared machine the load changes during the run.
+    tps, _ = decode(open_streamed(model_dir, None, "lru"), ids, args.prompt)
+    print(row("resident (again)", tps, None))
 
 
 def m3(curve, context: int):
