@@ -185,30 +185,28 @@ def speed(args, tmp: Path):
 
 
 def m3(curve, context: int):
-    fp = config_footprint(ModelArgs(), "m3", base_spec("affine", 4, None))
     if curve is None:
         points, where = LRU_CURVE, "m3mlx.plan.LRU_CURVE (measured before)"
     else:
         points = sorted({0.0: (0.0, 1.0), 1.0: (1.0, 0.0), **curve}.items())
         points = tuple((k, round(h, 3), round(r, 3)) for k, (h, r) in points)
         where = "part 1"
-    print(f"  LRU curve from {where} (cache share, hit rate, experts read per active "
-          f"expert):\n  {points}")
-    print(f"\n3. M3 at 4 bits (recipe m3): {format_size(fp.total)}, {format_size(fp.resident)} "
-          f"resident, {fp.moe_layers} MoE layers x {fp.experts} experts of "
-          f"{format_size(fp.expert)}; K/V at {context:,} tokens; hit rate and reads from "
-          "the LRU curve at the budget's cache share")
-    print(f"  {'Mac':<30}{'budget':>10}{'cache':>8}{'hits':>7}{'SSD/token':>11}{'tok/s':>7}"
-          f"{'overlapped':>12}")
-    for mac in MACS:
-        if mac.memory > 128 * 2**30:
-            continue
-        budget = plan_budget(fp, usable_memory(mac), context)
-        rate, reads = curve_at(budget.share, points)
-        p = predict(fp, budget, rate, mac, read_share=reads)
-        print(f"  {mac.name:<30}{format_size(budget.memory):>10}{100 * budget.share:>7.1f}%"
-              f"{100 * rate:>6.1f}%{format_size(p.miss_bytes):>11}{p.tokens_per_second:>7.2f}"
-              f"{p.overlapped:>12.2f}")
+    print(f"\n3. M3 (recipe m3) on Macs; K/V at {context:,} tokens; hit rate and SSD reads from "
+          f"the LRU curve at the budget's cache share. LRU curve from {where} (cache share, "
+          f"hit rate, experts read per active expert):\n  {points}")
+    print(f"  {'experts':<9}{'Mac':<30}{'budget':>10}{'cache':>8}{'hits':>7}{'SSD/token':>11}"
+          f"{'tok/s':>7}{'overlapped':>12}")
+    for bits in (4, 3):
+        fp = config_footprint(ModelArgs(), "m3", base_spec("affine", bits, None))
+        for mac in MACS:
+            budget = plan_budget(fp, usable_memory(mac), context)
+            rate, reads = curve_at(budget.share, points)
+            p = predict(fp, budget, rate, mac, read_share=reads)
+            print(f"  {f'{bits}-bit':<9}{mac.name:<30}{format_size(budget.memory):>10}"
+                  f"{100 * budget.share:>7.1f}%{100 * rate:>6.1f}%{format_size(p.miss_bytes):>11}"
+                  f"{p.tokens_per_second:>7.2f}{p.overlapped:>12.2f}")
+        print(f"  {'':<9}({format_size(fp.total)}: {format_size(fp.resident)} resident, "
+              f"{fp.moe_layers} MoE layers x {fp.experts} experts of {format_size(fp.expert)})")
 
 
 def main():
