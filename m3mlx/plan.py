@@ -348,11 +348,12 @@ def format_plan(plan: Plan) -> str:
         f"  activations of a prefill chunk      {format_size(b.activations):>10}",
     ]
     if b.streams:
-        lines.append(f"  expert cache                        {format_size(b.slots * fp.expert * fp.moe_layers):>10}"
+        cache = b.slots * fp.expert * fp.moe_layers
+        lines.append(f"  expert cache                        {format_size(cache):>10}"
                      f"  ({b.slots} of {fp.experts} experts per layer, {100 * b.share:.1f}%)")
         lines.append(f"hit rate     {100 * plan.hit_rate:.1f}%, from {plan.hit_rate_source}")
         lines.append(f"run it with  --memory-limit {format_size(b.memory).replace(' ', '')}"
-                     f" (or --expert-cache {b.slots * fp.expert * fp.moe_layers}B)")
+                     f" (or --expert-cache {cache}B)")
     else:
         lines.append(f"  routed experts                      {format_size(fp.experts_total):>10}"
                      "  (all resident: no streaming)")
@@ -363,7 +364,8 @@ def format_plan(plan: Plan) -> str:
               f"{'overlapped':>12}"]
     for p in plan.predictions:
         note = "  (has less memory than the budget)" if p.mac.memory < b.memory else ""
-        lines.append(f"  {p.mac.name:<30}{p.mac.bandwidth / 1e9:>7.0f} GB/s{p.mac.ssd_read / 1e9:>6.1f}"
-                     f" GB/s{format_size(p.miss_bytes):>12}{p.tokens_per_second:>8.2f}"
+        lines.append(f"  {p.mac.name:<30}{p.mac.bandwidth / 1e9:>7.0f} GB/s"
+                     f"{p.mac.ssd_read / 1e9:>6.1f} GB/s{format_size(p.miss_bytes):>12}"
+                     f"{p.tokens_per_second:>8.2f}"
                      f"{p.overlapped:>12.2f}{note}")
     return "\n".join(lines)

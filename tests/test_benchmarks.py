@@ -40,6 +40,7 @@ def test_expert_benchmark_covers_policies_sizes_and_the_m3_prediction(tmp_path):
               "8", "--calibration", "100", "--gb", "0.005", "--width", "64", "--experts", "16",
               "--speed-tokens", "2", "--dir", str(tmp_path))
     for text in ("1. hit rates", "RANDOM weights", "25% (8 slots) pinned", "2. speed", "resident",
-                 "100% lru O_DIRECT", "25% lru page cache", "no prefetch", "3. M3 (recipe m3)", "3-bit",
-                 "MacBook Pro M5 Max, 128 GB", "Mac mini M4 Pro, 64 GB", "resident (again)"):
+                 "100% lru O_DIRECT", "25% lru page cache", "no prefetch", "resident (again)",
+                 "3. M3 (recipe m3)", "3-bit", "MacBook Pro M5 Max, 128 GB",
+                 "Mac mini M4 Pro, 64 GB"):
         assert text in out, text
