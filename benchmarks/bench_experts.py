@@ -91,13 +91,16 @@ def row(label, tps, s):
     if s is None:
         return f"  {label:<32}{tps:>8.1f}   (everything resident, 1 sync/token)"
     return (f"  {label:<32}{tps:>8.1f}{100 * s.hit_rate:>9.1f}%{format_size(s.bytes_per_token):>12}"
-            f"{s.read_throughput / 1e9:>9.2f}{s.syncs_per_token + 1:>8.1f}"
+            f"{s.read_throughput / 1e9:>9.2f}{1e3 * s.wait_seconds / max(1, s.tokens):>8.1f}"
+            f"{s.syncs_per_token + 1:>8.1f}"
             f"{s.prefetch_used / max(1, s.tokens):>9.2f}/{s.prefetched / max(1, s.tokens):.2f}")
 
 
-# read/token: bytes read from disk per token; syncs: GPU->CPU syncs per token (the tier's and
-# the sampled token's); ahead: experts read ahead per token that were used / all read ahead.
-HEADER = (f"  {'':<32}{'tok/s':>8}{'hits':>10}{'read/token':>12}{'GB/s':>9}{'syncs':>8}"
+# read/token: bytes read from disk per token; GB/s: while reading; wait ms: per token, waiting
+# for reads; syncs: GPU->CPU syncs per token (the tier's and the sampled token's); ahead: experts
+# read ahead per token that were used / all read ahead.
+HEADER = (f"  {'':<32}{'tok/s':>8}{'hits':>10}{'read/token':>12}{'GB/s':>9}{'wait ms':>8}"
+          f"{'syncs':>8}"
           f"{'ahead used/read':>17}")
 
 
