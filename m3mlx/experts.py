@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -571,7 +571,6 @@ class ExpertCache:
     prefetch: bool = True
     direct: bool = False
     usage_file: Optional[Path] = None  # calibration counts (policy "pinned")
-    layer_slots: Dict[str, int] = field(default_factory=dict)  # per-layer override
 
 
 def attach(model, ckpt: Checkpoint, cache: ExpertCache, cast: Optional[mx.Dtype] = None, *,
@@ -591,7 +590,7 @@ def attach(model, ckpt: Checkpoint, cache: ExpertCache, cast: Optional[mx.Dtype]
     modules = dict(model.named_modules())
     for i, layout in enumerate(layouts):
         moe = modules[layout.module]
-        slots = min(layout.experts, cache.layer_slots.get(layout.module, cache.slots))
+        slots = min(layout.experts, cache.slots)
         pins = ()
         if layout.module in usage and slots > 1:
             n = min(int(slots * PIN_SHARE), slots - 1)
