@@ -13,6 +13,8 @@ from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
 from m3mlx.convert.plan import duration
 from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
 from m3mlx.units import parse_size, parse_size_or_fraction
+from m3mlx.distributed import RANK_TIMEOUT
+from m3mlx.sharding import PLANS
 
 
 class _FiniteFloatRange(click.FloatRange):
@@ -58,9 +60,10 @@ def _stop_strings(ctx, param, value):
 
 
 def generation_options(*, max_tokens: int, sampling: dict,
-                       temp_help: str = "Sampling temperature; 0 is greedy."):
+                       temp_help: str = "Sampling temperature; 0 is greedy.", tier: bool = True):
     """--model plus sampling and runtime options, with per-command defaults (`sampling`:
-    temperature, top_p, top_k, from m3mlx.defaults)."""
+    temperature, top_p, top_k, from m3mlx.defaults). `tier=False` leaves out the K/V memory
+    tier's options (--kv-memory, --kv-cache-dir), for commands that keep every cache whole."""
     temp, top_p, top_k = sampling["temperature"], sampling["top_p"], sampling["top_k"]
     options = [
         click.option("--model", "model_path", required=True,
@@ -88,19 +91,32 @@ def generation_options(*, max_tokens: int, sampling: dict,
                      show_default=True, callback=lambda ctx, param, v: int(v),
                      help="Storage of the K/V cache: the activation dtype (16), or 8 or 4 bits "
                           "per value with a scale per group of head_dim (about 0.53x, 0.31x)."),
-        click.option("--kv-memory", type=Size(), default=None, metavar="SIZE",
-                     help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V in "
-                          "memory; the other blocks go to a file in --kv-cache-dir and are read "
-                          "back when selected [default: all in memory]."),
-        click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
-                     help="Where --kv-memory puts the K/V blocks not in memory, one file per "
-                          "session, removed at exit [default: $M3MLX_HOME/kv or "
-                          "~/.cache/m3mlx/kv]."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      default="auto", show_default=True,
                      help="Activation dtype (float32 on CPU)."),
-        *memory_options(),
+        click.option("--parallel", type=click.Choice(PLANS), default=PLANS[0],
+                     show_default=True,
+                     help="How the ranks of a run started with mlx.launch share the model: "
+                          "tensor (attention by KV head, experts by rank, MLP columns, the "
+                          "vocabulary; two all-reduces per layer) or pipeline (contiguous "
+                          "layers per rank). Ignored in a single process."),
+        click.option("--rank-timeout", type=click.FloatRange(1.0), default=RANK_TIMEOUT,
+                     show_default=True,
+                     help="Seconds a run started with mlx.launch waits for the other ranks "
+                          "before it ends with an error naming the rank."),
     ]
+    if tier:
+        options[-1:-1] = [
+            click.option("--kv-memory", type=Size(), default=None, metavar="SIZE",
+                         help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V "
+                              "in memory; the other blocks go to a file in --kv-cache-dir and "
+                              "are read back when selected [default: all in memory]."),
+            click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
+                         help="Where --kv-memory puts the K/V blocks not in memory, one file "
+                              "per session, removed at exit [default: $M3MLX_HOME/kv or "
+                              "~/.cache/m3mlx/kv]."),
+        ]
+    options += memory_options()
 
     def apply(command):
         for option in reversed(options):
@@ -153,20 +169,27 @@ def stop_option(command):
                         help="Stop string (repeatable, not empty).")(command)
 
 
-def load_or_fail(model_path: str, dtype: str):
-    """(model, tokenizer), held as the memory options say; a failure is reported by the error
-    boundary as one line."""
+def load_or_fail(model_path: str, dtype: str, parallel: str = PLANS[0]):
+    """(model, tokenizer), held as the memory options say, this rank's part of it when started
+    by mlx.launch; a failure is reported by the error boundary as one line."""
     import mlx.core as mx
 
-    from m3mlx import load
+    from m3mlx.distributed import load_for_rank
 
+    cast = None if dtype == "auto" else getattr(mx, dtype)
     settings = memory_settings()
+    if not {"expert_cache", "memory_limit"} & settings.keys():
+        return load_for_rank(model_path, parallel, cast)
+    from m3mlx import load
+    from m3mlx.distributed import is_sharded
+
+    if is_sharded():
+        raise InputError("--expert-cache and --memory-limit stream experts in one process; "
+                         "under mlx.launch each rank holds only its part of the model: drop them")
     if "memory_limit" in settings:  # the plan prices the K/V cache as the command keeps it
-        ctx = click.get_current_context()
-        kv_bits = ctx.params.get("kv_bits")
+        kv_bits = click.get_current_context().params.get("kv_bits")
         settings["kv_bits"] = None if kv_bits in (None, 16) else kv_bits
-    model, tokenizer = load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype),
-                            **settings)
+    model, tokenizer = load(model_path, dtype=cast, **settings)
     tier = getattr(model, "expert_tier", None)
     if tier is not None:
         click.echo(tier.describe(), err=True)

@@ -17,24 +17,17 @@ from .cache import (
     LayerCache, check_cache_fits, load_prompt_cache, model_signature, prompt_cache_bytes,
     save_prompt_cache,
 )
-from .chat_format import (
-    THINK_BEGIN,
-    ParsedReply,
-    ReplyDelta,
-    ReplyParser,
-    ToolCall,
-    check_thinking_mode,
-    normalize_messages,
-    normalize_tools,
-    render_chat,
-    tool_result_text,
-)
+from .chat_format import render_chat
+from .chat_messages import (check_thinking_mode, normalize_messages, normalize_tools,
+                            tool_result_text)
 from .checks import OPTION_RANGES, InputError, check_option, check_text
 from .defaults import CHAT_MAX_TOKENS, INDEX_BITS, RECOMMENDED_SAMPLING
 from .experts import ExpertStats
 from .generate import context_limit, stream_generate
 from .kv_tier import tiers_of
 from .model import make_cache
+from .reply_parser import ParsedReply, ReplyDelta, ReplyParser, ToolCall
+from .tokens import THINK_BEGIN
 
 # M3's recommended sampling (model card); temperature 0 makes replies greedy.
 DEFAULT_OPTIONS = {
@@ -141,8 +134,10 @@ class ChatSession:
         self.system = None if system is None else check_text(system, "the system prompt")
         self.tools = tools
         self.thinking = thinking
-        # The checkpoint's template when it ships one, else the built-in renderer.
+        # The checkpoint's template when it ships one, else m3mlx's M3 template.
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.chat_template_name = None if chat_template else \
+            getattr(tokenizer, "chat_template_file", None)
         self.options = {**DEFAULT_OPTIONS, **_checked_options(options)}
         self.messages: List[Dict[str, Any]] = []
         self.last_reply: Optional[ChatReply] = None
@@ -152,6 +147,8 @@ class ChatSession:
                                    kv_cache_dir=kv_cache_dir, kv_policy=kv_policy)
         self._cache = make_cache(model, **self.cache_settings)
         self._tokens: List[int] = []  # exactly the tokens the cache holds
+        # A template that cannot render a conversation fails now, with a message naming it.
+        self._render([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
 
     # -- settings --------------------------------------------------------------------------
 
@@ -205,6 +202,7 @@ class ChatSession:
             thinking=self.thinking,
             add_generation_prompt=add_generation_prompt,
             template=self.chat_template,
+            template_name=self.chat_template_name,
         )
 
     def send(self, message: Optional[str] = None, *,

@@ -3,7 +3,7 @@
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +26,10 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
+    # With top_logprobs set: the token's log-probability, and the most likely (token, logprob)s.
+    logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
+    stop_string: Optional[str] = None  # the stop string that ended generation, if one did
     # With streamed experts (load(..., expert_cache=/memory_limit=)): what the expert cache did
     # while generating (after the prefill): hit rate, bytes read per token, read throughput,
     # syncs per token.
@@ -105,21 +109,28 @@ def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
     n = tokens.size
     step = min(check_option("prefill_step_size", step), max(n, 1))
     for start in range(0, n, step):
-        logits = model(tokens[None, start : start + step], cache=cache)[0, -1]
-        mx.eval(logits, [c.arrays for c in cache])
+        chunk = tokens[None, start : start + step]
+        if start + step < n:
+            # Earlier chunks only fill the cache: no vocabulary projection (and the stages of
+            # a pipeline work on successive chunks at once).
+            mx.eval(model.hidden(chunk, cache), [c.arrays for c in cache])
+        else:
+            logits = model(chunk, cache=cache, last_only=True)[0, -1]
+            mx.eval(logits, [c.arrays for c in cache])
         if progress:
             progress(min(n, start + step), n)
     return logits
 
 
-def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
-                    max_tokens: int = GENERATE_MAX_TOKENS,
-                    sampler=None, logits_processors=(), seed: Optional[int] = None,
-                    prefill_step_size: int = PREFILL_STEP,
-                    on_prefilled: Optional[Callable[[], None]] = None,
-                    prefill_progress: Optional[Callable[[int, int], None]] = None
-                    ) -> Iterator[int]:
-    """Yield up to max_tokens sampled tokens after the prompt, continuing `cache` if given."""
+def sample_tokens(model: Model, prompt: Sequence[int], *, cache=None,
+                  max_tokens: int = GENERATE_MAX_TOKENS,
+                  sampler=None, logits_processors=(), seed: Optional[int] = None,
+                  prefill_step_size: int = PREFILL_STEP,
+                  on_prefilled: Optional[Callable[[], None]] = None,
+                  prefill_progress: Optional[Callable[[int, int], None]] = None,
+                  ) -> Iterator[Tuple[int, mx.array]]:
+    """`generate_tokens` with each token's log-probabilities: (token, logprobs [V]). They are
+    lazy: they cost nothing unless evaluated."""
     if not len(prompt):
         raise InputError("the prompt is empty: give at least one token")
     max_tokens = check_option("max_tokens", max_tokens)
@@ -138,9 +149,16 @@ def generate_tokens(model: Model, prompt: Sequence[int], *, cache=None,
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         token = sampler(logprobs.astype(mx.float32), step_key).item()
         history.append(token)
-        yield token
+        yield token, logprobs
         logits = model(mx.array([[token]]), cache=cache)[0, -1]
         mx.async_eval(logits)
+
+
+def generate_tokens(model: Model, prompt: Sequence[int], **options) -> Iterator[int]:
+    """Yield up to max_tokens sampled tokens after the prompt, continuing `cache` if given
+    (options: those of `sample_tokens`)."""
+    for token, _ in sample_tokens(model, prompt, **options):
+        yield token
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -162,15 +180,21 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
                     repetition_context_size: int = 64, seed: Optional[int] = None,
                     stop_strings: Sequence[str] = (), prompt_cache=None,
                     prefill_step_size: int = PREFILL_STEP,
-                    prefill_progress: Optional[Callable[[int, int], None]] = None
+                    logits_processors: Sequence[Callable[[List[int], mx.array], mx.array]] = (),
+                    top_logprobs: Optional[int] = None,
+                    prefill_progress: Optional[Callable[[int, int], None]] = None,
                     ) -> Iterator[GenerationResponse]:
     """Stream the continuation of `prompt` (text or token ids) as GenerationResponses.
 
     With `prompt_cache` the prompt continues what the cache holds: only its tokens are prefilled.
     Generation ends at an end-of-turn/EOS token ("stop"), a stop string ("stop"; the string
     is not returned), max_tokens or the end of the model's context ("length").
-    `prefill_progress(done, total)` is called after each prefill chunk. Every option is checked
-    before any work (InputError names the one that is wrong).
+
+    `logits_processors` (tokens so far, logits [V]) -> logits run after the repetition penalty.
+    `top_logprobs`: None, or k >= 0 to return each token's log-probability and the k most
+    likely alternatives. `prefill_progress(done, total)` is called after each prefill chunk
+    (raising from it stops generation). Every option is checked before any work (InputError
+    names the one that is wrong).
     """
     # Checked here, before the generator starts: a bad call fails at the call, not at the
     # first next().
@@ -179,8 +203,11 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
         check_option(name, value)
     processors = [] if check_option("repetition_penalty", repetition_penalty) == 1.0 else [
         make_repetition_penalty(repetition_penalty, repetition_context_size)]
+    processors += list(logits_processors)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     stop_strings = check_stop_strings(stop_strings)
+    if top_logprobs is not None and (type(top_logprobs) is not int or top_logprobs < 0):
+        raise InputError(f"top_logprobs={top_logprobs!r}: give None or a count >= 0")
     ids = _prompt_ids(model, tokenizer, prompt)
     max_tokens = _fit_context(model, prompt_cache, len(ids), check_option("max_tokens", max_tokens))
     if prompt_cache is not None:  # a memory tier must have disk room for the whole context
@@ -189,7 +216,7 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Seque
     return _stream(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
                    processors=processors, seed=seed, stop_strings=stop_strings,
                    prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
-                   prefill_progress=prefill_progress)
+                   prefill_progress=prefill_progress, top_logprobs=top_logprobs)
 
 
 def _prompt_ids(model: Model, tokenizer: Tokenizer, prompt) -> List[int]:
@@ -226,7 +253,8 @@ def _fit_context(model: Model, cache, n: int, max_tokens: int) -> int:
 
 
 def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, stop_strings,
-            prompt_cache, prefill_step_size, prefill_progress) -> Iterator[GenerationResponse]:
+            prompt_cache, prefill_step_size, prefill_progress,
+            top_logprobs) -> Iterator[GenerationResponse]:
     detok = tokenizer.detokenizer()
     eos = set(tokenizer.eos_token_ids)
     mx.reset_peak_memory()
@@ -242,40 +270,58 @@ def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, sto
 
     text, emitted, n = "", 0, 0
 
-    def response(piece, token, reason):
+    def response(piece, token, reason, logprobs, stop_string=None):
         prompt_time = times.get("prefill", time.perf_counter() - start)
         gen_time = time.perf_counter() - start - prompt_time
+        chosen, top = None, None
+        if top_logprobs is not None:
+            chosen, top = _logprobs(logprobs, token, top_logprobs)
         return GenerationResponse(
             text=piece, token=token, finish_reason=reason, prompt_tokens=len(ids),
             prompt_tps=len(ids) / max(prompt_time, 1e-9), generation_tokens=n,
             generation_tps=n / gen_time if gen_time > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
+            peak_memory=mx.get_peak_memory() / 1e9, logprob=chosen, top_logprobs=top,
+            stop_string=stop_string,
             expert_stats=None if tier is None else tier.stats - at_decode[0],
         )
 
-    tokens = generate_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
-                             sampler=sampler, logits_processors=processors, seed=seed,
-                             prefill_step_size=prefill_step_size, on_prefilled=prefilled,
-                             prefill_progress=prefill_progress)
+    tokens = sample_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
+                           sampler=sampler, logits_processors=processors, seed=seed,
+                           prefill_step_size=prefill_step_size, on_prefilled=prefilled,
+                           prefill_progress=prefill_progress)
     with wired_limit():
-        for token in tokens:
+        for token, logprobs in tokens:
             n += 1
             if token in eos:
                 text += detok.flush()
-                yield response(text[emitted:], token, "stop")
+                yield response(text[emitted:], token, "stop", logprobs)
                 return
             text += detok.add(token)
-            hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
-            if hit >= 0:
-                yield response(text[emitted:hit], token, "stop")
+            hits = [(i, s) for s in stop_strings if (i := text.find(s)) >= 0]
+            if hits:
+                hit, stop = min(hits)
+                yield response(text[emitted:hit], token, "stop", logprobs, stop)
                 return
             if n == max_tokens:
                 text += detok.flush()
-                yield response(text[emitted:], token, "length")
+                yield response(text[emitted:], token, "length", logprobs)
                 return
             safe = len(text) - _held_back(text, stop_strings)
-            yield response(text[emitted:safe], token, None)
+            yield response(text[emitted:safe], token, None, logprobs)
             emitted = safe
+
+
+def _logprobs(logprobs: mx.array, token: int, k: int):
+    """(the token's log-probability, [(token, logprob)] of the k most likely, best first)."""
+    logprobs = logprobs.astype(mx.float32)
+    if not k:
+        return logprobs[token].item(), []
+    k = min(k, logprobs.shape[-1])
+    ids = mx.argpartition(-logprobs, k - 1)[:k]
+    values = logprobs[ids]
+    order = mx.argsort(-values)
+    ids, values = ids[order].tolist(), values[order].tolist()
+    return logprobs[token].item(), list(zip(ids, values))
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Sequence[int]],

@@ -319,7 +319,10 @@ class BlockFile:
 
 
 def _remove_file(fd: int, path: Path, writer: ThreadPoolExecutor):
-    writer.shutdown(wait=True)
+    # Garbage collection can drop the file's last reference on a writer thread (a finished
+    # write held it). Nothing of this file is queued then, and a thread cannot wait for itself.
+    on_writer = threading.current_thread().name.startswith("m3mlx-kv-writer")
+    writer.shutdown(wait=not on_writer)
     try:
         os.close(fd)
     finally:

@@ -3,32 +3,36 @@
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+from .chat_format import read_chat_template
 from .checkpoint import read_json
 from .errors import CheckpointError
 from .tokens import END_OF_TURN
 
 
 class Tokenizer:
-    def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), chat_template: Optional[str] = None):
+    def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), chat_template=None,
+                 chat_template_file: Optional[str] = None):
         self._tok = tokenizer
         eos = list(eos_token_ids)
         end = tokenizer.token_to_id(END_OF_TURN)
         if end is not None and end not in eos:
             eos.append(end)
         self.eos_token_ids = eos
-        self.chat_template = chat_template
+        self.chat_template = chat_template  # a template, a {name: template} dict, or None
+        self.chat_template_file = chat_template_file  # where it came from, for messages
 
     @classmethod
     def from_dir(cls, path, eos_token_ids: Iterable[int] = ()) -> "Tokenizer":
-        """tokenizer.json (and tokenizer_config.json when present) of a model directory;
-        CheckpointError when either cannot be read."""
+        """tokenizer.json (and tokenizer_config.json when present) of a model directory, and
+        its chat template; CheckpointError when a file cannot be read, TemplateError when the
+        template does not compile."""
         path = Path(path)
-        tokenizer, settings = read_tokenizer_files(path)
-        template = path / "chat_template.jinja"
-        text = template.read_text() if template.exists() else None
-        if text is None:
-            text = settings.get("chat_template")
-        return cls(tokenizer, eos_token_ids, text)
+        tokenizer, _ = read_tokenizer_files(path)  # tokenizer_config.json is checked here
+        template = read_chat_template(path)
+        origin = next((path / n for n in ("chat_template.jinja", "chat_template.json",
+                                          "tokenizer_config.json") if (path / n).exists()), None)
+        return cls(tokenizer, eos_token_ids, template,
+                   str(origin) if template is not None else None)
 
     @property
     def vocab_size(self) -> int:

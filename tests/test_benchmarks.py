@@ -25,6 +25,13 @@ def test_convert_benchmark_compares_both_converters(tmp_path):
     assert "m3mlx" in out and "mlx_lm" in out.replace("mlx-lm", "mlx_lm")
 
 
+def test_serve_benchmark_runs_all_three_servers():
+    out = run("bench_serve.py", "--turns", "2", "--system-tokens", "50", "--turn-tokens", "30",
+              "--decode-tokens", "12", "--repeat", "1")
+    assert "cached/uncached" in out and "restart/uncached" in out
+    assert "median of paired ratios" in out
+
+
 def test_kernel_cost_report_covers_every_kernel_and_chip():
     out = run("kernel_costs.py", "--contexts", "8192,65536", "--moe-formats", "affine3,nvfp4",
               "--moe-tokens", "1,8")
@@ -44,3 +51,11 @@ def test_expert_benchmark_covers_policies_sizes_and_the_m3_prediction(tmp_path):
                  "3. M3 (recipe m3)", "3-bit", "MacBook Pro M5 Max, 128 GB",
                  "Mac mini M4 Pro, 64 GB"):
         assert text in out, text
+
+
+def test_distributed_benchmark_measures_both_plans_and_predicts_m3():
+    out = run("bench_distributed.py", "--hidden", "64", "--prompt", "32", "--prefill-step", "16",
+              "--steps", "2")
+    for name in ("single", "tensor", "pipeline", "2 all_sum", "all_gather", "JACCL",
+                 "4 x M3 Ultra", "tok/s"):
+        assert name in out, name

@@ -13,7 +13,7 @@ import pytest
 
 import m3mlx
 from m3mlx.chat import ChatSession
-from m3mlx.chat_format import ReplyDelta, ToolCall
+from m3mlx.reply_parser import ReplyDelta, ToolCall
 from m3mlx.cli.chat import Console, stream_reply
 from m3mlx.demo import write_demo_checkpoint
 

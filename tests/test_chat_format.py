@@ -1,21 +1,24 @@
-"""Chat rendering: the built-in renderer and the shipped jinja template, against the format of
-m3-model.md sections 5.2-5.4."""
+"""Chat rendering: the packaged M3 template (and any checkpoint's, through the same sandboxed
+path) against the format of m3-model.md sections 5.2-5.4, spelled out here independently."""
 
 import pytest
 
 from m3mlx.chat_format import (
     M3_CHAT_TEMPLATE,
     TemplateError,
-    parse_reply,
-    render_builtin,
     render_chat,
     render_template,
 )
+from m3mlx.reply_parser import parse_reply
 from m3mlx.tokenizer import Tokenizer
 
 NS = "]<]minimax[>["
 
-# The expected text is spelled out here, independently of the module's constants.
+IDENTITY = (
+    "Your model version is MiniMax-M3, developed by MiniMax. Knowledge cutoff: January 2026. "
+    "Founded in early 2022, MiniMax is a global AI foundation model company committed to "
+    "advancing the frontiers of AI towards AGI."
+)
 THINKING_HEAD = (
     "\n\n<thinking_instructions>\n"
     "You have a thinking capability that allows you to reason step by step before responding. "
@@ -54,11 +57,12 @@ TOOLS_TEXT = (
     '<tool>{"name": "clock", "parameters": {"type": "object", "properties": {}}}</tool>\n'
     "</tools>\n\n"
     f"To call tools, wrap all invocations in a single {NS}<tool_call>{NS}</tool_call> block. "
-    "Each argument is a tag named after its parameter; nested objects become nested tags and "
-    "arrays become repeated item tags. Example:\n\n"
+    "Parameter values containing nested objects or arrays are recursively expanded into XML "
+    "elements. Example:\n\n"
     f"{NS}<tool_call>\n"
     f'{NS}<invoke name="tool-name-1">{NS}<param-1>value-1{NS}</param-1>{NS}<param-2>'
-    f"{NS}<item>value-a{NS}</item>{NS}<item>value-b{NS}</item>{NS}</param-2>{NS}</invoke>\n"
+    f"{NS}<item>{NS}<key-a>val-a{NS}</key-a>{NS}<key-b>val-b{NS}</key-b>{NS}</item>"
+    f"{NS}</param-2>{NS}</invoke>\n"
     f'{NS}<invoke name="tool-name-2">{NS}<param-1>value-1{NS}</param-1>{NS}</invoke>\n'
     f"{NS}</tool_call>"
 )
@@ -98,21 +102,21 @@ TOOL_CHAT_TEXT = (
 )
 
 
-def expected_prompt(mode, with_tools, system="You are a helpful assistant.", turns=CHAT_TEXT):
+def expected_prompt(mode, with_tools, system="You are a helpful assistant.", turns=CHAT_TEXT,
+                    identity=IDENTITY):
     system_turn = (
-        f"]~!b[]~b]system\n{system}{THINKING_HEAD}{MODE_LINE[mode]}</thinking_instructions>"
-        + (TOOLS_TEXT if with_tools else "")
-        + "[e~[\n"
+        f"]~!b[]~b]system\n{identity}{THINKING_HEAD}{MODE_LINE[mode]}</thinking_instructions>"
+        "[e~[\n"
     )
-    return system_turn + turns + PROMPT_END[mode]
+    developer_turn = f"]~b]developer\n{system}" + (TOOLS_TEXT if with_tools else "") + "[e~[\n"
+    return system_turn + developer_turn + turns + PROMPT_END[mode]
 
 
 def both(messages, **kwargs):
-    """Render with the built-in renderer and the shipped template; they must agree."""
-    builtin = render_builtin(messages, **kwargs)
-    templated = render_template(M3_CHAT_TEMPLATE, messages, **kwargs)
-    assert builtin == templated
-    return builtin
+    """Render with m3mlx's default path and with the packaged template passed explicitly."""
+    default = render_chat(messages, **kwargs)
+    assert render_template(M3_CHAT_TEMPLATE, messages, **kwargs) == default
+    return default
 
 
 @pytest.mark.parametrize("mode", ["enabled", "disabled", "adaptive"])
@@ -156,6 +160,9 @@ def test_render_chat_picks_the_template():
     [
         ([{"role": "robot", "content": "x"}], "role 'robot'"),
         ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}], "only allowed first"),
+        ([{"role": "user", "content": "x"}, {"role": "root", "content": "y"}], "only allowed first"),
+        ([{"role": "assistant", "content": "",
+           "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}], "a JSON object"),
         ([{"role": "user", "content": 3}], "must be a string"),
         ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}],
          "function name"),
@@ -166,9 +173,9 @@ def test_render_chat_picks_the_template():
 )
 def test_bad_messages_are_refused(messages, match):
     with pytest.raises(ValueError, match=match):
-        render_builtin(messages)
+        render_chat(messages)
     with pytest.raises(ValueError, match=match):
-        render_template(M3_CHAT_TEMPLATE, messages)
+        render_template("{{ messages }}", messages)
 
 
 def test_bad_options_are_refused():
@@ -178,8 +185,63 @@ def test_bad_options_are_refused():
         render_chat(CHAT, tools=[{"type": "function", "function": {"description": "x"}}])
     with pytest.raises(TemplateError, match="does not compile"):
         render_template("{% if %}", CHAT)
-    with pytest.raises(TemplateError, match="refused the conversation: nope"):
+    with pytest.raises(TemplateError, match="^the chat template refused the conversation: nope$"):
         render_template("{{ raise_exception('nope') }}", CHAT)
+
+
+ROOT = {"role": "root", "content": "You are Zed, built by Acme."}
+
+
+@pytest.mark.parametrize("first", ["system", "developer"])
+def test_root_replaces_the_identity_and_developer_is_the_system_prompt(first):
+    messages = [ROOT, {"role": first, "content": "Be terse."}] + CHAT
+    text = both(messages, thinking="disabled", tools=TOOLS)
+    assert text == expected_prompt("disabled", True, system="Be terse.",
+                                   identity="You are Zed, built by Acme.")
+    assert both([ROOT] + CHAT) == expected_prompt("adaptive", False, identity=ROOT["content"])
+
+
+def test_leading_instructions_join_and_content_parts_are_text():
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Rule one."}]},
+        {"role": "developer", "content": "Rule two."},
+        {"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]},
+    ] + CHAT[1:]
+    assert both(messages) == expected_prompt("adaptive", False, system="Rule one.\n\nRule two.")
+
+
+def test_model_identity_variable_sets_the_default_system_prompt():
+    text = render_template(M3_CHAT_TEMPLATE, CHAT, model_identity="You are M3.")
+    assert text == expected_prompt("adaptive", False, system="You are M3.")
+
+
+def test_inline_reasoning_is_split_and_reasoning_fields_are_kept():
+    inline = [{"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "<mm:think>\nLet me see.\n</mm:think>\n\nHello!"}]
+    fields = [{"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello!", "reasoning": "Let me see."}]
+    turn = "]~b]user\nHi[e~[\n]~b]ai\n<mm:think>Let me see.</mm:think>Hello![e~[\n"
+    for messages in (inline, fields):
+        assert both(messages, thinking="enabled") == expected_prompt("enabled", False, turns=turn)
+
+
+def test_tool_call_arguments_as_json_strings_are_objects():
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"location": "Boston"}'}}
+    as_string = [{"role": "user", "content": "?"},
+                 {"role": "assistant", "content": None, "tool_calls": [call]}]
+    as_object = [{"role": "user", "content": "?"},
+                 {"role": "assistant", "content": "", "tool_calls": [
+                     {"function": {"name": "get_weather", "arguments": {"location": "Boston"}}}]}]
+    assert both(as_string, tools=TOOLS) == both(as_object, tools=TOOLS)
+    assert f"{NS}<location>Boston{NS}</location>" in both(as_string, tools=TOOLS)
+
+
+def test_images_are_refused_with_the_part_named():
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                             {"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(ValueError, match="message 0 \\(user\\) part 1 is of type 'image_url'"):
+        render_chat(messages)
 
 
 def test_bare_function_tools_equal_wrapped():

@@ -8,6 +8,9 @@ from m3mlx.chat import ChatSession, common_prefix_length
 from m3mlx.chat_format import M3_CHAT_TEMPLATE, render_chat
 from m3mlx.demo import write_demo_checkpoint
 from m3mlx.generate import stream_generate
+from m3mlx.reply_parser import MalformedOutputWarning
+
+from scripted_model import Scripted
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 # Special tokens encode the same wherever they stand, so a reply made only of them re-encodes
@@ -35,8 +38,11 @@ class Restricted:
         mask[mx.array(allowed)] = 0.0
         self.mask = mask
 
-    def __call__(self, inputs, cache=None):
-        return self.model(inputs, cache=cache) + self.mask
+    def __call__(self, inputs, cache=None, last_only=False):
+        return self.model(inputs, cache=cache, last_only=last_only) + self.mask
+
+    def hidden(self, inputs, cache=None):
+        return self.model.hidden(inputs, cache)
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +161,12 @@ class InterruptedBetweenLayers:
     def __init__(self, model, n):
         self.model, self.args, self.layers, self.n = model, model.args, model.layers, n
 
-    def __call__(self, inputs, cache=None):
+    def hidden(self, inputs, cache=None):
+        return self.model.hidden(inputs, cache)
+
+    def __call__(self, inputs, cache=None, last_only=False):
         self.n -= 1
-        logits = self.model(inputs, cache=cache)
+        logits = self.model(inputs, cache=cache, last_only=last_only)
         if self.n == 0:
             for c in cache[1:]:  # these layers never wrote the step
                 c.trim(inputs.shape[1])
@@ -392,3 +401,22 @@ def test_ctrl_c_during_a_long_prefill_keeps_the_session_usable(loaded):
     reply = send(session, long_message)
     assert reply.cached_tokens >= chunks[-1]  # the interrupted prefill was not wasted
     assert reply.tokens == expected
+
+
+def test_a_deeply_nested_reply_leaves_the_session_usable(loaded):
+    """Issue 14 #4: a tool call nested deeper than the parser follows (32 levels; 300 in the
+    parser's and the server's tests) is content with a warning; the next turn renders,
+    reuses the cache and replies."""
+    model, tokenizer = loaded
+    ns = "]<]minimax[>["
+    deep = (f'{ns}<tool_call>\n{ns}<invoke name="nest">{ns}<tree>' + f"{ns}<a>" * 60 + "x"
+            + f"{ns}</a>" * 60 + f"{ns}</tree>{ns}</invoke>\n{ns}</tool_call>")
+    nest = {"type": "function", "function": {"name": "nest", "parameters": {
+        "type": "object", "properties": {"tree": {"type": "object"}}}}}
+    session = ChatSession(Scripted(model, tokenizer, {"deep": deep}), tokenizer, tools=[nest],
+                          temperature=0.0, max_tokens=4000)
+    with pytest.warns(MalformedOutputWarning, match="nest deeper than"):
+        reply = send(session, "[script:deep] Go.")
+    assert reply.tool_calls == [] and reply.content == deep
+    after = send(session, "And now?", max_tokens=3)
+    assert after.cached_tokens > 0 and len(after.tokens) == 3

@@ -1,0 +1,52 @@
+"""m3mlx's HTTP server: OpenAI and Anthropic APIs over one model (`m3mlx serve`).
+
+`schemas` (request bodies) -> `requests` (request to conversation) -> chat template -> `engine`
+(queue, generation, caches) -> `events` (reply to API responses and stream events), with the
+routes in `app` and the cross-request cache in `prefix_cache`.
+"""
+
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ..chat_format import render_chat
+from ..model import make_cache
+from .app import Service, create_app
+from .engine import Engine
+from .prefix_cache import PrefixCache, fingerprint
+
+
+def build_service(model, tokenizer, *, model_dir: Path, names: List[str],
+                  sampling: Dict[str, Any], max_tokens: int, thinking: str = "adaptive",
+                  api_key: Optional[str] = None, max_body: int = 32 << 20,
+                  cache_size: int = 16 << 30, cache_dir: Optional[Path] = None,
+                  cache_disk_size: Optional[int] = None, index_bits: Optional[int] = None,
+                  kv_bits: Optional[int] = None, prefill_step_size: int = 2048, log: Callable[[str], None] = print) -> Service:
+    """The engine, prefix cache and settings `create_app` serves. The chat template is tried
+    once here, so a broken one stops the server before it listens."""
+    template = tokenizer.chat_template
+    name = getattr(tokenizer, "chat_template_file", None)
+    probe = [{"role": "user", "content": "Hello"}]
+    render_chat(probe, template=template, template_name=name, thinking=thinking)
+    render_chat(probe, template=template, template_name=name, thinking=thinking,
+                tools=[{"name": "probe", "parameters": {"type": "object", "properties": {}}}])
+    prefix = None
+    if cache_size > 0:
+        meta = [c.meta() for c in make_cache(model, index_bits=index_bits, kv_bits=kv_bits)]
+        directory = None
+        if cache_dir is not None:
+            import mlx.core as mx
+
+            # K/V come in the activation dtype, which the embedding's output has.
+            activations = model.language_model.model.embed_tokens(mx.array([[0]])).dtype
+            layout = [model.args, meta, activations]
+            directory = Path(cache_dir) / fingerprint(model_dir, layout)
+        prefix = PrefixCache(meta, cache_size, directory, cache_disk_size, log=log)
+    engine = Engine(model, tokenizer, prefix_cache=prefix, index_bits=index_bits, kv_bits=kv_bits,
+                    prefill_step_size=prefill_step_size, log=log)
+    engine.ready.wait()
+    return Service(engine=engine, tokenizer=tokenizer, model_names=names, sampling=sampling,
+                   max_tokens=max_tokens, thinking=thinking, api_key=api_key, max_body=max_body,
+                   log=log)
+
+
+__all__ = ["Engine", "PrefixCache", "Service", "build_service", "create_app"]
