@@ -44,7 +44,8 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
           cache_size, cache_dir, cache_disk_size, no_disk_cache, max_body_size, parallel,
           rank_timeout):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions,
-    /v1/responses, /v1/models) and Anthropic (/v1/messages, /v1/messages/count_tokens) APIs.
+    /v1/responses, /v1/models) and Anthropic (/v1/messages, /v1/messages/count_tokens) APIs,
+    and a web chat page at / built on them.
 
     Requests are served one at a time, in order; a prefix cache reuses the longest cached
     start of each prompt across requests, clients and restarts. The generation options are
@@ -86,7 +87,8 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"m3mlx serve: {service.model_names[0]} at http://{shown}:{bound}/v1 "
-               f"(OpenAI and Anthropic APIs{'; API key required' if api_key else ''})")
+               f"(OpenAI and Anthropic APIs{'; API key required' if api_key else ''}); "
+               f"web chat at http://{shown}:{bound}/")
     sys.stdout.flush()
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=1)

@@ -42,6 +42,15 @@ def test_kernel_cost_report_covers_every_kernel_and_chip():
     assert "(bandwidth)" in out and "(compute)" in out and "(latency)" in out
 
 
+def test_web_render_benchmark_measures_both_ways():
+    from test_web_chat import chromium
+
+    out = run("bench_web_render.py", "--sizes", "2,20", "--chromium", chromium())
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["308", "3,080"]
+    assert all(float(ms) > 0 for row in rows for ms in row[1:])
+
+
 def test_expert_benchmark_covers_policies_sizes_and_the_m3_prediction(tmp_path):
     out = run("bench_experts.py", "--shares", "25,100", "--policies", "lru,pinned", "--tokens",
               "8", "--calibration", "100", "--gb", "0.005", "--width", "64", "--experts", "16",
