@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
+from .checks import parse_json
 from .chat_messages import check_thinking_mode, normalize_messages, normalize_tools
 from .template_sandbox import TemplateError, compile_template, render
 from .tokens import SPECIAL_TOKENS_MAP
@@ -56,8 +57,8 @@ def read_chat_template(directory) -> Optional[Template]:
     else:
         return None
     try:
-        template = json.loads(config.read_bytes().decode("utf-8")).get("chat_template")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        template = parse_json(config.read_bytes().decode("utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as e:
         raise TemplateError(f"{config} is not a JSON object in UTF-8 ({e})") from None
     where = f"{config} (chat_template)"
     if template is None or isinstance(template, str):

@@ -33,6 +33,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .checks import parse_json
 from .config import ConfigError, ModelArgs, check_quantization, check_quantization_config
 from .errors import CheckpointError
 from .weights import MTP_FILE, is_mtp, is_vision
@@ -80,11 +81,11 @@ def read_json(file) -> dict:
         if size > MAX_JSON_BYTES:
             raise CheckpointError(f"{file} is {size} bytes, larger than any M3 file of its kind "
                                   f"({MAX_JSON_BYTES >> 20} MB at most); download it again")
-        value = json.loads(file.read_bytes().decode("utf-8-sig"))
+        value = parse_json(file.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{file} is not UTF-8 text (byte {e.start}); download it "
                               "again") from None
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON ({_first_line(e)}); download it "
                               "again") from None
     except OSError as e:
@@ -357,10 +358,10 @@ def read_header(file) -> Shard:
     except OSError as e:
         raise CheckpointError(f"{file} cannot be read ({e.strerror or e})") from None
     try:
-        header = json.loads(head.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = parse_json(head.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         if not isinstance(header, dict):
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{file} has a bad safetensors header ({_first_line(e)[:200]}); "
                               "the file is corrupt: download it again") from None
     metadata = header.pop("__metadata__", None)
