@@ -122,7 +122,8 @@ def cases():
     yield "config.json is not JSON", file_bytes("config.json", b'{"text_config": {'), \
         ("{d}/config.json is not valid JSON (Expecting property name enclosed in double quotes: "
          "line 1 column 18 (char 17)); download it again"), COMMANDS
-    yield "config.json nested too deeply", file_bytes("config.json", ("[" * 100_000 + "]" * 100_000).encode()), \
+    yield "config.json nested too deeply", \
+        file_bytes("config.json", b"[" * 100_000 + b"]" * 100_000), \
         "{d}/config.json is not valid JSON (the JSON nests too deeply to be read); download it " \
         "again", COMMANDS
     yield "zero heads", text_config(num_attention_heads=0), \
