@@ -36,6 +36,7 @@ import numpy as np
 from .checks import parse_json
 from .config import ConfigError, ModelArgs, check_quantization, check_quantization_config
 from .errors import CheckpointError
+from .files import open_regular
 from .weights import MTP_FILE, is_mtp, is_vision
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,11 +78,14 @@ def read_json(file) -> dict:
     """A UTF-8 JSON object file, parsed; CheckpointError naming the file otherwise."""
     file = Path(file)
     try:
-        size = file.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{file} is {size} bytes, larger than any M3 file of its kind "
-                                  f"({MAX_JSON_BYTES >> 20} MB at most); download it again")
-        value = parse_json(file.read_bytes().decode("utf-8-sig"))
+        with open_regular(file) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{file} is {size} bytes, larger than any M3 file of its "
+                                      f"kind ({MAX_JSON_BYTES >> 20} MB at most); download it "
+                                      "again")
+            data = f.read()
+        value = parse_json(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{file} is not UTF-8 text (byte {e.start}); download it "
                               "again") from None
@@ -295,7 +299,7 @@ def _read_piece(file: Path, offset: int, view: np.ndarray, required: int):
 
 def _pread_into(file: Path, offset: int, view: np.ndarray) -> int:
     done = 0
-    with open(file, "rb", buffering=0) as f:
+    with open_regular(file) as f:
         f.seek(offset)
         target = memoryview(view)
         while done < len(view):
@@ -377,7 +381,7 @@ def read_header(file) -> Shard:
 
 def _header_bytes(file: Path):
     """(header JSON bytes, sha256 of length + header, file size, stat) of a safetensors file."""
-    with open(file, "rb") as f:
+    with open_regular(file) as f:
         st = os.fstat(f.fileno())
         size = st.st_size
         prefix = f.read(8)
