@@ -150,8 +150,8 @@ def test_a_state_file_nested_too_deeply_is_refused_and_nothing_is_deleted(source
     status, output = run_cli("convert", a, out, "--resume", "--max-shard-size", SHARD)
     assert status == 1
     assert error_line(output) == (f"Error: {out} does not hold an interrupted m3mlx conversion "
-                                  f"(no {writer.STATE_FILE}); use --force to replace its contents "
-                                  "or pick another directory")
+                                  f"(no readable {writer.STATE_FILE}); use --force to replace its "
+                                  "contents or pick another directory")
     assert snapshot(out) == before
 
 
