@@ -5,13 +5,14 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
 from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
+from m3mlx.distributed import DistributedError, Ranks
 
 from .errors import Command, describe
 from .options import PrefillMeter, decode_input, generation_options, load_or_fail, read_stdin
@@ -57,11 +58,13 @@ class Style:
 class Console:
     """Where replies and messages go: a terminal, or stdout/stderr when piped."""
 
-    def __init__(self, interactive: bool):
-        self.interactive = interactive
+    def __init__(self, interactive: bool, quiet: bool = False):
+        self.interactive, self.quiet = interactive, quiet  # quiet: a rank other than 0
         self.style = Style(interactive and "NO_COLOR" not in os.environ)
 
     def write(self, text: str, err: bool = False):
+        if self.quiet:
+            return
         stream = sys.stderr if err else sys.stdout
         stream.write(text)
         stream.flush()
@@ -159,6 +162,9 @@ def run_command(line: str, state: "ChatState"):
     elif name == "reset":
         session.reset()
         console.info("conversation cleared")
+    elif name in ("save", "load") and state.ranks.sharded:
+        console.info(f"/{name} does not work with several ranks yet (each holds part of the "
+                     "cache); chat in a single process to save conversations")
     elif name in ("save", "load"):
         if not arg:
             console.info(f"usage: /{name} PATH")
@@ -192,6 +198,7 @@ class ChatState:
     console: Console
     session: object
     failed: bool = False  # a line failed: piped chat ends with exit status 1
+    ranks: Ranks = field(default_factory=Ranks.alone)  # several under mlx.launch
 
     @contextmanager
     def guard(self, prefix: str = "error: "):
@@ -199,7 +206,7 @@ class ChatState:
         becomes one line of feedback and the conversation goes on, as it was."""
         try:
             yield
-        except (Quit, SystemExit, GeneratorExit):
+        except (Quit, SystemExit, GeneratorExit, DistributedError):
             raise
         except BaseException as e:
             message = describe(e)
@@ -214,8 +221,9 @@ class ChatState:
     def reply_to(self, message: str):
         meter = PrefillMeter()
         try:
-            stream = self.session.send(message, prefill_progress=meter)
-            reply = stream_reply(self.console, stream)
+            with self.ranks.watching("replying"):
+                stream = self.session.send(message, prefill_progress=self.ranks.progress(meter))
+                reply = stream_reply(self.console, self.ranks.stepping(stream))
         finally:
             meter.close()
         if self.console.interactive and reply is not None:
@@ -290,13 +298,16 @@ def handle(message: str, state: ChatState):
 
 
 def piped(state: ChatState, input_mode: str):
+    if input_mode == "whole" and state.ranks.sharded:
+        raise click.UsageError("--input whole reads stdin to its end, which mlx.launch never "
+                               "passes on: with several ranks, send lines and end with /quit")
     if input_mode == "whole":
         message = read_stdin("the message on stdin")
         if message.strip():
             state.reply_to(message)
         return
     try:
-        for number, raw in enumerate(sys.stdin.buffer, 1):
+        for number, raw in enumerate(state.ranks.lines(sys.stdin.buffer), 1):
             try:
                 line = decode_input(raw, f"line {number} of stdin")
             except InputError as e:
@@ -322,7 +333,7 @@ def piped(state: ChatState, input_mode: str):
                    "are commands), or all of stdin is one message.")
 def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
          repetition_penalty, seed, prefill_step_size, index_bits, kv_bits, kv_memory,
-         kv_cache_dir, dtype, input_mode):
+         kv_cache_dir, dtype, parallel, rank_timeout, input_mode):
     """Chat with a model in the terminal: streaming replies, reasoning dimmed.
 
     In the chat, /help lists the commands (/think, /system, /reset, /save, /load, /stats,
@@ -331,22 +342,31 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
 
     When stdin is not a terminal, messages are read from it (see --input) and only the
     replies are written to stdout; reasoning and command output go to stderr.
+
+    Started by mlx.launch on several ranks, the model is split between them (--parallel):
+    rank 0 reads the messages and prints; end with /quit.
     """
     from m3mlx.chat import ChatSession
 
-    is_tty = sys.stdin.isatty() and sys.stdout.isatty()
-    console = Console(interactive=is_tty)
+    # Started by mlx.launch, every rank runs the piped chat on rank 0's stdin.
+    ranks = Ranks.start(rank_timeout, kv_memory=kv_memory)
+    is_tty = not ranks.sharded and sys.stdin.isatty() and sys.stdout.isatty()
+    console = Console(interactive=is_tty, quiet=not ranks.leads)
     if is_tty:
         console.write(console.style.dim(f"Loading {model_path} ...") + "\n")
-    model, tokenizer = load_or_fail(model_path, dtype)
+    model, tokenizer = load_or_fail(model_path, dtype, parallel)
     session = ChatSession(
         model, tokenizer, system=system, thinking=thinking,
         index_bits=index_bits, kv_bits=kv_bits, kv_memory=kv_memory, kv_cache_dir=kv_cache_dir,
         max_tokens=max_tokens, temperature=temp,
-        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+        seed=ranks.seed(seed),
         prefill_step_size=prefill_step_size,
     )
-    state = ChatState(console, session)
+    state = ChatState(console, session, ranks=ranks)
+    if ranks.sharded:
+        console.info(f"m3mlx chat, {model.sharding.plan.describe()}: end with /quit "
+                     "(mlx.launch never passes the end of stdin on)")
     if is_tty:
         interactive(state, f"m3mlx chat: {model_path} (thinking {thinking}). /help for "
                            "commands, Ctrl-D to leave.")

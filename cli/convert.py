@@ -28,7 +28,9 @@ ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
               help="Precision by tensor role. m3: experts at the base setting, attention, shared "
                    "expert, dense MLPs, embeddings and lm_head at 8 bits, index projections and "
                    "norms unquantized, router and correction bias fp32. uniform: everything "
-                   "quantizable at the base setting. mlx-lm: what `mlx_lm convert -q` does.")
+                   "quantizable at the base setting. mlx-lm: what `mlx_lm convert -q` does. "
+                   "fit-192gb, fit-128gb: M3 for a Mac of that memory, every role's precision "
+                   "chosen by measured KL divergence (take no --mode/--bits/--group-size).")
 @click.option("--role", "roles", multiple=True, metavar="ROLE=PRECISION",
               help="Override one role, repeatable. PRECISION: none, bf16, fp16, fp32, affine "
                    "bits (4, 8, 4g32), mxfp4, mxfp8 or nvfp4. Roles: " + ROLE_HELP + ".")

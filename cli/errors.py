@@ -10,6 +10,7 @@ The interactive chat uses the same rules for each line it handles, and stays ope
 
 import errno
 import os
+import sys
 from contextlib import contextmanager
 from typing import Optional
 
@@ -92,6 +93,13 @@ def describe(e: BaseException) -> Optional[str]:
     return one_line(e) if is_expected(e) else bug_message(e)
 
 
+def _rank_prefix() -> str:
+    """'rank R of N: ' when this process is one rank of a sharded run, so that the failing
+    rank is named (m3mlx.distributed is only loaded by commands that can run sharded)."""
+    distributed = sys.modules.get("m3mlx.distributed")
+    return distributed.rank_prefix() if distributed else ""
+
+
 @contextmanager
 def error_boundary():
     """Turn every failure inside into a one-line message and an exit status."""
@@ -103,6 +111,7 @@ def error_boundary():
         message = describe(e)
         if message is None:
             raise
+        message = _rank_prefix() + message
         if isinstance(e, KeyboardInterrupt):
             click.echo(f"\n{message}", err=True)
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None

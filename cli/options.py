@@ -13,6 +13,8 @@ from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
 from m3mlx.checks import parse_size as checked_size
 from m3mlx.convert.plan import duration
 from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
+from m3mlx.distributed import RANK_TIMEOUT
+from m3mlx.sharding import PLANS
 
 
 def parse_size(text: str) -> int:
@@ -86,6 +88,16 @@ def generation_options(*, max_tokens: int, sampling: dict,
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
                      default="auto", show_default=True,
                      help="Activation dtype (float32 on CPU)."),
+        click.option("--parallel", type=click.Choice(PLANS), default=PLANS[0],
+                     show_default=True,
+                     help="How the ranks of a run started with mlx.launch share the model: "
+                          "tensor (attention by KV head, experts by rank, MLP columns, the "
+                          "vocabulary; two all-reduces per layer) or pipeline (contiguous "
+                          "layers per rank). Ignored in a single process."),
+        click.option("--rank-timeout", type=click.FloatRange(1.0), default=RANK_TIMEOUT,
+                     show_default=True,
+                     help="Seconds a run started with mlx.launch waits for the other ranks "
+                          "before it ends with an error naming the rank."),
     ]
     if tier:
         options[-1:-1] = [
@@ -112,13 +124,14 @@ def stop_option(command):
                         help="Stop string (repeatable, not empty).")(command)
 
 
-def load_or_fail(model_path: str, dtype: str):
-    """(model, tokenizer); a failure is reported by the error boundary as one line."""
+def load_or_fail(model_path: str, dtype: str, parallel: str = PLANS[0]):
+    """(model, tokenizer), this rank's part of it when started by mlx.launch; a failure is
+    reported by the error boundary as one line."""
     import mlx.core as mx
 
-    from m3mlx import load
+    from m3mlx.distributed import load_for_rank
 
-    return load(model_path, dtype=None if dtype == "auto" else getattr(mx, dtype))
+    return load_for_rank(model_path, parallel, None if dtype == "auto" else getattr(mx, dtype))
 
 
 def decode_input(data: bytes, what: str) -> str:

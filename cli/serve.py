@@ -45,7 +45,8 @@ def _size(ctx, param, value):
               help="Largest request body accepted (larger ones get 413).")
 def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
           prefill_step_size, index_bits, kv_bits, dtype, host, port, api_key, names, thinking,
-          cache_size, cache_dir, cache_disk_size, no_disk_cache, max_body_size):
+          cache_size, cache_dir, cache_disk_size, no_disk_cache, max_body_size, parallel,
+          rank_timeout):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions,
     /v1/responses, /v1/models) and Anthropic (/v1/messages, /v1/messages/count_tokens) APIs.
 
@@ -55,8 +56,13 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
     """
     import uvicorn
 
+    from m3mlx.distributed import is_sharded
     from m3mlx.loading import resolve
     from m3mlx.server import build_service, create_app
+
+    if is_sharded():
+        raise click.UsageError("serve does not run on several ranks yet (--parallel): start it "
+                               "in a single process, or use generate or chat with mlx.launch")
 
     def log(line: str):
         click.echo(line, err=True)

@@ -34,7 +34,7 @@ from .hub import (
 from .identity import difference, source_identity
 from .plan import MAX_SHARD_BYTES, Plan, build_plan, describe, estimate_seconds, human
 from .progress import Progress
-from .recipes import DEFAULT_RECIPE, base_spec, role_specs
+from .recipes import DEFAULT_RECIPE, resolve
 from .safetensors_io import FLOAT_NAMES
 from .source import Source, open_local
 from .verify import CONVERSION_KEY, REDO, verify
@@ -97,8 +97,7 @@ def convert(
     if resume and force:
         raise ConvertError("--resume and --force contradict each other: --resume continues the "
                            "conversion in OUTPUT_DIR, --force deletes it; pick one")
-    base = base_spec(mode, bits, group_size)
-    specs = role_specs(recipe, base, roles, dtype)
+    base, specs = resolve(recipe, mode, bits, group_size, roles, dtype)
     output = Path(output).expanduser()
     state = _check_output(output, resume=resume, force=force, dry_run=dry_run)
 
@@ -110,7 +109,7 @@ def convert(
 
     # 3. plan
     plan = build_plan(src, specs, base=base, dtype=dtype, recipe=recipe,
-                      max_shard_bytes=max_shard_size)
+                      max_shard_bytes=max_shard_size, explicit_roles=set(roles or ()))
     log(describe(plan, seconds=estimate_seconds(plan, ASSUMED_READ_RATE)))
     if dry_run:
         log("dry run: nothing written")
@@ -144,7 +143,7 @@ def convert(
         download_shards(src.repo_id, pending, revision=revision, api=hub_api, log=log)
         src = open_local(src.path, repo_id=src.repo_id)  # now with the real headers
         plan = build_plan(src, specs, base=base, dtype=dtype, recipe=recipe,
-                          max_shard_bytes=max_shard_size)
+                          max_shard_bytes=max_shard_size, explicit_roles=set(roles or ()))
         if plan.fingerprint() != fingerprint:
             raise ConvertError(f"the shards downloaded from {src.repo_id} do not match the "
                                "headers the Hub reported for them; run the command again")

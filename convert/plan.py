@@ -16,6 +16,7 @@ import numpy as np
 
 from m3mlx.weights import MTP_FILE
 
+from . import measured
 from .errors import ConvertError
 from .recipes import ROLES, Spec
 from .safetensors_io import FLOAT_NAMES, PlannedTensor, file_size
@@ -116,8 +117,19 @@ def _effective(spec: Spec, cols: int, dtype: str) -> Tuple[Spec, str]:
     return spec, ""
 
 
+def _keep_source_float(spec: Spec, sw: SourceWeight, source: Source, dtype: str):
+    """A float tensor of a quantized source stays float when its role asks for the source's
+    own format: MXFP8 -> mxfp8 copies what the release quantized and keeps what it did not
+    (embeddings, lm_head), rather than quantizing those too."""
+    if spec.quantized and spec.mode == source.fmt and sw.fmt == "float":
+        return Spec("float", dtype=dtype), (f"kept {dtype}: float in the {source.fmt} source, "
+                                            f"which {spec.mode} would only round")
+    return spec, ""
+
+
 def build_plan(source: Source, roles: Dict[str, Spec], *, base: Spec, dtype: str, recipe: str,
-               max_shard_bytes: int = MAX_SHARD_BYTES) -> Plan:
+               max_shard_bytes: int = MAX_SHARD_BYTES, explicit_roles=()) -> Plan:
+    """`explicit_roles`: roles the user set with --role; they get exactly what was asked."""
     if max_shard_bytes <= 0:
         raise ConvertError("--max-shard-size must be positive")
     # Group the source weights into output units (experts of one projection stack together).
@@ -129,7 +141,9 @@ def build_plan(source: Source, roles: Dict[str, Spec], *, base: Spec, dtype: str
             by_module[w.module].sources.append(sw)
             continue
         spec, note = roles[w.role], ""
-        if w.quantizable:
+        if w.role not in explicit_roles:
+            spec, note = _keep_source_float(spec, sw, source, dtype)
+        if w.quantizable and not note:
             spec, note = _effective(spec, w.shape[-1], dtype)
         unit = Unit(w.module or w.name, w.role, w.kind, spec, [sw], note=note)
         units.append(unit)
@@ -278,6 +292,7 @@ def describe(plan: Plan, *, seconds: Optional[float] = None) -> str:
     ]
     if seconds is not None:
         lines.append(f"estimated time {duration(seconds)} on this machine")
+    lines.append(measured.describe({r["role"]: r["precision"] for r in role_table(plan)}))
     return "\n".join(lines)
 
 

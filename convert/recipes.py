@@ -166,8 +166,47 @@ def _mlx_lm(base: Spec) -> Dict[str, Spec]:
     return specs
 
 
-RECIPES = {"m3": _m3, "uniform": _uniform, "mlx-lm": _mlx_lm}
+# Recipes that set every role themselves, so --mode/--bits/--group-size do not apply: M3 in a
+# Mac of 192 or 128 GB. Chosen by measurement (tools/measure_recipes.py): of the precisions by
+# role whose size on the real M3 leaves a tenth of the memory to macOS, the KV cache and
+# activations, the ones with the least KL divergence on the tiny trained M3 (README, "Choosing
+# a recipe"). Roles not named stay as the release stores them (bf16; router and bias fp32).
+FIXED_RECIPES = {
+    "fit-192gb": {"experts": "3g128", "attention": "8g64", "shared_expert": "mxfp8"},
+    "fit-128gb": {"experts": "2g128", "attention": "3g64", "shared_expert": "3g64",
+                  "dense_mlp": "6g64", "embed": "6g64", "lm_head": "6g64"},
+}
+
+
+def _fixed(choice: Mapping[str, str]):
+    def specs(base: Spec) -> Dict[str, Spec]:
+        out = _uniform(Spec("float"))
+        out.update({role: parse_spec(text) for role, text in choice.items()})
+        out["mtp"] = out["experts"]
+        return out
+    return specs
+
+
+RECIPES = {"m3": _m3, "uniform": _uniform, "mlx-lm": _mlx_lm,
+           **{name: _fixed(choice) for name, choice in FIXED_RECIPES.items()}}
 DEFAULT_RECIPE = "m3"
+
+
+def check_recipe_options(recipe: str, mode: str, bits: Optional[int], group_size: Optional[int]):
+    if recipe in FIXED_RECIPES and (mode != "affine" or bits is not None
+                                    or group_size is not None):
+        raise ConvertError(f"--recipe {recipe} sets the precision of every role itself; drop "
+                           "--mode/--bits/--group-size (use --role ROLE=PRECISION to change one)")
+
+
+def resolve(recipe: str, mode: str, bits: Optional[int], group_size: Optional[int],
+            overrides: Optional[Mapping[str, object]] = None, dtype: str = "bfloat16"):
+    """(base Spec, role -> Spec) for the options of one conversion, checked. The base is the
+    routed experts' setting (a fixed recipe's own, for those)."""
+    check_recipe_options(recipe, mode, bits, group_size)
+    base = base_spec(mode, bits, group_size)
+    specs = role_specs(recipe, base, overrides, dtype)
+    return (specs["experts"] if recipe in FIXED_RECIPES else base), specs
 
 
 def role_specs(recipe: str, base: Spec, overrides: Optional[Mapping[str, object]] = None,

@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +23,12 @@ from .defaults import RECOMMENDED_SAMPLING, home_dir
 from .layout import text_weights
 from .tokens import BOD, END_OF_TURN, SPECIAL_TOKENS
 
+
+DATA_DIR = Path(__file__).parent / "data"
+# The tiny M3 trained on the Python standard library (tools/train_tiny_m3.py), in the original
+# Hugging Face layout, and the held-out files of its corpus.
+TINY_M3_DIR = DATA_DIR / "tiny-m3"
+HELDOUT_TEXT = DATA_DIR / "python-heldout.txt"
 
 # Small enough for a CPU, shaped like M3: a dense first layer, then MSA + MoE layers,
 # GQA groups, partial RoPE, one index head per KV head. MSA goes sparse past 4 x 16 = 64 tokens.
@@ -45,8 +52,9 @@ _CORPUS = [
 ]
 
 
-def train_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE trained offline on a built-in corpus, with M3's special tokens."""
+def train_tokenizer(vocab_size: int = 512, corpus: Optional[Iterable[str]] = None):
+    """A byte-level BPE with M3's special tokens, trained offline on `corpus` (default: a small
+    built-in one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -56,7 +64,7 @@ def train_tokenizer(vocab_size: int = 512):
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_CORPUS * 20, trainer)
+    tok.train_from_iterator(_CORPUS * 20 if corpus is None else corpus, trainer)
     return tok
 
 
@@ -125,24 +133,40 @@ def write_tokenizer(path: Path, tokenizer=None) -> "object":
     return tok
 
 
-def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards: int = 2,
-                          dtype=mx.bfloat16, config_style: str = "raw",
-                          extra_files: Optional[Dict[str, str]] = None, **overrides) -> Path:
-    """Write a tiny random M3 checkpoint (HF layout) with a tokenizer to `path`; returns it.
-
-    The files are written in a temporary folder next to `path` and moved into it only when all
-    are written: a full disk or a read-only location leaves `path` as it was."""
-    path = Path(path)
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A temporary folder next to `path`, whose files move into `path` only once all are
+    written: a full disk or a read-only location leaves `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        _write_checkpoint(staging, seed=seed, with_mtp=with_mtp, shards=shards, dtype=dtype,
-                          config_style=config_style, extra_files=extra_files, **overrides)
+        yield staging
         path.mkdir(exist_ok=True)
         for f in sorted(staging.iterdir()):
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_tiny_m3(path) -> Path:
+    """Copy the tiny trained M3 (Hugging Face layout) to `path`, in place of what is there."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)  # an older copy's files would linger
+    with _staged(path) as staging:
+        for f in sorted(TINY_M3_DIR.iterdir()):
+            shutil.copyfile(f, staging / f.name)
+    return path
+
+
+def write_demo_checkpoint(path, *, seed: int = 0, with_mtp: bool = False, shards: int = 2,
+                          dtype=mx.bfloat16, config_style: str = "raw",
+                          extra_files: Optional[Dict[str, str]] = None, **overrides) -> Path:
+    """Write a tiny random M3 checkpoint (HF layout) with a tokenizer to `path`; returns it,
+    written all at once (`_staged`)."""
+    path = Path(path)
+    with _staged(path) as staging:
+        _write_checkpoint(staging, seed=seed, with_mtp=with_mtp, shards=shards, dtype=dtype,
+                          config_style=config_style, extra_files=extra_files, **overrides)
     return path
 
 
@@ -156,6 +180,17 @@ def _write_checkpoint(path: Path, *, seed, with_mtp, shards, dtype, config_style
     if with_mtp:
         args.num_mtp_modules = 1
     weights = random_weights(args, seed, with_mtp, dtype)
+    return write_weights(path, args, weights, shards=shards, config_style=config_style,
+                         extra_files=extra_files)
+
+
+def write_weights(path, args: ModelArgs, weights: Dict[str, mx.array], *, shards: int = 1,
+                  config_style: str = "raw", vision: bool = True,
+                  extra_files: Optional[Dict[str, str]] = None) -> Path:
+    """Write Hugging Face-named `weights` in `shards` safetensors files with their index,
+    config.json (with a vision_config when `vision`), generation_config.json and the chat
+    template next to a tokenizer already in `path`; returns `path`."""
+    path = Path(path)
     names = sorted(weights)
     per_shard = -(-len(names) // shards)
     weight_map = {}
@@ -168,7 +203,10 @@ def _write_checkpoint(path: Path, *, seed, with_mtp, shards, dtype, config_style
     total = sum(w.nbytes for w in weights.values())
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(hf_config(args, config_style), indent=2))
+    config = hf_config(args, config_style)
+    if not vision:
+        config.pop("vision_config")
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id,
          **RECOMMENDED_SAMPLING}, indent=2))

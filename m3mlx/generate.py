@@ -104,8 +104,14 @@ def prefill(model: Model, tokens: mx.array, cache, step: int = PREFILL_STEP,
     n = tokens.size
     step = min(check_option("prefill_step_size", step), max(n, 1))
     for start in range(0, n, step):
-        logits = model(tokens[None, start : start + step], cache=cache)[0, -1]
-        mx.eval(logits, [c.arrays for c in cache])
+        chunk = tokens[None, start : start + step]
+        if start + step < n:
+            # Earlier chunks only fill the cache: no vocabulary projection (and the stages of
+            # a pipeline work on successive chunks at once).
+            mx.eval(model.hidden(chunk, cache), [c.arrays for c in cache])
+        else:
+            logits = model(chunk, cache=cache, last_only=True)[0, -1]
+            mx.eval(logits, [c.arrays for c in cache])
         if progress:
             progress(min(n, start + step), n)
     return logits

@@ -1,6 +1,6 @@
 """What a model directory holds: layer map, parameter counts, bytes on disk and in memory."""
 
-import json
+import math
 from pathlib import Path
 from typing import Dict, List
 
@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import Checkpoint
 from .config import ConfigError, ModelArgs
 from .errors import reported_as
+from .layout import text_weights
 from .loading import LoadError, model_from_checkpoint
 
 
@@ -48,6 +49,56 @@ def layer_map(args: ModelArgs) -> List[str]:
     return runs
 
 
+def precision(module_or_array) -> str:
+    """How a module's weight (or a vector) is stored: 'affine 4-bit g64', 'mxfp8', 'bfloat16'."""
+    mode = getattr(module_or_array, "mode", None)
+    if mode is not None and hasattr(module_or_array, "bits"):
+        if mode == "affine":
+            return f"affine {module_or_array.bits}-bit g{module_or_array.group_size}"
+        return mode
+    array = module_or_array.weight if hasattr(module_or_array, "weight") else module_or_array
+    return str(array.dtype).replace("mlx.core.", "")
+
+
+def role_precisions(model, args: ModelArgs) -> Dict[str, dict]:
+    """Per tensor role (layout.py's roles): its precisions, parameters and bits per weight."""
+    modules = dict(model.named_modules())
+    params = dict(tree_flatten(model.parameters()))
+    mtp = len(model.language_model.model.mtp.layers) if model.has_mtp else 0
+    roles: Dict[str, dict] = {}
+    seen = set()
+    for w in text_weights(args, mtp):
+        key = w.module or w.name
+        if key in seen:  # one stacked module holds every expert
+            continue
+        seen.add(key)
+        count = math.prod(w.shape) * (args.num_local_experts if w.kind == "expert" else 1)
+        if w.module:
+            what = precision(modules[w.module])
+            stored = [a for name, a in params.items() if name.startswith(w.module + ".")]
+        else:
+            what, stored = precision(params[w.name]), [params[w.name]]
+        r = roles.setdefault(w.role, {"precisions": set(), "params": 0, "bytes": 0})
+        r["precisions"].add(what)
+        r["params"] += count
+        r["bytes"] += sum(a.nbytes for a in stored)
+    return {role: {"precision": ", ".join(sorted(r["precisions"])), "params": r["params"],
+                   "bpw": 8 * r["bytes"] / max(r["params"], 1)} for role, r in roles.items()}
+
+
+def source_kind(config: dict) -> str:
+    """What sort of model directory this is, from its config.json."""
+    conversion = config.get("m3mlx_conversion")
+    if conversion:
+        return f"m3mlx conversion (recipe {conversion.get('recipe')}, from {conversion.get('source_format')})"
+    if "quantization" in config:
+        return "MLX conversion (mlx-lm layout)"
+    method = str((config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    if method:
+        return f"original {method.upper()} checkpoint (Hugging Face layout)"
+    return "original checkpoint (Hugging Face layout)"
+
+
 def describe(path) -> dict:
     """What `m3mlx info` prints, from the checked checkpoint and the model built lazily (no
     weight is read)."""
@@ -57,6 +108,8 @@ def describe(path) -> dict:
         model = model_from_checkpoint(ckpt, lazy=True)
     config, args = ckpt.config, ckpt.args
     memory = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    roles = role_precisions(model, args)
+    main = max(roles.values(), key=lambda r: r["params"])
     return {
         "path": str(path),
         "layers": layer_map(args),
@@ -68,10 +121,10 @@ def describe(path) -> dict:
         "mtp": model.has_mtp,
         "disk_bytes": ckpt.disk_bytes,
         "memory_bytes": memory,
-        "quantization": {k: v for k, v in (config.get("quantization") or {}).items()
-                         if k in ("group_size", "bits", "mode")},
-        "quantization_overrides": sum(k not in ("group_size", "bits", "mode")
-                                      for k in config.get("quantization") or {}),
+        "source": source_kind(config),
+        "quantization": main["precision"],
+        "bits_per_weight": 8 * memory / max(sum(r["params"] for r in roles.values()), 1),
+        "roles": roles,
     }
 
 
@@ -84,9 +137,9 @@ def _human(n: float, unit: str = "") -> str:
 
 def format_info(info: dict) -> str:
     p = info["parameters"]
-    q = info["quantization"]
     lines = [
         f"model: {info['path']}",
+        f"kind: {info['source']}",
         "layers:", *[f"  {run}" for run in info["layers"]],
         f"MSA: blocks of {info['msa']['block_size']}, top-{info['msa']['topk_blocks']} per KV head"
         f" ({info['msa']['index_heads']} index heads)",
@@ -94,7 +147,10 @@ def format_info(info: dict) -> str:
         f"parameters: {_human(p['total'])} total, {_human(p['active'])} active per token",
         f"MTP module: {'present' if info['mtp'] else 'absent'}",
         f"on disk: {_human(info['disk_bytes'], 'B')}, in memory: {_human(info['memory_bytes'], 'B')}",
-        "quantization: " + (json.dumps(q) + f" (+{info['quantization_overrides']} per-module "
-                            "overrides)" if q else "none"),
+        f"quantization: {info['quantization']} for most weights, "
+        f"{info['bits_per_weight']:.2f} bits per weight overall",
     ]
+    for role, r in info["roles"].items():
+        lines.append(f"  {role:<16}{r['precision']:<24}{_human(r['params']):>10}"
+                     f"{r['bpw']:>7.2f} bpw")
     return "\n".join(lines)

@@ -7,7 +7,9 @@ format), and the output holds exactly these, with the routed experts stacked.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
 
 from .config import ModelArgs
 from .weights import EXPERT_PROJECTIONS
@@ -106,4 +108,16 @@ def text_weights(args: ModelArgs, mtp_layers: int = 0) -> List[Weight]:
                 Weight(f"{p}.eh_proj.weight", (H, 2 * H), "mtp", "linear", f"{p}.eh_proj")]
         out += _layer(f"{p}.transformer_layer", args, sparse=True, moe=True, mtp=True)
         out.append(Weight(f"{p}.final_layernorm.weight", (H,), "norm", "vector"))
+    return out
+
+
+def hf_tensors(params: Dict[str, mx.array], args: ModelArgs, *, mtp_layers: int = 0,
+               dtype: Optional[mx.Dtype] = None) -> Dict[str, mx.array]:
+    """A model's parameters (MLX names, experts stacked) under the Hugging Face checkpoint's
+    names, one tensor per expert: the inverse of loading an original checkpoint. `dtype` casts
+    every tensor but the fp32 ones (router and correction bias), as the release stores them."""
+    out = {}
+    for w in text_weights(args, mtp_layers):
+        x = params[f"{w.module}.weight"][w.expert] if w.kind == "expert" else params[w.name]
+        out[w.name] = x if dtype is None or w.fp32 else x.astype(dtype)
     return out

@@ -20,7 +20,7 @@ from .errors import CheckpointError, reported_as
 from .kv_tier import kv_group_size
 from .model import Model, is_precision_sensitive
 from .tokenizer import Tokenizer
-from .weights import expert_slot, is_mtp, is_vision, mxfp8_to_mlx, stack_experts
+from .weights import expert_slot, is_vision, mtp_layer_count, mxfp8_to_mlx, stack_experts
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab*"]
 
@@ -201,7 +201,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, lazy: bool = False,
     except (ValueError, RuntimeError) as e:  # a tensor MLX cannot reinterpret as its format says
         raise LoadError(f"{ckpt.path}: the weights do not fit their format ({e}); the checkpoint "
                         "is damaged: download it again") from None
-    model = Model(ckpt.args, with_mtp=any(is_mtp(k) for k in weights))
+    model = Model(ckpt.args, mtp_layers=mtp_layer_count(weights))
     quant = _quantization(ckpt, weights)
     if quant:
         _quantize(model, quant, weights, ckpt.path)
@@ -225,6 +225,16 @@ def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) ->
         return model_from_checkpoint(Checkpoint.open(path), lazy=lazy, dtype=dtype)
 
 
+def load_tokenizer(path: Path, ckpt: Checkpoint) -> Tokenizer:
+    """The model directory's tokenizer, checked against the model's vocabulary."""
+    tokenizer = Tokenizer.from_dir(path, eos_token_ids=ckpt.args.eos_token_ids)
+    if tokenizer.vocab_size > ckpt.args.vocab_size:
+        raise LoadError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, more than "
+                        f"the model's vocab_size={ckpt.args.vocab_size}: use the tokenizer "
+                        "that came with these weights")
+    return tokenizer
+
+
 def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
          kv_bits: Optional[int] = None):
     """(model, tokenizer) from a model directory or a Hub repo id. Everything is checked, the
@@ -235,11 +245,7 @@ def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
     with reported_as(LoadError, ConfigError):
         ckpt = Checkpoint.open(path)
         kv_group_size(ckpt.args, kv_bits)
-        tokenizer = Tokenizer.from_dir(path, eos_token_ids=ckpt.args.eos_token_ids)
-        if tokenizer.vocab_size > ckpt.args.vocab_size:
-            raise LoadError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, more than "
-                            f"the model's vocab_size={ckpt.args.vocab_size}: use the tokenizer "
-                            "that came with these weights")
+        tokenizer = load_tokenizer(path, ckpt)
         model = model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype)
         model.kv_bits = kv_bits
         return model, tokenizer

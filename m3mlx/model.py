@@ -15,6 +15,10 @@ from .config import ModelArgs
 from .defaults import INDEX_BITS
 from .metal_kernels import ExpertWeights, index_topk, moe_experts, swiglu_oai
 
+# From this many (token, slot) pairs an expert-parallel rank computes only the pairs routed to
+# its own experts (prefill); below it, every slot, the others weighted 0 (decode: no sync).
+PREFILL_SLOTS = 64
+
 
 class GemmaRMSNorm(nn.Module):
     """RMSNorm scaling by (1 + w); the checkpoint stores the zero-centred w."""
@@ -83,6 +87,35 @@ class Experts(nn.Module):
         self.gate_proj = ExpertLinear(E, D, F)
         self.up_proj = ExpertLinear(E, D, F)
         self.down_proj = ExpertLinear(E, F, D)
+        # Expert parallel (m3mlx.sharding): this rank holds `held` of the layer's `num_experts`
+        # experts, the ids [first, first + held).
+        self.num_experts, self.first, self.held = E, 0, E
+
+    @property
+    def partial(self) -> bool:
+        return self.held < self.num_experts
+
+    def local_slots(self, indices: mx.array, weights: mx.array):
+        """For a few tokens on an expert-parallel rank: (ids among the held experts, weights),
+        a slot routed elsewhere weighted 0 and pointed at an expert the token already uses here
+        (or the first held one), so that it reads no other expert's weights."""
+        local = indices - self.first
+        here = (local >= 0) & (local < self.held)
+        some = mx.take_along_axis(local, mx.argmax(here, axis=-1, keepdims=True), axis=-1)
+        fill = mx.where(here.any(axis=-1, keepdims=True), some, 0)
+        return mx.where(here, local, fill).astype(indices.dtype), mx.where(here, weights, 0)
+
+    def held_slots(self, indices: mx.array):
+        """For many tokens on an expert-parallel rank: the flat (token * k + slot) numbers of
+        the slots routed to held experts and their ids among them, both sorted by expert (the
+        held ids are one contiguous run of the sorted ids; finding its ends waits for the
+        routing)."""
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        ids = flat[order]
+        lo = mx.sum(ids < self.first).item()
+        hi = mx.sum(ids < self.first + self.held).item()
+        return order[lo:hi], ids[lo:hi] - self.first
 
 
 class MoE(nn.Module):
@@ -97,23 +130,51 @@ class MoE(nn.Module):
         if args.n_shared_experts:
             self.shared_experts = MLP(args, args.shared_intermediate_size)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        # Routing is fp32: the bias only picks experts, the weights use the plain sigmoid.
+    def route(self, x: mx.array):
+        """x [N, D] -> (experts int32 [N, k], weights [N, k]).
+
+        Routing is fp32: the correction bias only picks the experts, the weights are the plain
+        sigmoid scores of the picked ones, renormalized and scaled."""
         scores = mx.sigmoid(self.gate(x.astype(mx.float32)).astype(mx.float32))
         biased = scores + self.e_score_correction_bias.astype(mx.float32)
         k = self.top_k
         experts = mx.stop_gradient(mx.argpartition(-biased, kth=k - 1, axis=-1)[:, :k])
         weights = mx.take_along_axis(scores, experts, axis=-1)
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
-        weights = (weights * self.routed_scaling_factor).astype(x.dtype)
+        return experts, (weights * self.routed_scaling_factor).astype(x.dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        experts, weights = self.route(x)
         # The routed and shared experts in one op: Metal kernels for a few tokens over
         # quantized experts on a Mac, gather_qmm / gather_mm otherwise.
+        routed = self.switch_mlp
         shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
+        if routed.partial and experts.size >= PREFILL_SLOTS:
+            return self._held_experts(x, experts, weights).reshape(shape)
+        if routed.partial:
+            experts, weights = routed.local_slots(experts, weights)
         y = moe_experts(x, experts, weights, ExpertWeights.of(self.switch_mlp), shared,
                         alpha=self.alpha, limit=self.limit)
         return y.reshape(shape)
+
+    def _held_experts(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        """Prefill on an expert-parallel rank: this rank's part of the MoE output [N, D], from
+        the (token, slot) pairs routed to its experts only, plus its columns of the shared
+        expert."""
+        routed, k = self.switch_mlp, experts.shape[-1]
+        slots, ids = routed.held_slots(experts)
+        y = mx.zeros_like(x)
+        if slots.size:
+            rows = slots // k
+            part = moe_experts(x[rows], ids[:, None], weights.flatten()[slots][:, None],
+                               ExpertWeights.of(routed), None, alpha=self.alpha,
+                               limit=self.limit)
+            y = y.at[rows].add(part)
+        if "shared_experts" in self:
+            y = y + self.shared_experts(x)
+        return y
 
 
 class Attention(nn.Module):
@@ -151,26 +212,38 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.reshape(B, L, n, -1).transpose(0, 2, 1, 3)
 
+    # Each projection is normed, then rotated, as M3 does. x is [B, L, hidden].
+    def project(self, x: mx.array, offset: int):
+        """-> q [B, Hq, L, D], k and v [B, Hkv, L, D]."""
+        q = self._rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset)
+        k = self._rope(self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads)), offset)
+        return q, k, self._heads(self.v_proj(x), self.n_kv_heads)
+
+    def index_keys(self, x: mx.array, offset: int) -> mx.array:
+        """-> the one index-key head [B, L, Di]."""
+        return self._rope(self.index_k_norm(self.index_k_proj(x)), offset)
+
+    def index_queries(self, x: mx.array, offset: int) -> mx.array:
+        """-> index queries [B, H_index, L, Di]."""
+        heads = self._heads(self.index_q_proj(x), self.index_heads)
+        return self._rope(self.index_q_norm(heads), offset)
+
     def __call__(self, x: mx.array, cache: Optional[LayerCache] = None) -> mx.array:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q = self._rope(self.q_norm(self._heads(self.q_proj(x), self.n_heads)), offset)
-        k = self._rope(self.k_norm(self._heads(self.k_proj(x), self.n_kv_heads)), offset)
-        v = self._heads(self.v_proj(x), self.n_kv_heads)
-        index_k = None
-        if self.sparse:
-            index_k = self._rope(self.index_k_norm(self.index_k_proj(x)), offset)  # [B, L, Di]
+        q, k, v = self.project(x, offset)
+        index_k = self.index_keys(x, offset) if self.sparse else None
 
         # What attention reads: the cache's K/V (maybe compact, maybe partly on the SSD), or
         # this step's own.
         kv = cache.update(k, v, index_k) if cache is not None else KVView(k, v, index_k, None, 0)
 
         if self.sparse and offset + L > self.topk * self.block_size:
-            index_q = self._rope(self.index_q_norm(self._heads(self.index_q_proj(x),
-                                                               self.index_heads)), offset)
-            selection = index_topk(index_q, kv.index_keys, offset=offset,
-                                   block_size=self.block_size, topk=self.topk,
-                                   index_scales=kv.index_scales)
+            index_q = self.index_queries(x, offset)
+            # The block choice is discrete: no gradient flows through it (as with the experts).
+            selection = mx.stop_gradient(index_topk(
+                index_q, kv.index_keys, offset=offset, block_size=self.block_size,
+                topk=self.topk, index_scales=kv.index_scales))
             out = kv.sparse_attention(q, selection, scale=self.scale, block_size=self.block_size)
         else:
             # Up to top-k x block keys MSA selects every visible block: dense attention is exact.
@@ -188,11 +261,18 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(args, args.dense_intermediate_size)
         self.input_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
+        # Tensor parallel (m3mlx.sharding): each rank of `group` computes a part of the
+        # attention (its KV heads) and of the FFN (its experts, its shared-expert and MLP
+        # columns); one all-reduce completes each.
+        self.group = None
 
     def __call__(self, x: mx.array, cache: Optional[LayerCache] = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+        h = x + self._sum(self.self_attn(self.input_layernorm(x), cache))
         ffn = self.block_sparse_moe if "block_sparse_moe" in self else self.mlp
-        return h + ffn(self.post_attention_layernorm(h))
+        return h + self._sum(ffn(self.post_attention_layernorm(h)))
+
+    def _sum(self, part: mx.array) -> mx.array:
+        return part if self.group is None else mx.distributed.all_sum(part, group=self.group)
 
 
 class MTPLayer(nn.Module):
@@ -215,13 +295,13 @@ class MTPLayer(nn.Module):
 
 
 class MTP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, num_layers: int):
         super().__init__()
-        self.layers = [MTPLayer(args) for _ in range(max(1, args.num_mtp_modules))]
+        self.layers = [MTPLayer(args) for _ in range(num_layers)]
 
 
 class TextModel(nn.Module):
-    def __init__(self, args: ModelArgs, with_mtp: bool):
+    def __init__(self, args: ModelArgs, mtp_layers: int):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [
@@ -229,41 +309,68 @@ class TextModel(nn.Module):
             for sparse, moe in zip(args.sparse_layers, args.moe_layers)
         ]
         self.norm = GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
-        if with_mtp:
-            self.mtp = MTP(args)
+        if mtp_layers:
+            self.mtp = MTP(args, mtp_layers)
+        # Pipeline parallel (m3mlx.sharding.Stage): this rank runs a contiguous range of the
+        # layers; a later stage takes its input from the one before, an earlier one passes its
+        # output on (and returns what its send returns).
+        self.stage = None
 
     def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h = self.embed_tokens(inputs)
+        stage = self.stage
+        if stage is None or stage.first:
+            h = self.embed_tokens(inputs)
+        else:
+            h = stage.receive(inputs.shape)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, c)
+        if stage is not None and not stage.last:
+            return stage.send(h)
         return self.norm(h)
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, args: ModelArgs, with_mtp: bool):
+    def __init__(self, args: ModelArgs, mtp_layers: int):
         super().__init__()
         self.tie = args.tie_word_embeddings
-        self.model = TextModel(args, with_mtp)
+        self.model = TextModel(args, mtp_layers)
         if not self.tie:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def logits(self, h: mx.array) -> mx.array:
         return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
 
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        return self.logits(self.model(inputs, cache))
+    def __call__(self, inputs: mx.array, cache=None, last_only: bool = False) -> mx.array:
+        h = self.model(inputs, cache)
+        h = h[:, -1:] if last_only else h
+        if self.model.stage is not None:  # pipeline: the last stage's output, on every rank
+            h = self.model.stage.share(h)
+        return self.logits(h)
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs, with_mtp: bool = False):
+    """`mtp_layers`: how many MTP modules to build. Loaders count the ones the checkpoint has
+    tensors for, not `num_mtp_modules` (the BF16 release's config says 7 and ships none)."""
+
+    def __init__(self, args: ModelArgs, mtp_layers: int = 0):
         super().__init__()
         self.args = args
-        self.language_model = LanguageModel(args, with_mtp)
+        self.language_model = LanguageModel(args, mtp_layers)
         self.kv_bits: Optional[int] = None  # how make_cache stores K/V by default (load sets it)
+        # Set when the model is one rank's part of a model sharded over several processes
+        # (m3mlx.sharding.Sharding): its plan and group.
+        self.sharding = None
 
-    def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
-        """inputs [B, L] token ids -> logits [B, L, vocab]."""
-        return self.language_model(inputs, cache)
+    def __call__(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None,
+                 last_only: bool = False) -> mx.array:
+        """inputs [B, L] token ids -> logits [B, L, vocab] ([B, 1, vocab] with last_only:
+        generation needs the last position's only, and the vocabulary projection is large)."""
+        return self.language_model(inputs, cache, last_only)
+
+    def hidden(self, inputs: mx.array, cache: Optional[List[LayerCache]] = None) -> mx.array:
+        """inputs [B, L] -> the final hidden states [B, L, D], for positions whose logits are
+        not needed (a pipeline stage before the last returns what its send returns)."""
+        return self.language_model.model(inputs, cache)
 
     @property
     def layers(self) -> List[DecoderLayer]:

@@ -7,7 +7,7 @@ their names and live in their own file so that mlx-lm, which does not know them,
 """
 
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import mlx.core as mx
 
@@ -18,6 +18,7 @@ EXPERT_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 MTP_MARKER = ".mtp."
 MTP_FILE = "mtp.safetensors"
 
+_MTP_LAYER = re.compile(r"\.mtp\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(?P<moe>.+\.block_sparse_moe)\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.(?P<part>.+)$")
 
 
@@ -27,6 +28,13 @@ def is_vision(name: str) -> bool:
 
 def is_mtp(name: str) -> bool:
     return MTP_MARKER in name
+
+
+def mtp_layer_count(names: Iterable[str]) -> int:
+    """MTP modules the tensors hold (highest layer index + 1): the count a model is built
+    with, whatever `num_mtp_modules` claims (the BF16 release says 7 and ships none)."""
+    ids = [int(m[1]) for n in names for m in [_MTP_LAYER.search(n)] if m]
+    return max(ids) + 1 if ids else 0
 
 
 def expert_slot(name: str) -> Optional[Tuple[str, int]]:

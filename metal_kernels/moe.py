@@ -128,8 +128,14 @@ class DenseWeight:
     def __call__(self, x, indices=None, sorted_indices=False) -> mx.array:
         if indices is None:
             return x @ self.weight.T
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices,
-                            sorted_indices=sorted_indices)
+        w = self.weight.swapaxes(-1, -2)
+        if x.dtype == mx.float32 and w.dtype == mx.float32 or mx.default_device() == mx.gpu:
+            return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+        # The CPU gather_mm only takes float32 (bf16 weights of an original checkpoint, run at
+        # --dtype auto): compute in float32, return the activation dtype.
+        y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=indices,
+                         sorted_indices=sorted_indices)
+        return y.astype(x.dtype)
 
 
 Projection = Union[QuantizedWeight, DenseWeight]

@@ -27,9 +27,14 @@ class Scripted:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, inputs, cache=None):
+    def hidden(self, inputs, cache=None):
+        """An earlier prefill chunk: it goes through the script's bookkeeping like any call
+        (prefill only evaluates what comes back)."""
+        return self(inputs, cache)
+
+    def __call__(self, inputs, cache=None, last_only=False):
         continuing = cache is self.cache and cache[0].offset == self.end
-        logits = self.model(inputs, cache=cache)
+        logits = self.model(inputs, cache=cache, last_only=last_only)
         self.cache, self.end = cache, cache[0].offset
         fed = inputs.reshape(-1).tolist()
         found = MARKER.findall(self.tokenizer.decode(fed))

@@ -40,3 +40,11 @@ def test_kernel_cost_report_covers_every_kernel_and_chip():
                  "moe_decode_gate_up", "moe_decode_down", "M3 Ultra", "M4 Max", "M5 Max", "64K"):
         assert name in out, name
     assert "(bandwidth)" in out and "(compute)" in out and "(latency)" in out
+
+
+def test_distributed_benchmark_measures_both_plans_and_predicts_m3():
+    out = run("bench_distributed.py", "--hidden", "64", "--prompt", "32", "--prefill-step", "16",
+              "--steps", "2")
+    for name in ("single", "tensor", "pipeline", "2 all_sum", "all_gather", "JACCL",
+                 "4 x M3 Ultra", "tok/s"):
+        assert name in out, name

@@ -38,8 +38,11 @@ class Restricted:
         mask[mx.array(allowed)] = 0.0
         self.mask = mask
 
-    def __call__(self, inputs, cache=None):
-        return self.model(inputs, cache=cache) + self.mask
+    def __call__(self, inputs, cache=None, last_only=False):
+        return self.model(inputs, cache=cache, last_only=last_only) + self.mask
+
+    def hidden(self, inputs, cache=None):
+        return self.model.hidden(inputs, cache)
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +161,12 @@ class InterruptedBetweenLayers:
     def __init__(self, model, n):
         self.model, self.args, self.layers, self.n = model, model.args, model.layers, n
 
-    def __call__(self, inputs, cache=None):
+    def hidden(self, inputs, cache=None):
+        return self.model.hidden(inputs, cache)
+
+    def __call__(self, inputs, cache=None, last_only=False):
         self.n -= 1
-        logits = self.model(inputs, cache=cache)
+        logits = self.model(inputs, cache=cache, last_only=last_only)
         if self.n == 0:
             for c in cache[1:]:  # these layers never wrote the step
                 c.trim(inputs.shape[1])

@@ -1,5 +1,6 @@
 """The `m3mlx` command end to end: generate, info, demo."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,9 @@ def test_console_script_demo_runs_end_to_end(tmp_path):
     assert "Generation: 4 tokens" in r.stdout
     assert (tmp_path / "demo" / "hf" / "config.json").exists()  # the Hugging Face checkpoint
     assert '"bits": 4' in (tmp_path / "demo" / "mlx-4bit" / "config.json").read_text()
+    # The command the demo suggests next: the 4-bit model against the checkpoint it came from.
+    r = run("eval", "--model", str(tmp_path / "demo" / "mlx-4bit"), "--reference",
+            str(tmp_path / "demo" / "hf"), "--samples", "2", "--dtype", "float32", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert 0 < summary["kld_mean"] < 0.05 and summary["same_top"] > 0.9

@@ -1,0 +1,199 @@
+"""Sharded runs over mx.distributed: 2 and 4 local processes on the ring backend (mlx.launch).
+
+Every path here is the MLX-ops path on this CPU (the Metal kernels take the same sharded
+arrays on a Mac: each rank's experts and heads are whole, ordinary weights).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from m3mlx.convert import convert
+
+HERE = Path(__file__).parent
+TIMEOUT = 90  # seconds for one launch: a hang fails the test instead of stalling the suite
+
+
+def free_port(span: int) -> int:
+    """A port whose next `span` ports look free (mlx.launch's ring uses one per rank)."""
+    for _ in range(20):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span < 65536 and all(_free(port + i) for i in range(span)):
+            return port
+    raise RuntimeError("no free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+BIN = Path(sys.executable).parent
+
+
+def launch(n: int, *command, python: bool = True) -> subprocess.CompletedProcess:
+    """`mlx.launch -n N --backend ring [--python PY] -- command` on this machine (this venv's
+    scripts first on PATH, as an activated venv has them)."""
+    cmd = [str(BIN / "mlx.launch"), "-n", str(n), "--backend", "ring", "-p", str(free_port(n)),
+           *(["--python", sys.executable] if python else []), "--", *command]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny M3 with 4 KV heads (so 4 ranks split attention) in the converter's layout,
+    float32 and 4-bit (float32 scales and activations), with shapes that split into whole
+    quantization groups over 4 ranks."""
+    from m3mlx.demo import write_demo_checkpoint
+
+    root = tmp_path_factory.mktemp("sharded")
+    src = write_demo_checkpoint(root / "src", dtype=mx.float32, num_key_value_heads=4,
+                                index_n_heads=4, intermediate_size=64,
+                                shared_intermediate_size=128, dense_intermediate_size=128)
+    quiet = dict(progress=False, log=lambda s: None, recipe="uniform", dtype="float32")
+    convert(src, root / "f32", mode="none", **quiet)
+    convert(src, root / "q4", bits=4, group_size=32, **quiet)
+    return root
+
+
+@pytest.mark.parametrize("kind, n, model", [
+    ("tensor", 2, "f32"), ("tensor", 4, "q4"), ("pipeline", 2, "q4"), ("pipeline", 4, "f32")])
+def test_sharded_logits_equal_single_process(checkpoints, tmp_path, kind, n, model):
+    """Prefill past MSA's dense window (sparse block selection), chunked prefill and greedy
+    decode: every rank's logits within 1e-5 of the single-process model; each rank holds at
+    most 1/N of the weights plus what every rank holds (pipeline: plus one layer, the unit a
+    stage holds), and its memory peak while loading (MLX's peak memory) stays near that."""
+    out = tmp_path / "ranks.json"
+    run = launch(n, str(HERE / "distributed_worker.py"), str(checkpoints / model), kind,
+                 str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    ranks = json.loads(out.read_text())
+    assert len(ranks) == n
+    for r in ranks:
+        assert r["max_abs_diff"] <= 1e-5, ranks
+        assert r["resident_bytes"] == r["planned_bytes"]
+        bound = r["model_bytes"] / n + r["replicated_bytes"]
+        if kind == "pipeline":
+            bound += r["largest_layer_bytes"]
+        assert r["resident_bytes"] <= bound, ranks
+        # Loading never held the whole model: only this rank's rows, and the column-split
+        # matrices (read whole, then sliced) one batch at a time.
+        assert r["load_peak_bytes"] < r["model_bytes"] * (1 / n + 0.25), ranks
+    assert sum(r["resident_bytes"] for r in ranks) < 1.2 * ranks[0]["single_process_bytes"]
+
+
+PROMPT = ("Several Macs as one: the ranks split the attention heads, the experts and the "
+          "vocabulary, and each reads only its own part of the weights from the disk. " * 2)
+
+
+def m3mlx_generate(model: Path, *options: str):
+    return ["generate", "--model", str(model), "--prompt", PROMPT, "--temp", "0",
+            "--prefill-step-size", "32", *options]
+
+
+@pytest.mark.parametrize("kind, n", [("tensor", 2), ("pipeline", 2)])
+def test_generate_greedy_identical_to_single_process(checkpoints, kind, n):
+    """The documented form, `mlx.launch ... -- m3mlx generate ...` (the console script):
+    rank 0 prints exactly what a single process prints, for a prompt long enough for sparse
+    attention and several prefill chunks."""
+    options = ("--max-tokens", "24")
+    single = subprocess.run([str(BIN / "m3mlx"), *m3mlx_generate(checkpoints / "f32", *options)],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr
+    run = launch(n, "m3mlx", *m3mlx_generate(checkpoints / "f32", *options, "--parallel", kind),
+                 python=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single.stdout and len(single.stdout) > 24
+    assert run.stderr.count("Generation: 24 tokens") == 1  # statistics from rank 0 only
+
+
+def start_ranks(n: int, command, tmp_path):
+    """Start the ranks of a ring by hand, as mlx.launch does (MLX_RANK, MLX_HOSTFILE), but
+    with no launcher to end the others when one dies: what the ranks do on their own."""
+    port = free_port(n)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(n)]))
+    return [subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "MLX_RANK": str(r),
+                                  "MLX_HOSTFILE": str(hostfile)})
+            for r in range(n)]
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_rank_failing_mid_generation_ends_the_others(checkpoints, tmp_path, fault):
+    """Rank 1 killed (its sockets close) or stopped (they stay open, nothing comes) once rank 0
+    has printed text: rank 0 exits within seconds with one line naming itself and why."""
+    ranks = start_ranks(2, ["-m", "cli.main", *m3mlx_generate(
+        checkpoints / "f32", "--max-tokens", "100000", "--rank-timeout", "3")], tmp_path)
+    try:
+        assert ranks[0].stdout.read(8)  # generating
+        os.kill(ranks[1].pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = ranks[0].communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert ranks[0].returncode == 1
+    assert took < (5 if fault == "killed" else 10)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("Error: rank 0 of 2: ")
+    assert ("lost the other ranks" if fault == "killed" else "no answer from the other ranks") in line
+
+
+def test_ctrl_c_ends_every_rank_with_a_message(checkpoints):
+    """Ctrl-C in a terminal signals the launcher and every rank (one process group): every rank
+    exits as interrupted (130; the launcher, interrupted too, reports each rank's status but
+    drops what the ranks printed last) and nothing is left running."""
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port(2)),
+           "--", "m3mlx", *m3mlx_generate(checkpoints / "f32", "--max-tokens", "100000")]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env, start_new_session=True)
+    try:
+        assert run.stdout.read(8)  # generating
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=15)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    for rank in (0, 1):
+        assert f"rank {rank} exited with code 130" in err, err[-1000:]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.pid, 0)  # the whole group is gone
+
+
+def test_chat_on_two_ranks_replies_as_one_process(checkpoints):
+    """`mlx.launch ... -- m3mlx chat` with messages on stdin: rank 0 reads the lines and shares
+    them, the replies equal a single process's; /save says it needs a single process."""
+    lines = "Hello there\n/save conversation\nTell me more about it\n/quit\n"
+    chat = ["chat", "--model", str(checkpoints / "f32"), "--temp", "0", "--max-tokens", "12"]
+    single = subprocess.run([str(BIN / "m3mlx"), *chat], input=lines, capture_output=True,
+                            text=True, timeout=TIMEOUT, cwd=checkpoints)
+    assert single.returncode == 0, single.stderr
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port(2)),
+           "--", "m3mlx", *chat]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.run(cmd, input=lines, capture_output=True, text=True, timeout=TIMEOUT,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == single.stdout and single.stdout.count("\n") == 2
+    assert run.stderr.count("/save does not work with several ranks") == 1  # rank 0 only
