@@ -9,7 +9,6 @@ errors as one line. Anything else escaping m3mlx is a bug.
 import json
 import math
 import numbers
-import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
@@ -109,20 +108,3 @@ def check_stop_strings(stop_strings: Sequence[str]) -> List[str]:
                              "remove it")
     return list(stop_strings)
 
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: Any, what: str = "a size") -> int:
-    """Bytes from '5GB', '500MB', '1.5G', '1048576' (binary units: 1GB = 2**30 bytes, as
-    mlx-lm's 5 GB shard limit) or an int; InputError naming `what` otherwise."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if value < 0:
-            raise InputError(f"{what} {value!r} is negative")
-        return int(value)
-    m = _SIZE.match(value) if isinstance(value, str) else None
-    if not m:
-        raise InputError(f"{what} {value!r} is not a size like 8GB or 500MB")
-    unit = (m[2] or "").lower().rstrip("b").rstrip("i")
-    return int(float(m[1]) * _UNITS[unit])
