@@ -263,7 +263,7 @@ def _check_output(output: Path, *, resume: bool, force: bool, dry_run: bool) -> 
             return state
         if (output / "config.json").is_file() and (output / INDEX_FILE).is_file():
             return {"complete": True}
-        raise ConvertError(f"{output} does not hold an interrupted m3mlx conversion (no "
+        raise ConvertError(f"{output} does not hold an interrupted m3mlx conversion (no readable "
                            f"{STATE_FILE}); use --force to replace its contents or pick another "
                            "directory")
     if force:

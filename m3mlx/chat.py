@@ -20,7 +20,7 @@ from .cache import (
 from .chat_format import render_chat
 from .chat_messages import (check_thinking_mode, normalize_messages, normalize_tools,
                             tool_result_text)
-from .checks import OPTION_RANGES, InputError, check_option, check_text
+from .checks import OPTION_RANGES, InputError, check_option, check_text, parse_json
 from .defaults import CHAT_MAX_TOKENS, INDEX_BITS, RECOMMENDED_SAMPLING
 from .experts import ExpertStats
 from .generate import context_limit, stream_generate
@@ -355,7 +355,7 @@ class ChatSession:
             raise FileNotFoundError(f"{path}: no such session file")
         try:
             cache, metadata = load_prompt_cache(str(path), return_metadata=True)
-            state = json.loads(metadata["chat_session"])
+            state = parse_json(metadata["chat_session"])
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is not a saved m3mlx chat session ({e})") from None
         try:

@@ -33,8 +33,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .checks import parse_json
 from .config import ConfigError, ModelArgs, check_quantization, check_quantization_config
 from .errors import CheckpointError
+from .files import open_regular
 from .weights import MTP_FILE, is_mtp, is_vision
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,15 +78,18 @@ def read_json(file) -> dict:
     """A UTF-8 JSON object file, parsed; CheckpointError naming the file otherwise."""
     file = Path(file)
     try:
-        size = file.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{file} is {size} bytes, larger than any M3 file of its kind "
-                                  f"({MAX_JSON_BYTES >> 20} MB at most); download it again")
-        value = json.loads(file.read_bytes().decode("utf-8-sig"))
+        with open_regular(file) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{file} is {size} bytes, larger than any M3 file of its "
+                                      f"kind ({MAX_JSON_BYTES >> 20} MB at most); download it "
+                                      "again")
+            data = f.read()
+        value = parse_json(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{file} is not UTF-8 text (byte {e.start}); download it "
                               "again") from None
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON ({_first_line(e)}); download it "
                               "again") from None
     except OSError as e:
@@ -455,10 +460,10 @@ def read_header(file) -> Shard:
     except OSError as e:
         raise CheckpointError(f"{file} cannot be read ({e.strerror or e})") from None
     try:
-        header = json.loads(head.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = parse_json(head.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         if not isinstance(header, dict):
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{file} has a bad safetensors header ({_first_line(e)[:200]}); "
                               "the file is corrupt: download it again") from None
     metadata = header.pop("__metadata__", None)
@@ -474,7 +479,7 @@ def read_header(file) -> Shard:
 
 def _header_bytes(file: Path):
     """(header JSON bytes, sha256 of length + header, file size, stat) of a safetensors file."""
-    with open(file, "rb") as f:
+    with open_regular(file) as f:
         st = os.fstat(f.fileno())
         size = st.st_size
         prefix = f.read(8)

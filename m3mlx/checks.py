@@ -6,6 +6,7 @@ means "the input was wrong, and the message says what to do"; the command line p
 errors as one line. Anything else escaping m3mlx is a bug.
 """
 
+import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -28,6 +29,17 @@ def check_text(text: str, what: str) -> str:
         raise InputError(f"{what} is not valid UTF-8 text (undecodable byte at character "
                          f"{e.start}); convert it to UTF-8 first, e.g. with iconv") from None
     return text
+
+
+def parse_json(text, **options) -> Any:
+    """json.loads for text m3mlx did not write (a checkpoint's files, the metadata of a cache or
+    session file, tool-call arguments). JSON nested deeper than Python's parser follows raises
+    RecursionError there; here it is a ValueError like any other bad JSON, so every caller's
+    `except ValueError` turns it into its own one-line message."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply to be read") from None
 
 
 @dataclass(frozen=True)
