@@ -13,6 +13,8 @@ import click
 from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 from m3mlx.distributed import DistributedError, Ranks
+from m3mlx.experts import format_expert_stats
+from m3mlx.units import format_size
 
 from .errors import Command, describe
 from .options import PrefillMeter, decode_input, generation_options, load_or_fail, read_stdin
@@ -109,8 +111,11 @@ def stream_reply(console: Console, stream):
 def status_line(session, reply) -> str:
     limit = session.context_limit
     context = f"{session.context_used:,}/{limit:,}" if limit else f"{session.context_used:,}"
+    experts = reply.expert_stats
+    cache = "" if experts is None else (f" | experts {100 * experts.hit_rate:.0f}% hits, "
+                                        f"{format_size(experts.bytes_per_token)}/token")
     return (f"[context {context} tokens | {reply.generation_tps:.1f} tok/s | "
-            f"{reply.peak_memory:.2f} GB peak]")
+            f"{reply.peak_memory:.2f} GB peak{cache}]")
 
 
 def stats_text(session) -> str:
@@ -132,6 +137,8 @@ def stats_text(session) -> str:
             f"({r.finish_reason})",
             f"peak memory: {r.peak_memory:.2f} GB",
         ]
+        if r.expert_stats is not None:
+            lines.append(format_expert_stats(r.expert_stats).replace("Experts:", "experts:"))
     return "\n".join(lines)
 
 

@@ -7,9 +7,7 @@ from m3mlx.convert import convert as run_convert
 from m3mlx.convert.recipes import MODES, parse_role_overrides
 
 from .errors import Command
-from .options import parse_size
-
-
+from .options import Size
 
 ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 
@@ -37,7 +35,7 @@ ROLE_HELP = "; ".join(f"{name}: {what}" for name, what in ROLES.items())
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
               default="bfloat16", show_default=True,
               help="Float type of unquantized tensors and of affine scales and biases.")
-@click.option("--max-shard-size", default="5GB", show_default=True,
+@click.option("--max-shard-size", default="5GB", show_default=True, type=Size(),
               help="Largest output shard, e.g. 5GB or 500MB.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--dry-run", is_flag=True,
@@ -67,7 +65,7 @@ def convert(source, output_dir, mode, bits, group_size, recipe, roles, dtype, ma
     run_convert(
         source, output_dir, mode=mode, bits=bits, group_size=group_size, recipe=recipe,
         roles=parse_role_overrides(roles), dtype=dtype,
-        max_shard_size=parse_size(max_shard_size), revision=revision, dry_run=dry_run,
+        max_shard_size=max_shard_size, revision=revision, dry_run=dry_run,
         resume=resume, force=force, upload_repo=upload_repo, progress=not quiet,
         log=click.echo,
     )

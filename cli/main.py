@@ -155,12 +155,15 @@ def _register_subcommands():
     from .chat import chat
     from .convert import convert
     from .eval import eval_command
+    from .plan import calibrate_experts, plan
     from .serve import serve
 
     cli.add_command(chat)
     cli.add_command(convert)
     cli.add_command(eval_command)
     cli.add_command(serve)
+    cli.add_command(plan)
+    cli.add_command(calibrate_experts)
 
 
 _register_subcommands()

@@ -10,23 +10,11 @@ from typing import Optional
 import click
 
 from m3mlx.checks import OPTION_RANGES, InputError, check_stop_strings
-from m3mlx.checks import parse_size as checked_size
 from m3mlx.convert.plan import duration
 from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
+from m3mlx.units import parse_size, parse_size_or_fraction
 from m3mlx.distributed import RANK_TIMEOUT
 from m3mlx.sharding import PLANS
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '1.5G', '1048576' -> bytes (m3mlx.checks.parse_size, as a click error)."""
-    try:
-        return checked_size(str(text), "the size")
-    except InputError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _optional_size(ctx, param, value):
-    return None if value is None else parse_size(value)
 
 
 class _FiniteFloatRange(click.FloatRange):
@@ -37,6 +25,24 @@ class _FiniteFloatRange(click.FloatRange):
         if not math.isfinite(rv):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return rv
+
+
+class Size(click.ParamType):
+    """A size like 40GB or 500MB (m3mlx.units); with `fraction`, also a share like 25%."""
+
+    name = "size"
+
+    def __init__(self, fraction: bool = False):
+        self.fraction = fraction
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        try:
+            parse = parse_size_or_fraction if self.fraction else parse_size
+            return parse(value, param.opts[0] if param else "the size")
+        except InputError as e:
+            self.fail(str(e), param, ctx)
 
 
 def option_type(name: str) -> click.ParamType:
@@ -101,7 +107,7 @@ def generation_options(*, max_tokens: int, sampling: dict,
     ]
     if tier:
         options[-1:-1] = [
-            click.option("--kv-memory", default=None, callback=_optional_size, metavar="SIZE",
+            click.option("--kv-memory", type=Size(), default=None, metavar="SIZE",
                          help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V "
                               "in memory; the other blocks go to a file in --kv-cache-dir and "
                               "are read back when selected [default: all in memory]."),
@@ -110,6 +116,7 @@ def generation_options(*, max_tokens: int, sampling: dict,
                               "per session, removed at exit [default: $M3MLX_HOME/kv or "
                               "~/.cache/m3mlx/kv]."),
         ]
+    options += memory_options()
 
     def apply(command):
         for option in reversed(options):
@@ -119,19 +126,74 @@ def generation_options(*, max_tokens: int, sampling: dict,
     return apply
 
 
+MEMORY = "m3mlx.memory"  # where the memory options wait for load_or_fail, in the click context
+
+
+def _remember(ctx, param, value):
+    if value is not None:
+        ctx.meta.setdefault(MEMORY, {})[param.name] = value
+    return value
+
+
+def memory_options() -> list:
+    """How the model is held in memory: --expert-cache, --memory-limit, --expert-policy,
+    --no-prefetch. They are not parameters of the command: `load_or_fail` reads them from the
+    click context, so every command that loads a model through it takes them."""
+    from m3mlx.experts import DEFAULT_POLICY, POLICIES
+
+    keep = dict(expose_value=False, callback=_remember)
+    return [
+        click.option("--expert-cache", type=Size(fraction=True), default=None, **keep,
+                     help="Stream the routed experts from the SSD through a cache of this "
+                          "size: bytes (40GB) or a share of the experts (25%)."),
+        click.option("--memory-limit", type=Size(), default=None, **keep,
+                     help="Memory m3mlx may use (64GB): everything loads if it fits, else the "
+                          "experts stream through the cache that fits (see `m3mlx plan`)."),
+        click.option("--expert-policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY,
+                     show_default=True, **keep,
+                     help="Which cached expert gives way: lru, lfu (frequency), pinned (the "
+                          "most used in `m3mlx calibrate-experts` stay)."),
+        click.option("--no-prefetch", "expert_prefetch", flag_value=False, default=None, **keep,
+                     help="Do not read the next layer's likely experts ahead."),
+    ]
+
+
+def memory_settings() -> dict:
+    """The memory options given to the running command (empty outside one)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get(MEMORY, {})) if ctx is not None else {}
+
+
 def stop_option(command):
     return click.option("--stop", multiple=True, callback=_stop_strings,
                         help="Stop string (repeatable, not empty).")(command)
 
 
 def load_or_fail(model_path: str, dtype: str, parallel: str = PLANS[0]):
-    """(model, tokenizer), this rank's part of it when started by mlx.launch; a failure is
-    reported by the error boundary as one line."""
+    """(model, tokenizer), held as the memory options say, this rank's part of it when started
+    by mlx.launch; a failure is reported by the error boundary as one line."""
     import mlx.core as mx
 
     from m3mlx.distributed import load_for_rank
 
-    return load_for_rank(model_path, parallel, None if dtype == "auto" else getattr(mx, dtype))
+    cast = None if dtype == "auto" else getattr(mx, dtype)
+    settings = memory_settings()
+    if not {"expert_cache", "memory_limit"} & settings.keys():
+        return load_for_rank(model_path, parallel, cast)
+    from m3mlx import load
+    from m3mlx.distributed import is_sharded
+
+    if is_sharded():
+        raise InputError("--expert-cache and --memory-limit stream experts in one process; "
+                         "under mlx.launch each rank holds only its part of the model: drop them")
+    if "memory_limit" in settings:  # the plan prices the K/V cache as the command keeps it
+        kv_bits = click.get_current_context().params.get("kv_bits")
+        settings["kv_bits"] = None if kv_bits in (None, 16) else kv_bits
+    model, tokenizer = load(model_path, dtype=cast, **settings)
+    tier = getattr(model, "expert_tier", None)
+    if tier is not None:
+        click.echo(tier.describe(), err=True)
+    return model, tokenizer
 
 
 def decode_input(data: bytes, what: str) -> str:

@@ -9,11 +9,7 @@ import click
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 
 from .errors import Command
-from .options import generation_options, load_or_fail, parse_size
-
-
-def _size(ctx, param, value):
-    return parse_size(value)
+from .options import Size, generation_options, load_or_fail
 
 
 @click.command(cls=Command)
@@ -32,23 +28,24 @@ def _size(ctx, param, value):
 @click.option("--thinking", type=click.Choice(["enabled", "disabled", "adaptive"]),
               default="adaptive", show_default=True,
               help="Thinking mode when a request does not choose one.")
-@click.option("--cache-size", default="16GB", show_default=True, callback=_size,
+@click.option("--cache-size", type=Size(), default="16GB", show_default=True,
               help="Memory for the prefix cache (least recently used prefixes go first); "
                    "0 turns caching off: every prompt is computed in full.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where the prefix cache persists across restarts [default: "
                    "$M3MLX_HOME/prompt-cache or ~/.cache/m3mlx/prompt-cache].")
-@click.option("--cache-disk-size", default="64GB", show_default=True, callback=_size,
+@click.option("--cache-disk-size", default="64GB", show_default=True, type=Size(),
               help="Disk space the persisted prefix cache may take.")
 @click.option("--no-disk-cache", is_flag=True, help="Keep the prefix cache in memory only.")
-@click.option("--max-body-size", default="32MB", show_default=True, callback=_size,
+@click.option("--max-body-size", default="32MB", show_default=True, type=Size(),
               help="Largest request body accepted (larger ones get 413).")
 def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
           prefill_step_size, index_bits, kv_bits, dtype, host, port, api_key, names, thinking,
           cache_size, cache_dir, cache_disk_size, no_disk_cache, max_body_size, parallel,
           rank_timeout):
     """Serve a model over HTTP: OpenAI (/v1/chat/completions, /v1/completions,
-    /v1/responses, /v1/models) and Anthropic (/v1/messages, /v1/messages/count_tokens) APIs.
+    /v1/responses, /v1/models) and Anthropic (/v1/messages, /v1/messages/count_tokens) APIs,
+    and a web chat page at / built on them.
 
     Requests are served one at a time, in order; a prefix cache reuses the longest cached
     start of each prompt across requests, clients and restarts. The generation options are
@@ -93,7 +90,8 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         click.echo(f"m3mlx serve: {service.model_names[0]} at http://{shown}:{bound}/v1 "
-                   f"(OpenAI and Anthropic APIs{'; API key required' if api_key else ''})")
+                   f"(OpenAI and Anthropic APIs{'; API key required' if api_key else ''}); "
+                   f"web chat at http://{shown}:{bound}/")
         sys.stdout.flush()
         config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=1)

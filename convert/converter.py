@@ -92,8 +92,7 @@ def convert(
     `dtype` is the float type of unquantized tensors and affine scales. Returns a
     ConvertResult; raises ConvertError on any bad input, before writing anything."""
     # 1. options and output directory
-    if dtype not in FLOAT_NAMES:
-        raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(FLOAT_NAMES)}")
+    _check_dtype(dtype)
     if resume and force:
         raise ConvertError("--resume and --force contradict each other: --resume continues the "
                            "conversion in OUTPUT_DIR, --force deletes it; pick one")
@@ -197,6 +196,23 @@ def convert(
     return ConvertResult(plan, output, written=True, seconds=seconds, verified=verified)
 
 
+def _check_dtype(dtype: str):
+    if dtype not in FLOAT_NAMES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(FLOAT_NAMES)}")
+
+
+def conversion_plan(source, *, mode: str = "affine", bits: Optional[int] = None,
+                    group_size: Optional[int] = None, recipe: str = DEFAULT_RECIPE,
+                    roles: Optional[Mapping[str, object]] = None, dtype: str = "bfloat16",
+                    revision: Optional[str] = None, hub_api=None) -> Plan:
+    """What `convert(source, ..., dry_run=True)` plans, without an output (a Hub source: its
+    config and shard headers only)."""
+    _check_dtype(dtype)
+    base, specs = resolve(recipe, mode, bits, group_size, roles, dtype)
+    src, _ = _open_source(source, revision=revision, api=hub_api)
+    return build_plan(src, specs, base=base, dtype=dtype, recipe=recipe)
+
+
 def _source_files(src: Source, side: List[Path]) -> List[Path]:
     """The source files the output depends on that are on this machine (a Hub source's shards
     are not until they are downloaded)."""
@@ -247,7 +263,7 @@ def _check_output(output: Path, *, resume: bool, force: bool, dry_run: bool) -> 
             return state
         if (output / "config.json").is_file() and (output / INDEX_FILE).is_file():
             return {"complete": True}
-        raise ConvertError(f"{output} does not hold an interrupted m3mlx conversion (no "
+        raise ConvertError(f"{output} does not hold an interrupted m3mlx conversion (no readable "
                            f"{STATE_FILE}); use --force to replace its contents or pick another "
                            "directory")
     if force:

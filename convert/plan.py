@@ -18,7 +18,7 @@ from m3mlx.weights import MTP_FILE
 
 from . import measured
 from .errors import ConvertError
-from .recipes import ROLES, Spec
+from .recipes import FLOAT_BYTES, ROLES, Spec
 from .safetensors_io import FLOAT_NAMES, PlannedTensor, file_size
 from .source import Source, SourceWeight
 
@@ -317,3 +317,52 @@ def duration(seconds: float) -> str:
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
+
+def footprint(plan: Plan):
+    """The memory the conversion `plan` would take loaded (`m3mlx.plan.Footprint`): what
+    `m3mlx plan` shows for an original checkpoint and a recipe."""
+    from m3mlx.plan import Footprint
+
+    args = plan.source.args
+    experts = sum(u.out_bytes for u in plan.units if u.role == "experts")
+    embedding = sum(u.out_bytes for u in plan.units if u.role == "embed")
+    moe_layers = sum(args.moe_layers)
+    E = args.num_local_experts
+    what = (f"{plan.source.repo_id or plan.source.path} converted with recipe {plan.recipe}, "
+            f"experts {plan.base} (planned)")
+    return Footprint(args, plan.out_bytes - experts, experts // max(1, E * moe_layers),
+                     moe_layers, E, FLOAT_BYTES[plan.dtype], embedding, True, what)
+
+
+def config_footprint(args, recipe: str, base: Spec, dtype: str = "bfloat16"):
+    """The footprint (`m3mlx.plan.Footprint`) a conversion of a model with config `args` would
+    have, from the tensor layout alone (no checkpoint needed): what `m3mlx plan` lists as the
+    recipes that would fit, and M3's own sizes for the benchmark's predictions. The same
+    tensors and sizes as `build_plan` (the test compares it with a dry run)."""
+    from m3mlx.layout import text_weights
+    from m3mlx.plan import Footprint
+
+    from .recipes import role_specs
+
+    specs = role_specs(recipe, base, None, dtype)
+    resident = embedding = experts = 0
+    for w in text_weights(args):
+        spec = specs[w.role]
+        if w.fp32:
+            spec = Spec("float", dtype="float32")
+        elif w.kind == "vector" or not spec.quantized:
+            spec = Spec("float", dtype=spec.dtype or dtype)
+        else:
+            spec, _ = _effective(spec, w.shape[-1], dtype)
+            spec = spec if spec.quantized else Spec("float", dtype=spec.dtype or dtype)
+        nbytes = sum(t.nbytes for t in _out_tensors(w.name, w.kind, spec, w.shape, (), dtype))
+        if w.kind == "expert":
+            experts += nbytes
+            continue
+        if w.role == "embed":
+            embedding += nbytes
+        resident += nbytes
+    E, moe_layers = args.num_local_experts, sum(args.moe_layers)
+    return Footprint(args, resident, experts // max(1, E * moe_layers), moe_layers, E,
+                     FLOAT_BYTES[dtype], embedding, True, f"converted with recipe {recipe}, "
+                     f"experts {base}")

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from m3mlx.checkpoint import read_header
+from m3mlx.checks import parse_json
 from m3mlx.errors import CheckpointError
 from m3mlx.files import PARTIAL, atomic_write, create_exclusive, is_regular_file
 
@@ -176,7 +177,7 @@ def read_state(output: Path) -> Optional[dict]:
     if not is_regular_file(f):
         return None
     try:
-        state = json.loads(f.read_text())
+        state = parse_json(f.read_text())
     except ValueError:
         return None
     return state if isinstance(state, dict) else None

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .checks import InputError
+from .checks import InputError, parse_json
 from .files import atomic_file
 from .metal_kernels import (QuantizedKV, dense_attention, quantize_index_keys, quantize_kv,
                             sparse_attention)
@@ -345,7 +345,7 @@ def load_prompt_cache(path: str, return_metadata: bool = False, *, model=None, t
     if "m3mlx_cache" not in meta:
         raise InputError(f"{path} is not an m3mlx prompt cache (no 'm3mlx_cache' metadata)")
     try:
-        layers, user = json.loads(meta["m3mlx_cache"]), json.loads(meta.get("user", "{}"))
+        layers, user = parse_json(meta["m3mlx_cache"]), parse_json(meta.get("user", "{}"))
     except ValueError as e:
         raise InputError(f"{path}: the cache metadata is not JSON ({e})") from None
     if not isinstance(user, dict):

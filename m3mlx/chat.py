@@ -20,8 +20,9 @@ from .cache import (
 from .chat_format import render_chat
 from .chat_messages import (check_thinking_mode, normalize_messages, normalize_tools,
                             tool_result_text)
-from .checks import OPTION_RANGES, InputError, check_option, check_text
+from .checks import OPTION_RANGES, InputError, check_option, check_text, parse_json
 from .defaults import CHAT_MAX_TOKENS, INDEX_BITS, RECOMMENDED_SAMPLING
+from .experts import ExpertStats
 from .generate import context_limit, stream_generate
 from .kv_tier import tiers_of
 from .model import make_cache
@@ -55,6 +56,7 @@ class ChatReply:
     prompt_tps: float
     generation_tps: float
     peak_memory: float  # GB
+    expert_stats: Optional[ExpertStats] = None  # streamed experts: the cache while replying
 
 
 class ChatStream:
@@ -353,7 +355,7 @@ class ChatSession:
             raise FileNotFoundError(f"{path}: no such session file")
         try:
             cache, metadata = load_prompt_cache(str(path), return_metadata=True)
-            state = json.loads(metadata["chat_session"])
+            state = parse_json(metadata["chat_session"])
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is not a saved m3mlx chat session ({e})") from None
         try:
@@ -452,4 +454,5 @@ def _reply(parsed: ParsedReply, reason: str, tokens: List[int], last, prompt_tok
         prompt_tps=last.prompt_tps if last else 0.0,
         generation_tps=last.generation_tps if last else 0.0,
         peak_memory=last.peak_memory if last else 0.0,
+        expert_stats=last.expert_stats if last else None,
     )

@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
+from .checks import parse_json
+from .files import open_regular
 from .chat_messages import check_thinking_mode, normalize_messages, normalize_tools
 from .template_sandbox import TemplateError, compile_template, render
 from .tokens import SPECIAL_TOKENS_MAP
@@ -31,6 +33,14 @@ def builtin_template() -> str:
 M3_CHAT_TEMPLATE = builtin_template()
 
 
+def _read_bytes(file: Path) -> bytes:
+    try:
+        with open_regular(file) as f:
+            return f.read()
+    except OSError as e:
+        raise TemplateError(f"{file} cannot be read ({e.strerror or e})") from None
+
+
 def read_chat_template(directory) -> Optional[Template]:
     """The chat template a checkpoint directory ships, or None.
 
@@ -43,7 +53,7 @@ def read_chat_template(directory) -> Optional[Template]:
     file = directory / "chat_template.jinja"
     if file.exists():
         try:
-            text = file.read_bytes().decode("utf-8")
+            text = _read_bytes(file).decode("utf-8")
         except UnicodeDecodeError as e:
             raise TemplateError(f"{file} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
                                 f"offset {e.start}); save it as UTF-8") from None
@@ -56,8 +66,8 @@ def read_chat_template(directory) -> Optional[Template]:
     else:
         return None
     try:
-        template = json.loads(config.read_bytes().decode("utf-8")).get("chat_template")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        template = parse_json(_read_bytes(config).decode("utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as e:
         raise TemplateError(f"{config} is not a JSON object in UTF-8 ({e})") from None
     where = f"{config} (chat_template)"
     if template is None or isinstance(template, str):

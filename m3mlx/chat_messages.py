@@ -9,6 +9,8 @@ fail), tool results as text, reasoning under `reasoning_content`.
 import json
 from typing import Any, Dict, List, Optional, Sequence
 
+from .checks import parse_json
+
 THINKING_MODES = ("enabled", "disabled", "adaptive")
 ROLES = ("root", "system", "developer", "user", "assistant", "tool")
 INSTRUCTION_ROLES = ("system", "developer")  # become the template's developer turn
@@ -110,10 +112,8 @@ def _normalize_tool_call(call: Any, where: str) -> Dict[str, Any]:
         arguments = {}
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
-        except RecursionError:
-            raise ValueError(f"{where}: tool call arguments nest too deeply") from None
-        except json.JSONDecodeError as e:
+            arguments = parse_json(arguments)
+        except ValueError as e:
             raise ValueError(f"{where}: tool call arguments are not valid JSON ({e})") from None
     if not isinstance(arguments, dict):
         raise ValueError(f"{where}: tool call arguments must be a JSON object")

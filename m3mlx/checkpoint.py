@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -33,8 +33,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .checks import parse_json
 from .config import ConfigError, ModelArgs, check_quantization, check_quantization_config
 from .errors import CheckpointError
+from .files import open_regular
 from .weights import MTP_FILE, is_mtp, is_vision
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,15 +78,18 @@ def read_json(file) -> dict:
     """A UTF-8 JSON object file, parsed; CheckpointError naming the file otherwise."""
     file = Path(file)
     try:
-        size = file.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{file} is {size} bytes, larger than any M3 file of its kind "
-                                  f"({MAX_JSON_BYTES >> 20} MB at most); download it again")
-        value = json.loads(file.read_bytes().decode("utf-8-sig"))
+        with open_regular(file) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_JSON_BYTES:
+                raise CheckpointError(f"{file} is {size} bytes, larger than any M3 file of its "
+                                      f"kind ({MAX_JSON_BYTES >> 20} MB at most); download it "
+                                      "again")
+            data = f.read()
+        value = parse_json(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{file} is not UTF-8 text (byte {e.start}); download it "
                               "again") from None
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{file} is not valid JSON ({_first_line(e)}); download it "
                               "again") from None
     except OSError as e:
@@ -273,12 +278,13 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _read_piece(file: Path, offset: int, view: np.ndarray, required: int):
+def _read_piece(file: Path, offset: int, view: np.ndarray, required: int, direct: bool = False):
     """Fill `view` from `file` at `offset`; at least `required` bytes must exist there (the
     aligned tail past the end of the file may be short)."""
     for attempt in range(READ_RETRIES):
         try:
-            got = _pread_into(file, offset, view)
+            got = _pread_into(file, offset, view, True) if direct else _pread_into(file, offset,
+                                                                                  view)
             break
         except OSError as e:
             if attempt + 1 == READ_RETRIES:
@@ -292,17 +298,110 @@ def _read_piece(file: Path, offset: int, view: np.ndarray, required: int):
                               "being read: download it again")
 
 
-def _pread_into(file: Path, offset: int, view: np.ndarray) -> int:
-    done = 0
-    with open(file, "rb", buffering=0) as f:
-        f.seek(offset)
-        target = memoryview(view)
-        while done < len(view):
-            n = f.readinto(target[done:])
-            if not n:
-                break
-            done += n
+def _pread_into(file: Path, offset: int, view: np.ndarray, direct: bool = False) -> int:
+    fd = _open(file, direct)
+    done, target = 0, memoryview(view)
+    while done < len(view):
+        n = os.preadv(fd, [target[done:]], offset + done)
+        if not n:
+            break
+        done += n
     return done
+
+
+# Open files, by (path, direct): a reader that streams experts reads the same few shards
+# thousands of times a second. A file replaced since is caught by `check_unchanged` (the open
+# descriptor would still read the old one).
+_FILES: Dict[Tuple[str, bool], int] = {}
+_FILES_LOCK = threading.Lock()
+_MAX_OPEN = 256
+
+
+def _open(file: Path, direct: bool) -> int:
+    key = (str(file), direct)
+    with _FILES_LOCK:
+        fd = _FILES.get(key)
+        if fd is None:
+            if len(_FILES) >= _MAX_OPEN:
+                os.close(_FILES.pop(next(iter(_FILES))))
+            fd = _FILES[key] = _open_uncached(file, direct)
+        return fd
+
+
+def _open_uncached(file: Path, direct: bool) -> int:
+    """A read-only descriptor; `direct`: reads bypass the page cache (O_DIRECT on Linux,
+    F_NOCACHE on macOS), so a benchmark measures the disk and not memory."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    if direct and hasattr(os, "O_DIRECT"):
+        flags |= os.O_DIRECT
+    fd = os.open(file, flags)
+    if direct and not hasattr(os, "O_DIRECT"):
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+    return fd
+
+
+def forget_open_files(path=None):
+    """Close the cached descriptors (of files under `path`, or all): after files are replaced
+    on purpose, or to release them."""
+    with _FILES_LOCK:
+        for key in [k for k in _FILES if path is None or k[0].startswith(str(path))]:
+            os.close(_FILES.pop(key))
+
+
+class Reads:
+    """Reads running on the reader threads; `wait()` returns when all have landed, raising
+    the first failure (a CheckpointError naming the file and the offset) only once none is
+    running any more: a buffer given up after a failure is never written to later."""
+
+    def __init__(self, futures):
+        self._futures = futures
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    def wait(self) -> float:
+        """Wait for every read; returns the seconds from the first piece's start to the last
+        piece's end (the time the disk worked on them, not the time waited)."""
+        wait(self._futures)
+        spans = [f.result() for f in self._futures]
+        return max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
+
+
+def read_into(ranges: Sequence[ByteRange], buffers: Sequence[np.ndarray], *,
+              direct: bool = False) -> Reads:
+    """Start reading each range into its buffer (writable uint8, exactly `nbytes` long),
+    in pieces of at most READ_PIECE bytes spread over the reader threads; returns at once.
+
+    Plain reads go straight into the buffers, whatever their alignment. `direct` reads skip
+    the page cache: the disk needs aligned offsets, lengths and memory, so each piece is read
+    from READ_ALIGN boundaries into an aligned staging buffer and copied."""
+    jobs = []
+    for r, buf in zip(ranges, buffers, strict=True):
+        if buf.dtype != np.uint8 or buf.ndim != 1 or len(buf) != r.nbytes:
+            raise ValueError(f"the buffer for {r.nbytes} bytes of {r.file} is {buf.dtype} "
+                             f"{buf.shape}; it must be uint8 of exactly that length")
+        for p in range(0, r.nbytes, READ_PIECE):
+            jobs.append((r.file, r.offset + p, buf[p : p + READ_PIECE]))
+    run = _read_direct if direct else _read_plain
+    return Reads([_pool().submit(run, *job) for job in jobs])
+
+
+def _read_plain(file: Path, offset: int, view: np.ndarray) -> Tuple[float, float]:
+    start = time.perf_counter()
+    _read_piece(file, offset, view, len(view))
+    return start, time.perf_counter()
+
+
+def _read_direct(file: Path, offset: int, view: np.ndarray) -> Tuple[float, float]:
+    start = time.perf_counter()
+    lo = offset - offset % READ_ALIGN
+    hi = offset + len(view) + (-(offset + len(view)) % READ_ALIGN)
+    staging = _aligned_empty(hi - lo)
+    _read_piece(file, lo, staging, offset - lo + len(view), direct=True)
+    view[:] = staging[offset - lo : offset - lo + len(view)]
+    return start, time.perf_counter()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +437,10 @@ class Shard:
                 self.stamp.size, self.stamp.mtime_ns, self.stamp.inode)
             if same and deep:
                 same = _header_bytes(self.file)[1] == self.stamp.header_sha256
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.file} is gone since it was opened (moved or deleted); "
+                                  "put the model back, or load it again from where it is "
+                                  "now") from None
         except OSError:
             same = False
         if not same:
@@ -357,10 +460,10 @@ def read_header(file) -> Shard:
     except OSError as e:
         raise CheckpointError(f"{file} cannot be read ({e.strerror or e})") from None
     try:
-        header = json.loads(head.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = parse_json(head.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         if not isinstance(header, dict):
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-    except (ValueError, RecursionError) as e:
+    except ValueError as e:
         raise CheckpointError(f"{file} has a bad safetensors header ({_first_line(e)[:200]}); "
                               "the file is corrupt: download it again") from None
     metadata = header.pop("__metadata__", None)
@@ -376,7 +479,7 @@ def read_header(file) -> Shard:
 
 def _header_bytes(file: Path):
     """(header JSON bytes, sha256 of length + header, file size, stat) of a safetensors file."""
-    with open(file, "rb") as f:
+    with open_regular(file) as f:
         st = os.fstat(f.fileno())
         size = st.st_size
         prefix = f.read(8)

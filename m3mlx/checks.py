@@ -6,9 +6,9 @@ means "the input was wrong, and the message says what to do"; the command line p
 errors as one line. Anything else escaping m3mlx is a bug.
 """
 
+import json
 import math
 import numbers
-import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
@@ -29,6 +29,17 @@ def check_text(text: str, what: str) -> str:
         raise InputError(f"{what} is not valid UTF-8 text (undecodable byte at character "
                          f"{e.start}); convert it to UTF-8 first, e.g. with iconv") from None
     return text
+
+
+def parse_json(text, **options) -> Any:
+    """json.loads for text m3mlx did not write (a checkpoint's files, the metadata of a cache or
+    session file, tool-call arguments). JSON nested deeper than Python's parser follows raises
+    RecursionError there; here it is a ValueError like any other bad JSON, so every caller's
+    `except ValueError` turns it into its own one-line message."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError:
+        raise ValueError("the JSON nests too deeply to be read") from None
 
 
 @dataclass(frozen=True)
@@ -97,20 +108,3 @@ def check_stop_strings(stop_strings: Sequence[str]) -> List[str]:
                              "remove it")
     return list(stop_strings)
 
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(value: Any, what: str = "a size") -> int:
-    """Bytes from '5GB', '500MB', '1.5G', '1048576' (binary units: 1GB = 2**30 bytes, as
-    mlx-lm's 5 GB shard limit) or an int; InputError naming `what` otherwise."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if value < 0:
-            raise InputError(f"{what} {value!r} is negative")
-        return int(value)
-    m = _SIZE.match(value) if isinstance(value, str) else None
-    if not m:
-        raise InputError(f"{what} {value!r} is not a size like 8GB or 500MB")
-    unit = (m[2] or "").lower().rstrip("b").rstrip("i")
-    return int(float(m[1]) * _UNITS[unit])

@@ -16,7 +16,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .checks import parse_size
+from .units import parse_size
 from .kv_tier import RECORD_ALIGN, kv_group_size
 from .metal_kernels.kv import kv_row_bytes
 

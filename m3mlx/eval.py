@@ -37,6 +37,7 @@ from typing import Callable, Iterator, List, Optional, TextIO, Union
 import mlx.core as mx
 import numpy as np
 
+from .checks import parse_json
 from .defaults import INDEX_BITS, PREFILL_STEP
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
@@ -186,7 +187,7 @@ class ReferenceReader:
                             "`m3mlx eval --save-logits`)")
         (n,) = struct.unpack("<I", head[8:])
         try:
-            meta = json.loads(self.file.read(n))
+            meta = parse_json(self.file.read(n))
             self.header = ReferenceHeader(int(meta["context"]), int(meta["top_k"]),
                                           int(meta["vocab"]))
             version = meta["version"]

@@ -1,4 +1,5 @@
-"""Writing files so that a failure or a planted link never leaves damage behind.
+"""Writing files so that a failure or a planted link never leaves damage behind, and opening
+the files a checkpoint supplies so that one that is not a file cannot hang or flood a reader.
 
 Everything m3mlx writes goes to a temporary name next to its destination, created exclusively
 (O_EXCL | O_NOFOLLOW: never through a symbolic link someone left there), and is renamed over the
@@ -6,8 +7,10 @@ destination once complete. rename() replaces a link at the destination rather th
 through it, and a failed write removes its temporary file.
 """
 
+import errno
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
@@ -68,6 +71,22 @@ def atomic_copy(source: Union[str, os.PathLike], path: Union[str, os.PathLike]):
     """Replace `path` with a copy of the regular file `source`."""
     with open(source, "rb") as src, atomic_file(path) as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def open_regular(path: Union[str, os.PathLike]) -> BinaryIO:
+    """`path` opened for reading, refused (OSError) unless it is a regular file. Links are
+    followed, since a Hub snapshot is made of them, but where they lead must be a file: opening
+    a FIFO blocks until something writes to it, and a device like /dev/zero never ends."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "it is not a regular file but a FIFO, a device or a "
+                          "directory; put the real file there", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def is_regular_file(path: Path) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 
 from .checks import InputError, check_option, check_stop_strings, check_text
 from .defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING, PREFILL_STEP
+from .experts import ExpertStats, format_expert_stats
 from .kv_tier import check_cache_room
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
@@ -29,6 +30,10 @@ class GenerationResponse:
     logprob: Optional[float] = None
     top_logprobs: Optional[List[Tuple[int, float]]] = None
     stop_string: Optional[str] = None  # the stop string that ended generation, if one did
+    # With streamed experts (load(..., expert_cache=/memory_limit=)): what the expert cache did
+    # while generating (after the prefill): hit rate, bytes read per token, read throughput,
+    # syncs per token.
+    expert_stats: Optional[ExpertStats] = None
 
 
 def context_limit(model: Model) -> Optional[int]:
@@ -255,9 +260,13 @@ def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, sto
     mx.reset_peak_memory()
     start = time.perf_counter()
     times = {}
+    tier = getattr(model, "expert_tier", None)
+    at_decode = [tier.stats.copy()] if tier is not None else None
 
     def prefilled():
         times["prefill"] = time.perf_counter() - start
+        if tier is not None:
+            at_decode[0] = tier.stats.copy()
 
     text, emitted, n = "", 0, 0
 
@@ -273,6 +282,7 @@ def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, sto
             generation_tps=n / gen_time if gen_time > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, logprob=chosen, top_logprobs=top,
             stop_string=stop_string,
+            expert_stats=None if tier is None else tier.stats - at_decode[0],
         )
 
     tokens = sample_tokens(model, ids, cache=prompt_cache, max_tokens=max_tokens,
@@ -330,6 +340,9 @@ def generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, Sequence[int
 
 
 def format_stats(r: GenerationResponse) -> str:
-    return (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+    line = (f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
             f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
             f"Peak memory: {r.peak_memory:.3f} GB")
+    if r.expert_stats is not None:
+        line += " | " + format_expert_stats(r.expert_stats)
+    return line

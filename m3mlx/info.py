@@ -125,7 +125,29 @@ def describe(path) -> dict:
         "quantization": main["precision"],
         "bits_per_weight": 8 * memory / max(sum(r["params"] for r in roles.values()), 1),
         "roles": roles,
+        "memory_plan": _memory_plan(ckpt),
     }
+
+
+def _memory_plan(ckpt) -> str:
+    """One line of `m3mlx plan` for this machine: whether the model fits, or what streams."""
+    from .hardware import machine_memory
+    from .plan import PLAN_CONTEXT, BudgetError, footprint, plan_budget
+    from .units import format_size
+
+    fp, memory = footprint(ckpt), machine_memory()
+    head = (f"{format_size(fp.resident)} besides the routed experts, "
+            f"{format_size(fp.experts_total)} of routed experts; in this machine's "
+            f"{format_size(memory)} at {PLAN_CONTEXT:,} tokens: ")
+    try:
+        b = plan_budget(fp, memory)
+    except BudgetError as e:
+        return head + str(e)
+    if not b.streams:
+        return head + "everything fits"
+    return head + (f"the experts stream through a cache of {b.slots} of {b.experts} per layer "
+                   f"({100 * b.share:.0f}%): load with --memory-limit "
+                   f"{format_size(memory).replace(' ', '')}")
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -149,6 +171,7 @@ def format_info(info: dict) -> str:
         f"on disk: {_human(info['disk_bytes'], 'B')}, in memory: {_human(info['memory_bytes'], 'B')}",
         f"quantization: {info['quantization']} for most weights, "
         f"{info['bits_per_weight']:.2f} bits per weight overall",
+        f"memory: {info['memory_plan']} (`m3mlx plan PATH --memory SIZE` for other budgets)",
     ]
     for role, r in info["roles"].items():
         lines.append(f"  {role:<16}{r['precision']:<24}{_human(r['params']):>10}"

@@ -46,12 +46,13 @@ import mlx.core as mx
 import numpy as np
 
 from .checkpoint import READ_ALIGN, ByteRange, read_ranges
-from .checks import InputError, parse_size
+from .checks import InputError
 from .defaults import home_dir
 from .errors import CheckpointError
 from .files import create_exclusive
 from .metal_kernels import QuantizedKV, sparse_attention
 from .metal_kernels.kv import group_size_for, kv_row_bytes
+from .units import parse_size
 
 RECORD_ALIGN = READ_ALIGN  # records start and end on the reader's 16 KiB boundaries
 

@@ -15,12 +15,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .checkpoint import Checkpoint, warn_nonfinite
+from .checks import InputError
 from .config import ConfigError, ModelArgs
 from .errors import CheckpointError, reported_as
+from .experts import DEFAULT_POLICY, POLICIES, USAGE_FILE, ExpertCache, attach, is_routed_expert
 from .kv_tier import kv_group_size
 from .model import Model, is_precision_sensitive
+from .plan import BudgetError, cache_slots, check_fits, footprint, plan_budget
 from .tokenizer import Tokenizer
-from .weights import expert_slot, is_vision, mtp_layer_count, mxfp8_to_mlx, stack_experts
+from .weights import expert_slot, is_mtp, is_vision, mtp_layer_count, mxfp8_to_mlx, stack_experts
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "merges.txt", "vocab*"]
 
@@ -184,8 +187,10 @@ def _read(file: Path) -> Dict[str, mx.array]:
 
 
 def model_from_checkpoint(ckpt: Checkpoint, *, lazy: bool = False,
-                          dtype: Optional[mx.Dtype] = None) -> Model:
-    """Build the model from an opened (checked) checkpoint."""
+                          dtype: Optional[mx.Dtype] = None,
+                          experts: Optional[ExpertCache] = None) -> Model:
+    """Build the model from an opened (checked) checkpoint; with `experts`, its routed experts
+    stay on disk and stream through an expert cache of that many slots (`m3mlx.experts`)."""
     weights: Dict[str, mx.array] = {}
     for file in ckpt.files:
         weights.update(_read(file))
@@ -206,23 +211,31 @@ def model_from_checkpoint(ckpt: Checkpoint, *, lazy: bool = False,
     if quant:
         _quantize(model, quant, weights, ckpt.path)
     _check_names(model, weights, ckpt.path)
+    if experts is not None:
+        # Checked with the rest, never read: the tier reads them by byte range.
+        weights = {k: v for k, v in weights.items() if not is_routed_expert(k) or is_mtp(k)}
     if dtype is not None:
         weights = {
             k: v.astype(dtype)
             if mx.issubdtype(v.dtype, mx.floating) and not is_precision_sensitive(k) else v
             for k, v in weights.items()
         }
-    model.load_weights(list(weights.items()), strict=True)
+    model.load_weights(list(weights.items()), strict=experts is None)
     model.eval()
+    if experts is not None:
+        attach(model, ckpt, experts, dtype, preload=not lazy)
     if not lazy:
         _evaluate(model, weights, ckpt.path)
     return model
 
 
-def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None) -> Model:
-    """Build the model from a local directory; `dtype` casts the float weights (router stays fp32)."""
-    with reported_as(LoadError, ConfigError):
-        return model_from_checkpoint(Checkpoint.open(path), lazy=lazy, dtype=dtype)
+def load_model(path, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None, **memory) -> Model:
+    """Build the model from a local directory; `dtype` casts the float weights (router stays
+    fp32); `memory`: expert_cache, memory_limit, expert_policy, expert_prefetch as for `load`."""
+    with reported_as(LoadError, ConfigError, BudgetError):
+        ckpt = Checkpoint.open(path)
+        return model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype,
+                                     experts=expert_cache_for(ckpt, dtype, **memory))
 
 
 def load_tokenizer(path: Path, ckpt: Checkpoint) -> Tokenizer:
@@ -236,16 +249,58 @@ def load_tokenizer(path: Path, ckpt: Checkpoint) -> Tokenizer:
 
 
 def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
-         kv_bits: Optional[int] = None):
+         kv_bits: Optional[int] = None, expert_cache=None, memory_limit=None,
+         expert_policy: str = DEFAULT_POLICY, expert_prefetch: bool = True):
     """(model, tokenizer) from a model directory or a Hub repo id. Everything is checked, the
     tokenizer included, before the weights are read. kv_bits (8 or 4) makes the model's caches
     (`make_cache(model)`, generation without a prompt cache) store K/V compact; InputError
-    before anything is read when the model cannot."""
+    before anything is read when the model cannot.
+
+    `expert_cache` (bytes, a size like "40GB", or a share of the routed experts like "25%")
+    keeps the routed experts on disk and streams them through a cache of that size;
+    `memory_limit` ("64GB") lets the planner size the cache (or load everything when it fits).
+    Without either, a model too large for this machine is refused before anything is read,
+    with what to pass instead. `expert_policy`: lru, lfu or pinned (calibration counts, see
+    `m3mlx calibrate-experts`); `expert_prefetch` reads the next layer's likely experts ahead.
+    """
     path = resolve(str(path_or_repo))
-    with reported_as(LoadError, ConfigError):
+    with reported_as(LoadError, ConfigError, BudgetError):
         ckpt = Checkpoint.open(path)
         kv_group_size(ckpt.args, kv_bits)
         tokenizer = load_tokenizer(path, ckpt)
-        model = model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype)
+        experts = expert_cache_for(ckpt, dtype, expert_cache=expert_cache,
+                                   memory_limit=memory_limit, expert_policy=expert_policy,
+                                   expert_prefetch=expert_prefetch, kv_bits=kv_bits)
+        model = model_from_checkpoint(ckpt, lazy=lazy, dtype=dtype, experts=experts)
         model.kv_bits = kv_bits
         return model, tokenizer
+
+
+def expert_cache_for(ckpt: Checkpoint, dtype: Optional[mx.Dtype] = None, *, expert_cache=None,
+                     memory_limit=None, expert_policy: str = DEFAULT_POLICY,
+                     expert_prefetch: bool = True, kv_bits: Optional[int] = None
+                     ) -> Optional[ExpertCache]:
+    """How to hold `ckpt`'s routed experts: None for all resident (they fit, or were not asked
+    to stream), else the expert cache. Decided before anything is read."""
+    if expert_policy not in POLICIES:
+        raise InputError(f"expert_policy={expert_policy!r}: choose one of {', '.join(POLICIES)}")
+    fp = footprint(ckpt, dtype)
+    if expert_cache is not None and memory_limit is not None:
+        raise InputError("give an expert cache size or a memory limit, not both")
+    if expert_cache is None and memory_limit is None:
+        check_fits(fp)
+        return None
+    if not fp.streamable:
+        raise LoadError(f"{ckpt.path} is an original checkpoint (one tensor per expert); "
+                        "experts stream from a converted model: run `m3mlx convert "
+                        f"{ckpt.path} OUTPUT` and load OUTPUT")
+    if expert_cache is not None:
+        slots = cache_slots(fp, expert_cache)
+    else:
+        budget = plan_budget(fp, memory_limit, kv_bits=kv_bits)
+        if not budget.streams:
+            return None
+        slots = budget.slots
+    usage = ckpt.path / USAGE_FILE
+    return ExpertCache(slots, expert_policy, expert_prefetch,
+                       usage_file=usage if usage.is_file() else None)

@@ -129,6 +129,9 @@ class MoE(nn.Module):
         self.switch_mlp = Experts(args)
         if args.n_shared_experts:
             self.shared_experts = MLP(args, args.shared_intermediate_size)
+        # Set when the routed experts stream from disk (m3mlx.experts): switch_mlp then holds a
+        # pool of expert slots, and this computes the op over it through the slot table.
+        self.streamed = None
 
     def route(self, x: mx.array):
         """x [N, D] -> (experts int32 [N, k], weights [N, k]).
@@ -151,6 +154,10 @@ class MoE(nn.Module):
         # quantized experts on a Mac, gather_qmm / gather_mm otherwise.
         routed = self.switch_mlp
         shared = ExpertWeights.of(self.shared_experts) if "shared_experts" in self else None
+        if self.streamed is not None:
+            y = self.streamed(x, experts, weights, ExpertWeights.of(routed), shared,
+                              self.alpha, self.limit)
+            return y.reshape(shape)
         if routed.partial and experts.size >= PREFILL_SLOTS:
             return self._held_experts(x, experts, weights).reshape(shape)
         if routed.partial:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .chat_messages import MAX_ARGUMENT_DEPTH, normalize_tools
+from .checks import parse_json
 from .tokens import NS, THINK_BEGIN, THINK_END
 
 TOOL_CALL = "tool_call"
@@ -240,8 +241,8 @@ def _coerce(text: str, kind: str) -> Tuple[bool, Any]:
         if not s:
             return True, {} if kind == "object" else []
         try:
-            value = json.loads(s, parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
+            value = parse_json(s, parse_constant=_reject_constant)
+        except ValueError:
             return False, None
         return isinstance(value, dict if kind == "object" else list), value
     return False, None
@@ -250,8 +251,8 @@ def _coerce(text: str, kind: str) -> Tuple[bool, Any]:
 def _guess_value(text: str) -> Any:
     """An undeclared value: JSON numbers, booleans, null, objects and arrays; else the text."""
     try:
-        value = json.loads(text.strip(), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
+        value = parse_json(text.strip(), parse_constant=_reject_constant)
+    except ValueError:
         return text
     return text if isinstance(value, str) else value
 

@@ -47,7 +47,7 @@ SCALE_DTYPES = {0: FLOATS, 1: (mx.uint8,), 2: (mx.uint8,)}
 
 GATE_UP = KernelSpec(
     "moe_decode_gate_up",
-    ("x", "ids", "rw", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b",
+    ("x", "ids", "rw", "slots", "gate_w", "gate_s", "gate_b", "up_w", "up_s", "up_b",
      "sgate_w", "sgate_s", "sgate_b", "sup_w", "sup_s", "sup_b", "alpha", "limit"),
     ("h",),
     "moe_decode_gate_up.metal",
@@ -56,7 +56,7 @@ GATE_UP = KernelSpec(
 )
 DOWN = KernelSpec(
     "moe_decode_down",
-    ("h", "ids", "rw", "down_w", "down_s", "down_b", "sdown_w", "sdown_s", "sdown_b"),
+    ("h", "ids", "rw", "slots", "down_w", "down_s", "down_b", "sdown_w", "sdown_s", "sdown_b"),
     ("out",),
     "moe_decode_down.metal",
     header_files=("moe_quant.metal",),
@@ -179,24 +179,46 @@ def _expert_ffn(x, indices, experts: ExpertWeights, alpha, limit, sorted_indices
     return experts.down(swiglu_oai(gate, up, alpha, limit), indices, sorted_indices)
 
 
-def moe_experts_ops(x, expert_ids, routing_weights, experts: ExpertWeights,
-                    shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0) -> mx.array:
-    """x [N, D], expert_ids / routing_weights [N, K] -> [N, D]."""
+def expert_outputs(x, expert_ids, experts: ExpertWeights, alpha=1.702, limit=7.0,
+                   sort: Optional[bool] = None) -> mx.array:
+    """Each routed expert's output on its token, before the routing weight: x [N, D],
+    expert_ids [N, K] (rows of the stacked experts) -> [N, K, D]. `sort` (default: from
+    SORT_THRESHOLD rows) gathers the rows by expert first. A row's result does not depend on
+    the other rows, so outputs computed a few rows at a time (with the same `sort`) are the
+    same."""
     N, K = expert_ids.shape
-    if expert_ids.size >= SORT_THRESHOLD:
+    if expert_ids.size >= SORT_THRESHOLD if sort is None else sort:
         # Sorting rows by expert pays off once several rows share an expert (prefill).
         order = mx.argsort(expert_ids.flatten())
         # Index after adding the row axis: gather_mm is several times slower on the strides
         # that `x[order // K][:, None]` would give.
         rows = x[:, None][order // K]
         y = _expert_ffn(rows, expert_ids.flatten()[order], experts, alpha, limit, True)
-        y = y[mx.argsort(order)].reshape(N, K, -1)
-    else:
-        y = _expert_ffn(x[:, None, None], expert_ids, experts, alpha, limit, False).squeeze(-2)
-    y = (y * routing_weights[..., None]).sum(axis=1)
-    if shared is not None:
-        y = y + shared.down(swiglu_oai(shared.gate(x), shared.up(x), alpha, limit))
-    return y
+        return y[mx.argsort(order)].reshape(N, K, -1)
+    return _expert_ffn(x[:, None, None], expert_ids, experts, alpha, limit, False).squeeze(-2)
+
+
+def shared_output(x, shared: ExpertWeights, alpha=1.702, limit=7.0) -> mx.array:
+    """The shared expert on every token: x [N, D] -> [N, D]."""
+    return shared.down(swiglu_oai(shared.gate(x), shared.up(x), alpha, limit))
+
+
+def combine(outputs, routing_weights, shared_out=None) -> mx.array:
+    """The MoE block's result from the expert outputs [N, K, D], the routing weights [N, K]
+    and the shared expert's output [N, D]."""
+    y = (outputs * routing_weights[..., None]).sum(axis=1)
+    return y if shared_out is None else y + shared_out
+
+
+def moe_experts_ops(x, expert_ids, routing_weights, experts: ExpertWeights,
+                    shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0,
+                    slots: Optional[mx.array] = None) -> mx.array:
+    """x [N, D], expert_ids / routing_weights [N, K] -> [N, D]; `slots` [E] maps expert ids to
+    rows of the stacked `experts` (a pool of expert slots)."""
+    rows = expert_ids if slots is None else slots[expert_ids]
+    outputs = expert_outputs(x, rows, experts, alpha, limit)
+    return combine(outputs, routing_weights,
+                   None if shared is None else shared_output(x, shared, alpha, limit))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +254,11 @@ def _mlp_ok(m: ExpertWeights, stacked: bool, D: int) -> bool:
 
 
 def moe_kernels_supported(x, expert_ids, routing_weights, experts: ExpertWeights,
-                          shared: Optional[ExpertWeights] = None) -> bool:
+                          shared: Optional[ExpertWeights] = None,
+                          slots: Optional[mx.array] = None) -> bool:
     """Whether the Metal kernels take this call (else `moe_experts` runs the twin)."""
+    if slots is not None and (slots.ndim != 1 or slots.dtype != mx.int32 or slots.size < 1):
+        return False
     if x.ndim != 2 or x.dtype not in FLOATS or not 1 <= x.shape[0] <= MAX_TOKENS:
         return False
     T, D = x.shape
@@ -272,6 +297,10 @@ def _buffers(q: Optional[QuantizedWeight]) -> list:
     return [q.weight, q.scales, q.biases if q.biases is not None else placeholder(mx.float32)]
 
 
+def _slot_table(slots: Optional[mx.array]) -> mx.array:
+    return placeholder(mx.int32) if slots is None else slots
+
+
 def _max_tokens(T: int) -> int:
     """MAXT, the tokens a kernel instance is compiled for: 1 (plain decode) or MAX_TOKENS."""
     return 1 if T == 1 else MAX_TOKENS
@@ -283,28 +312,31 @@ def _format_template(prefix: str, fmt: tuple) -> tuple:
 
 
 @lru_cache(maxsize=None)
-def _gate_up_template(maxt: int, routed: tuple, shared: Optional[tuple]) -> list:
+def _gate_up_template(maxt: int, routed: tuple, shared: Optional[tuple], slots: bool) -> list:
     return [("MAXT", maxt), *_format_template("R", routed),
             *_format_template("S", shared or routed), ("HAS_SHARED", shared is not None),
-            ("NSG", GATE_UP_SIMDGROUPS), ("RG", GATE_UP_ROWS)]
+            ("NSG", GATE_UP_SIMDGROUPS), ("RG", GATE_UP_ROWS), ("SLOTS", slots)]
 
 
 @lru_cache(maxsize=None)
-def _down_template(dtype: mx.Dtype, maxt: int, routed: tuple, shared: Optional[tuple]) -> list:
+def _down_template(dtype: mx.Dtype, maxt: int, routed: tuple, shared: Optional[tuple],
+                   slots: bool) -> list:
     return [("OutT", dtype), ("MAXT", maxt), *_format_template("R", routed),
             *_format_template("S", shared or routed), ("HAS_SHARED", shared is not None),
-            ("NSG", DOWN_SIMDGROUPS), ("RD", DOWN_ROWS[maxt])]
+            ("NSG", DOWN_SIMDGROUPS), ("RD", DOWN_ROWS[maxt]), ("SLOTS", slots)]
 
 
 def gate_up_launch(x, expert_ids, routing_weights, experts: ExpertWeights,
-                   shared: Optional[ExpertWeights], alpha: float, limit: float) -> Launch:
+                   shared: Optional[ExpertWeights], alpha: float, limit: float,
+                   slots: Optional[mx.array] = None) -> Launch:
     T, _ = x.shape
     K = expert_ids.shape[1]
     F = experts.gate.out_dims
     FS = shared.gate.out_dims if shared is not None else 0
     threads = SIMD * GATE_UP_SIMDGROUPS
     return Launch(
-        inputs=[x, expert_ids, routing_weights, *_buffers(experts.gate), *_buffers(experts.up),
+        inputs=[x, expert_ids, routing_weights, _slot_table(slots), *_buffers(experts.gate),
+                *_buffers(experts.up),
                 *_buffers(shared and shared.gate), *_buffers(shared and shared.up),
                 float(alpha), float(limit)],
         output_shapes=[(T, K * F + FS)],
@@ -313,57 +345,65 @@ def gate_up_launch(x, expert_ids, routing_weights, experts: ExpertWeights,
               T * K + (shared is not None), 1),
         threadgroup=(threads, 1, 1),
         template=_gate_up_template(_max_tokens(T), experts.gate.format,
-                                   shared.gate.format if shared is not None else None),
+                                   shared.gate.format if shared is not None else None,
+                                   slots is not None),
     )
 
 
 def down_launch(h, expert_ids, routing_weights, experts: ExpertWeights,
-                shared: Optional[ExpertWeights], dtype) -> Launch:
+                shared: Optional[ExpertWeights], dtype,
+                slots: Optional[mx.array] = None) -> Launch:
     T = expert_ids.shape[0]
     D = experts.down.out_dims
     maxt = _max_tokens(T)
     threads = SIMD * DOWN_SIMDGROUPS
     return Launch(
-        inputs=[h, expert_ids, routing_weights, *_buffers(experts.down),
+        inputs=[h, expert_ids, routing_weights, _slot_table(slots), *_buffers(experts.down),
                 *_buffers(shared and shared.down)],
         output_shapes=[(T, D)],
         output_dtypes=[dtype],
         grid=(ceil_div(D, DOWN_SIMDGROUPS * DOWN_ROWS[maxt]) * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         template=_down_template(dtype, maxt, experts.down.format,
-                                shared.down.format if shared is not None else None),
+                                shared.down.format if shared is not None else None,
+                                slots is not None),
     )
 
 
 def moe_experts_kernels(x, expert_ids, routing_weights, experts: ExpertWeights,
                         shared: Optional[ExpertWeights] = None, alpha=1.702, limit=7.0,
-                        run: Optional[Runner] = None) -> mx.array:
+                        run: Optional[Runner] = None, *,
+                        slots: Optional[mx.array] = None) -> mx.array:
     """The MoE block with the Metal kernels, launched through `run` (default `metal_run`; the
-    test harness passes its own): [T, D] in x's dtype."""
-    if not moe_kernels_supported(x, expert_ids, routing_weights, experts, shared):
+    test harness passes its own): [T, D] in x's dtype. With `slots`, the kernels look each
+    expert's row up in the table themselves: no gathered copy of the ids or of the weights."""
+    if not moe_kernels_supported(x, expert_ids, routing_weights, experts, shared, slots):
         raise ValueError("no Metal MoE kernel for these shapes, dtypes or quantization; use "
                          "the ops path")
     run = run or metal_run
     (h,) = run(GATE_UP, gate_up_launch(x, expert_ids, routing_weights, experts, shared, alpha,
-                                       limit))
-    (out,) = run(DOWN, down_launch(h, expert_ids, routing_weights, experts, shared, x.dtype))
+                                       limit, slots))
+    (out,) = run(DOWN, down_launch(h, expert_ids, routing_weights, experts, shared, x.dtype,
+                                   slots))
     return out
 
 
 def moe_experts(x, expert_ids, routing_weights, experts: ExpertWeights,
                 shared: Optional[ExpertWeights] = None, *, alpha=1.702, limit=7.0,
-                use_metal=None) -> mx.array:
+                slots: Optional[mx.array] = None, use_metal=None) -> mx.array:
     """Routed plus shared experts: x [N, D] -> [N, D].
 
     expert_ids [N, K] (int32 or uint32, ids in [0, E)), routing_weights [N, K] in x's dtype
     (already normalized and scaled), experts / shared: the gate, up and down projections.
+    `slots` (int32 [E]), when only some experts are resident: expert id -> its row in the
+    stacked `experts` (a pool of expert slots, `m3mlx.experts`); every routed id must have one.
     The Metal kernels run for calls they cover (see `moe_kernels_supported`) when Metal is
     chosen (`use_metal`, `M3MLX_KERNELS`: see `dispatch`); otherwise the twin.
     """
     if x.ndim != 2:
         raise ValueError(f"x must be [tokens, hidden]; got shape {x.shape}")
     if runs_metal("moe_experts", use_metal, lambda: moe_kernels_supported(
-            x, expert_ids, routing_weights, experts, shared)):
+            x, expert_ids, routing_weights, experts, shared, slots)):
         return moe_experts_kernels(x, expert_ids, routing_weights, experts, shared, alpha,
-                                   limit)
-    return moe_experts_ops(x, expert_ids, routing_weights, experts, shared, alpha, limit)
+                                   limit, slots=slots)
+    return moe_experts_ops(x, expert_ids, routing_weights, experts, shared, alpha, limit, slots)

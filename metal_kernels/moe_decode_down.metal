@@ -13,10 +13,12 @@
 // the result does not depend on scheduling. Float-format codes decode through tables in
 // threadgroup memory, as in phase 1.
 //
-// Inputs: h [T, K * F + FS] float32 from phase 1; ids [T, K]; rw [T, K]; routed down_*
-// (weight uint32 [E, D, F * RBITS / 32], scales and biases [E, D, F / RGS]); shared sdown_*
+// Inputs: h [T, K * F + FS] float32 from phase 1; ids [T, K]; rw [T, K]; slots [E] (as in
+// phase 1); routed down_* (weight uint32 [S or E, D, F * RBITS / 32], scales and biases
+// [S or E, D, F / RGS]); shared sdown_*
 // ([D, ...], one-element placeholders without a shared expert). Output: out [T, D] of type OutT.
-// Templates: OutT, MAXT (>= T), RMODE, RBITS, RGS, SMODE, SBITS, SGS, HAS_SHARED, NSG, RD.
+// Templates: OutT, MAXT (>= T), RMODE, RBITS, RGS, SMODE, SBITS, SGS, HAS_SHARED, NSG, RD,
+// SLOTS.
 
 constexpr int RCHUNK = moe_chunk(RBITS);
 constexpr int SCHUNK = moe_chunk(SBITS);
@@ -24,7 +26,7 @@ constexpr int VMAX = RCHUNK > SCHUNK ? RCHUNK : SCHUNK;
 
 const int T = ids_shape[0];
 const int K = ids_shape[1];
-const int E = down_w_shape[0];
+const int E = SLOTS ? slots_shape[0] : down_w_shape[0];  // expert ids are in [0, E)
 const int D = down_w_shape[1];
 const int F = down_w_shape[2] * 32 / RBITS;
 const int FS = HAS_SHARED ? sdown_w_shape[1] * 32 / SBITS : 0;
@@ -59,6 +61,10 @@ for (int j = 0; j < T * K; ++j) {
     continue;
   }
   const int e = int(ids[j]);
+  const int w = moe_expert_row<SLOTS>(slots, e, down_w_shape[0]);  // its row in down_w
+  if (w < 0) {
+    continue;
+  }
   const uint mask = moe_expert_tokens<MAXT>(ids, rw, T, K, e, tw, first);
   MLX_MTL_PRAGMA_UNROLL
   for (int t = 0; t < MAXT; ++t) {
@@ -70,7 +76,7 @@ for (int j = 0; j < T * K; ++j) {
       const float v_sum = moe_load_chunk<RCHUNK>(ht + k, v);
       MLX_MTL_PRAGMA_UNROLL
       for (int r = 0; r < RD; ++r) {
-        const size_t row = size_t(e) * D + min(d0 + r, D - 1);  // past the end: not written
+        const size_t row = size_t(w) * D + min(d0 + r, D - 1);  // past the end: not written
         acc[t][r] += tw[t] * moe_row_dot<RMODE, RBITS, RGS>(
             down_w, down_s, down_b, RBITS == 8 ? e4m3 : e2m1, row, F, k, v, v_sum);
       }

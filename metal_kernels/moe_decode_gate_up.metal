@@ -13,15 +13,17 @@
 // applies SwiGLU-OAI. Float-format codes decode through tables in threadgroup memory (1.1 KB),
 // filled before any threadgroup returns.
 //
-// Inputs: x [T, D] float; ids [T, K] expert ids; rw [T, K] routing weights; routed gate_* / up_*
-// (weight uint32 [E, F, D * RBITS / 32], scales and biases [E, F, D / RGS]); shared sgate_* /
+// Inputs: x [T, D] float; ids [T, K] expert ids; rw [T, K] routing weights; slots [E] int32
+// (with SLOTS: expert id -> row of the stacked weights, a pool of S resident experts; else a
+// placeholder); routed gate_* / up_* (weight uint32 [S or E, F, D * RBITS / 32], scales and
+// biases [S or E, F, D / RGS]); shared sgate_* /
 // sup_* ([FS, ...]; one-element placeholders without a shared expert); alpha, limit. Affine
 // biases are placeholders in the float modes.
 // Output: h [T, K * F + FS] float32: token t's expert in slot i at columns [i * F, (i + 1) * F)
 // (only the first slot of t naming an expert, and only when its weight is non-zero); the
 // shared expert at [K * F, K * F + FS).
 // Templates: MAXT (>= T), RMODE, RBITS, RGS (routed gate/up format), SMODE, SBITS, SGS (shared),
-// HAS_SHARED, NSG, RG.
+// HAS_SHARED, NSG, RG, SLOTS.
 
 constexpr int RCHUNK = moe_chunk(RBITS);
 constexpr int SCHUNK = moe_chunk(SBITS);
@@ -30,7 +32,7 @@ constexpr int VMAX = RCHUNK > SCHUNK ? RCHUNK : SCHUNK;
 const int T = x_shape[0];
 const int D = x_shape[1];
 const int K = ids_shape[1];
-const int E = gate_w_shape[0];
+const int E = SLOTS ? slots_shape[0] : gate_w_shape[0];  // expert ids are in [0, E)
 const int F = gate_w_shape[1];
 const int FS = HAS_SHARED ? sgate_w_shape[0] : 0;
 const int HW = K * F + FS;
@@ -50,12 +52,13 @@ if (RMODE != MOE_AFFINE || SMODE != MOE_AFFINE) {
 float tw[MAXT];
 int first[MAXT];
 uint mask = 0u;
-int e = 0;
+int w = 0;  // the expert's row in gate_w / up_w
 if (is_shared) {
   mask = (1u << T) - 1u;
 } else if (moe_first_slot(ids, slot, E)) {
-  e = int(ids[slot]);
-  mask = moe_expert_tokens<MAXT>(ids, rw, T, K, e, tw, first);
+  const int e = int(ids[slot]);
+  w = moe_expert_row<SLOTS>(slots, e, gate_w_shape[0]);
+  mask = w < 0 ? 0u : moe_expert_tokens<MAXT>(ids, rw, T, K, e, tw, first);
 }
 const int rows = is_shared ? FS : F;
 if (mask == 0u || f0 >= rows) {
@@ -95,7 +98,7 @@ for (int t = 0; t < MAXT; ++t) {
       const float v_sum = moe_load_chunk<RCHUNK>(x + size_t(t) * D + k, v);
       MLX_MTL_PRAGMA_UNROLL
       for (int r = 0; r < RG; ++r) {
-        const size_t f = size_t(e) * F + min(f0 + r, rows - 1);
+        const size_t f = size_t(w) * F + min(f0 + r, rows - 1);
         g_acc[t][r] += moe_row_dot<RMODE, RBITS, RGS>(
             gate_w, gate_s, gate_b, RBITS == 8 ? e4m3 : e2m1, f, D, k, v, v_sum);
         u_acc[t][r] += moe_row_dot<RMODE, RBITS, RGS>(

@@ -167,6 +167,15 @@ inline bool moe_first_slot(IdPtr ids, int j, int E) {
   return true;
 }
 
+// The row of the stacked weights that holds expert e: with a slot table (USE_SLOTS: only some
+// experts are resident, in a pool of `rows` slots) its slot, else e itself; -1 when that row is
+// outside [0, rows) (an expert without a slot contributes nothing and reads nothing).
+template <bool USE_SLOTS, typename SlotPtr>
+inline int moe_expert_row(SlotPtr slots, int e, int rows) {
+  const int r = USE_SLOTS ? int(slots[e]) : e;
+  return (r >= 0 && r < rows) ? r : -1;
+}
+
 // SwiGLU-OAI: min(gate, limit) and clip(up, -limit, limit), NaN kept (metal::min drops it).
 inline float moe_swiglu_oai(float gate, float up, float alpha, float limit) {
   const float g = gate > limit ? limit : gate;

@@ -23,6 +23,7 @@ class Scripted:
                         for name, text in scripts.items()}
         self.reply, self.position, self.forced = None, 0, None
         self.cache, self.end = None, None  # the cache fed last, and where it then ended
+        self.tail = []  # the last tokens fed
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -37,7 +38,10 @@ class Scripted:
         logits = self.model(inputs, cache=cache, last_only=last_only)
         self.cache, self.end = cache, cache[0].offset
         fed = inputs.reshape(-1).tolist()
-        found = MARKER.findall(self.tokenizer.decode(fed))
+        # A prefill chunk's boundary may cut a marker: look at the end of the last chunk too.
+        window = (self.tail if continuing else []) + fed
+        self.tail = window[-32:]
+        found = MARKER.findall(self.tokenizer.decode(window))
         if not continuing or (len(fed) > 1 and found):  # a new prompt, or more of one
             self.reply = self.scripts.get(found[-1]) if found else \
                 (self.reply if continuing else None)

@@ -42,6 +42,26 @@ def test_kernel_cost_report_covers_every_kernel_and_chip():
     assert "(bandwidth)" in out and "(compute)" in out and "(latency)" in out
 
 
+def test_web_render_benchmark_measures_both_ways():
+    from test_web_chat import chromium
+
+    out = run("bench_web_render.py", "--sizes", "2,20", "--chromium", chromium())
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["308", "3,080"]
+    assert all(float(ms) > 0 for row in rows for ms in row[1:])
+
+
+def test_expert_benchmark_covers_policies_sizes_and_the_m3_prediction(tmp_path):
+    out = run("bench_experts.py", "--shares", "25,100", "--policies", "lru,pinned", "--tokens",
+              "8", "--calibration", "100", "--gb", "0.005", "--width", "64", "--experts", "16",
+              "--speed-tokens", "2", "--dir", str(tmp_path))
+    for text in ("1. hit rates", "RANDOM weights", "25% (8 slots) pinned", "2. speed", "resident",
+                 "100% lru O_DIRECT", "25% lru page cache", "no prefetch", "resident (again)",
+                 "3. M3 (recipe m3)", "3-bit", "MacBook Pro M5 Max, 128 GB",
+                 "Mac mini M4 Pro, 64 GB"):
+        assert text in out, text
+
+
 def test_distributed_benchmark_measures_both_plans_and_predicts_m3():
     out = run("bench_distributed.py", "--hidden", "64", "--prompt", "32", "--prefill-step", "16",
               "--steps", "2")

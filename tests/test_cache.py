@@ -180,6 +180,8 @@ def _set(mapping, key, value):
     (lambda a, l, m: _set(l[1], "index_bits", 4), "index_bits=4"),
     (lambda a, l, m: l.clear() or l.append([1]), "not a list of objects"),
     (lambda a, l, m: _set(m, "user", "[1, 2]"), "user metadata is not a JSON object"),
+    (lambda a, l, m: _set(m, "user", "[" * 100_000 + "]" * 100_000),
+     "the JSON nests too deeply to be read"),
 ])
 def test_damaged_cache_files_are_refused(saved_cache, tmp_path, edit, message):
     bad = tampered(saved_cache, tmp_path, edit)

@@ -366,6 +366,19 @@ def test_invalid_session_files_are_refused(loaded, saved_session, tmp_path, edit
     assert str(bad) in str(info.value)  # the message names the file
 
 
+def test_a_session_state_nested_too_deeply_is_refused(loaded, saved_session, tmp_path):
+    import json
+
+    model, tokenizer = loaded
+    arrays, meta = mx.load(str(saved_session), return_metadata=True)
+    meta["user"] = json.dumps({"chat_session": "[" * 100_000 + "]" * 100_000})
+    bad = tmp_path / "deep.safetensors"
+    mx.save_safetensors(str(bad), arrays, metadata=meta)
+    with pytest.raises(m3mlx.InputError, match=f"{bad} is not a saved m3mlx chat session "
+                                               r"\(the JSON nests too deeply to be read\)"):
+        ChatSession.load(bad, model, tokenizer)
+
+
 def test_a_valid_session_file_still_loads(loaded, saved_session, tmp_path):
     model, tokenizer = loaded
     same = edited_session(saved_session, tmp_path, lambda s: None)

@@ -122,6 +122,13 @@ def test_bad_tokenizer_config_templates(tmp_path, value, message):
         read_chat_template(path)
 
 
+def test_chat_template_json_nested_too_deeply(tmp_path):
+    path = write_checkpoint(tmp_path, {"chat_template.json": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(TemplateError, match=r"chat_template.json is not a JSON object in UTF-8 "
+                                            r"\(the JSON nests too deeply to be read\)"):
+        read_chat_template(path)
+
+
 def test_non_utf8_template(tmp_path):
     path = write_checkpoint(tmp_path, {"chat_template.jinja": b"{{ messages }}\xff\xfe"})
     with pytest.raises(TemplateError, match=r"chat_template.jinja is not UTF-8 text \(byte 0xff "

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from convert_fixtures import bf16_checkpoint, to_mxfp8, write_safetensors
 from m3mlx.cli.convert import convert as convert_cmd
-from m3mlx.cli.convert import parse_size
+from m3mlx.units import parse_size
 from m3mlx.convert import ConvertError, convert, hub
 from m3mlx.checkpoint import read_header
 

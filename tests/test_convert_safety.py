@@ -141,6 +141,20 @@ def test_old_conversions_without_a_source_record_are_not_trusted(sources, tmp_pa
         convert(a, out, max_shard_size=SHARD, resume=True, **QUIET)
 
 
+def test_a_state_file_nested_too_deeply_is_refused_and_nothing_is_deleted(sources, tmp_path):
+    a, _ = sources
+    out = tmp_path / "out"
+    interrupted(a, out)
+    (out / writer.STATE_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    before = snapshot(out)
+    status, output = run_cli("convert", a, out, "--resume", "--max-shard-size", SHARD)
+    assert status == 1
+    assert error_line(output) == (f"Error: {out} does not hold an interrupted m3mlx conversion "
+                                  f"(no readable {writer.STATE_FILE}); use --force to replace its "
+                                  "contents or pick another directory")
+    assert snapshot(out) == before
+
+
 def test_big_files_are_identified_by_header_and_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(identity, "WHOLE_FILE_BYTES", 1 << 16)
     f = tmp_path / "shard.safetensors"

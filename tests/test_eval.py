@@ -149,6 +149,10 @@ def test_bad_references_and_data_are_refused_clearly(demo_model, text, tmp_path)
     bad_header.write_bytes(ev.MAGIC + struct.pack("<I", len(meta)) + meta)
     with pytest.raises(EvalError, match="corrupt header"):
         evaluate(model, tokenizer, text, reference=bad_header)
+    meta = b"[" * 100_000 + b"]" * 100_000
+    bad_header.write_bytes(ev.MAGIC + struct.pack("<I", len(meta)) + meta)
+    with pytest.raises(EvalError, match="corrupt header \\(the JSON nests too deeply"):
+        evaluate(model, tokenizer, text, reference=bad_header)
     short = tmp_path / "short.txt"
     short.write_text("x = 1\n")
     with pytest.raises(EvalError, match="fewer than"):

@@ -5,6 +5,7 @@ status 1; no traceback; nothing written. These inputs once crashed deep inside o
 """
 
 import json
+import os
 import resource
 import shutil
 import struct
@@ -74,6 +75,17 @@ def file_bytes(name: str, data: bytes):
     return lambda d: (d / name).write_bytes(data)
 
 
+def not_a_file(name: str, kind: str):
+    """`name` replaced by a FIFO (opening it would block) or a link to /dev/zero (endless)."""
+    def edit(d: Path):
+        (d / name).unlink()
+        if kind == "fifo":
+            os.mkfifo(d / name)
+        else:
+            (d / name).symlink_to("/dev/zero")
+    return edit
+
+
 def shard_of(d: Path, tensor: str) -> Path:
     index = json.loads((d / "model.safetensors.index.json").read_text())
     return d / index["weight_map"][tensor]
@@ -122,6 +134,10 @@ def cases():
     yield "config.json is not JSON", file_bytes("config.json", b'{"text_config": {'), \
         ("{d}/config.json is not valid JSON (Expecting property name enclosed in double quotes: "
          "line 1 column 18 (char 17)); download it again"), COMMANDS
+    yield "config.json nested too deeply", \
+        file_bytes("config.json", b"[" * 100_000 + b"]" * 100_000), \
+        "{d}/config.json is not valid JSON (the JSON nests too deeply to be read); download it " \
+        "again", COMMANDS
     yield "zero heads", text_config(num_attention_heads=0), \
         c + "num_attention_heads is 0; it must be an integer from 1 to 1024", COMMANDS
     yield "zero KV heads", text_config(num_key_value_heads=0), \
@@ -199,6 +215,10 @@ def cases():
         file_bytes("model.safetensors.index.json", b'{"weight_map": {"a": 1}}'), \
         ("{d}/model.safetensors.index.json maps 'a' to '1', not the name of a shard in the model "
          "directory; download it again"), COMMANDS
+    not_file = "cannot be read (it is not a regular file but a FIFO, a device or a directory; " \
+        "put the real file there)"
+    yield "index is a FIFO", not_a_file("model.safetensors.index.json", "fifo"), \
+        "{d}/model.safetensors.index.json " + not_file, COMMANDS
     # `info` describes the weights and never reads the tokenizer; the others refuse it.
     yield "tokenizer.json not a tokenizer", file_bytes("tokenizer.json", b'{"version": "1.0"}'), \
         ("{d}/tokenizer.json is not a tokenizer the `tokenizers` library can read (Model "
@@ -210,6 +230,13 @@ def cases():
     yield "tokenizer_config.json a list", file_bytes("tokenizer_config.json", b"[]"), \
         "{d}/tokenizer_config.json holds a JSON list, not an object; download it again", \
         ("generate", "convert")
+    yield "tokenizer_config.json links to /dev/zero", not_a_file("tokenizer_config.json", "dev"), \
+        "{d}/tokenizer_config.json " + not_file, ("generate", "convert")
+    # `convert` copies the template only when it is a regular file inside the checkpoint.
+    yield "chat_template.jinja is a FIFO", not_a_file("chat_template.jinja", "fifo"), \
+        "{d}/chat_template.jinja " + not_file, ("generate",)
+    yield "chat_template.jinja links to /dev/zero", not_a_file("chat_template.jinja", "dev"), \
+        "{d}/chat_template.jinja " + not_file, ("generate",)
 
 
 CASES = list(cases())

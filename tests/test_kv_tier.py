@@ -295,7 +295,7 @@ def test_a_full_disk_mid_session_is_one_clear_error(small, tmp_path, monkeypatch
 
 def test_bad_tier_options(small, tmp_path):
     model, _ = small
-    with pytest.raises(m3mlx.InputError, match="kv_memory 'lots' is not a size"):
+    with pytest.raises(m3mlx.InputError, match="kv_memory is 'lots', not a size"):
         m3mlx.make_cache(model, kv_memory="lots", kv_cache_dir=tmp_path)
     with pytest.raises(m3mlx.InputError, match="kv_policy='mru': choose one of"):
         m3mlx.make_cache(model, kv_memory="1MB", kv_policy="mru", kv_cache_dir=tmp_path)

@@ -277,16 +277,23 @@ def test_bfloat16_without_shared_expert(run):
     cases.assert_close(got, want, atol=tol)
 
 
-@cases.kernel_runners
-def test_out_of_range_ids_read_nothing(run):
-    # Not part of the contract (the twin's gather would fail), but memory-safe: such a slot
-    # contributes nothing, as if its weight were zero.
+def _two_tokens(seed):
+    """Affine 4-bit experts and a shared expert of SMALL's sizes, two tokens routed to them."""
     E, D, F, FS, K = SMALL.values()
-    rng = np.random.default_rng(13)
+    rng = np.random.default_rng(seed)
     experts = random_experts(rng, FORMATS["affine4"], E, D, F)
     shared = random_experts(rng, FORMATS["affine4"], None, D, FS)
     x = cases.normal(rng, (2, D))
     ids, rw = routing(rng, 2, K, E, zeros=False)
+    return experts, shared, x, ids, rw
+
+
+@cases.kernel_runners
+def test_out_of_range_ids_read_nothing(run):
+    # Not part of the contract (the twin's gather would fail), but memory-safe: such a slot
+    # contributes nothing, as if its weight were zero.
+    E = SMALL["E"]
+    experts, shared, x, ids, rw = _two_tokens(13)
     bad = np.array(ids)
     bad[1, 2] = E + 3
     got = moe.moe_experts_kernels(x, mx.array(bad), rw, experts, shared, run=run)
@@ -294,6 +301,57 @@ def test_out_of_range_ids_read_nothing(run):
     w = np.array(rw)
     w[1, 2] = 0
     want = moe.moe_experts_ops(x, mx.array(bad), mx.array(w), experts, shared)
+    cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
+
+
+def pool_of(experts: ExpertWeights, held) -> ExpertWeights:
+    """The stacked experts' rows `held` (expert ids) as a pool of len(held) slots."""
+    rows = mx.array(np.asarray(held, np.int32))
+    return ExpertWeights(*(replace(q, weight=q.weight[rows], scales=q.scales[rows],
+                                   biases=None if q.biases is None else q.biases[rows])
+                           for q in experts))
+
+
+@cases.kernel_runners
+@pytest.mark.parametrize("T", [1, 3, moe.MAX_TOKENS])
+@pytest.mark.parametrize("fmt", ["affine4", "mxfp4", "nvfp4"])
+def test_a_slot_table_over_a_pool_of_resident_experts(run, fmt, T):
+    # Expert streaming (m3mlx.experts): only some experts sit in a pool of slots, in any order,
+    # and the table maps expert ids to slots. The kernels look the rows up themselves; the
+    # result is the one over all the experts stacked, bit for bit the twin's on the same pool.
+    E, D, F, FS, K = SMALL.values()
+    rng = np.random.default_rng(40 + T)
+    experts = random_experts(rng, FORMATS[fmt], E, D, F)
+    shared = random_experts(rng, FORMATS[fmt], None, D, FS)
+    x = cases.normal(rng, (T, D))
+    ids, rw = routing(rng, T, K, E)
+    routed = np.unique(np.array(ids))
+    others = np.setdiff1d(np.arange(E), routed)
+    held = rng.permutation(np.concatenate([routed, rng.choice(others, 3, replace=False)]))
+    table = np.full(E, -1, np.int32)
+    table[held] = np.arange(len(held))
+    pool, slots = pool_of(experts, held), mx.array(table)
+    got = moe.moe_experts_kernels(x, ids, rw, pool, shared, run=run, slots=slots)
+    want = moe.moe_experts_kernels(x, ids, rw, experts, shared, run=run)
+    assert mx.array_equal(got, want).item()
+    twin = moe.moe_experts_ops(x, ids, rw, pool, shared, slots=slots)
+    assert mx.array_equal(twin, moe.moe_experts_ops(x, ids, rw, experts, shared)).item()
+    cases.assert_close(got, twin, atol=2e-5 * float(mx.abs(twin).max()), rtol=2e-5)
+
+
+@cases.kernel_runners
+def test_an_expert_without_a_slot_reads_nothing(run):
+    # Memory safety, as for out-of-range ids: a table entry of -1 (or past the pool) makes that
+    # expert contribute nothing; the tier never routes to one.
+    E = SMALL["E"]
+    experts, shared, x, ids, rw = _two_tokens(47)
+    missing, far = int(np.array(ids)[1, 2]), int(np.array(ids)[0, 0])
+    table = np.arange(E, dtype=np.int32)
+    table[missing], table[far] = -1, E + 5
+    got = moe.moe_experts_kernels(x, ids, rw, experts, shared, run=run, slots=mx.array(table))
+    w = np.array(rw)
+    w[np.isin(np.array(ids), [missing, far])] = 0
+    want = moe.moe_experts_ops(x, ids, mx.array(w), experts, shared)
     cases.assert_close(got, want, atol=2e-5 * float(mx.abs(want).max()), rtol=2e-5)
 
 

@@ -20,6 +20,7 @@ from msl import cases, harness
 from msl.moe_cases import FORMATS, random_experts, routing
 
 from m3mlx.metal_kernels import moe, msa_kernels, msa_ops, quantize_index_keys, quantize_kv
+from m3mlx.metal_kernels.moe import ExpertWeights
 
 pytestmark = cases.harness_only
 
@@ -122,6 +123,10 @@ MUTANTS = [
     Mutant(moe.DOWN, "MODE == MOE_MX ? moe_e8m0(uint(raw)) : moe_e4m3(uint(raw))",
            "moe_e8m0(uint(raw))", "header"),
     Mutant(moe.DOWN, "acc[t][r] += tw[t] * moe_row_dot", "acc[t][r] += moe_row_dot"),
+    Mutant(moe.GATE_UP, "const int r = USE_SLOTS ? int(slots[e]) : e;", "const int r = e;",
+           "header"),
+    Mutant(moe.DOWN, "const int E = SLOTS ? slots_shape[0] : down_w_shape[0];",
+           "const int E = down_w_shape[0];"),
     Mutant(moe.GATE_UP, "const float g = gate > limit ? limit : gate;",
            "const float g = gate > limit ? gate : limit;", "header"),
     Mutant(moe.GATE_UP, "scale * dot + float(biases[g]) * v_sum", "scale * dot + float(biases[g])",
@@ -215,6 +220,18 @@ def moe_battery(run) -> bool:
         got = moe.moe_experts_kernels(x, ids, rw, experts, shared, run=run)
         want = moe.moe_experts_ops(x, ids, rw, experts, shared)
         scale = float(mx.abs(want).max())
+        if not np.allclose(np.array(got), np.array(want), atol=2e-5 * scale, rtol=2e-5):
+            return False
+        # The same call over a pool of resident experts through a slot table (expert streaming):
+        # fewer slots than experts, in shuffled order, so ids and rows differ.
+        held = rng.permutation(np.union1d(np.array(ids), rng.choice(E, 3, replace=False)))
+        table = np.full(E, -1, np.int32)
+        table[held] = np.arange(len(held))
+        rows = mx.array(held.astype(np.int32))
+        pool = ExpertWeights(*(dataclasses.replace(
+            q, weight=q.weight[rows], scales=q.scales[rows],
+            biases=None if q.biases is None else q.biases[rows]) for q in experts))
+        got = moe.moe_experts_kernels(x, ids, rw, pool, shared, run=run, slots=mx.array(table))
         if not np.allclose(np.array(got), np.array(want), atol=2e-5 * scale, rtol=2e-5):
             return False
     return True

@@ -50,6 +50,7 @@ def launch_cases():
     add("m3-mixed", shapes.moe_launches(FORMATS["affine3"], 1, **shapes.M3_MOE,
                                         shared_fmt=FORMATS["affine8"]))
     add("m3-no-shared", shapes.moe_launches(FORMATS["mxfp4"], 1, **{**shapes.M3_MOE, "FS": 0}))
+    add("m3-streamed", shapes.moe_launches(FORMATS["affine4"], 1, **shapes.M3_MOE, slots=32))
     return out
 
 

@@ -2,6 +2,8 @@
 through `m3mlx serve`: shared prefixes, restarts from --cache-dir, Claude Code's billing header,
 greedy output unchanged by a cache hit."""
 
+import json
+import struct
 
 import anthropic
 import mlx.core as mx
@@ -93,6 +95,9 @@ def test_disk_survives_a_restart(demo_model, tokens, tmp_path):
     tree.insert(a, filled(model, a))
     tree.insert(b, filled(model, b))
     (tmp_path / "junk.safetensors").write_bytes(b"not a cache")
+    for name, value in (("deep", "[" * 100_000 + "]" * 100_000), ("list", "[1]")):
+        header = json.dumps({"__metadata__": {"m3mlx_prefix": value}}).encode()
+        (tmp_path / f"{name}.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
     (tmp_path / ".half-written.tmp.safetensors").write_bytes(b"")
     logs = []
     again = PrefixCache(meta(model), 1 << 30, tmp_path, log=logs.append)
@@ -100,7 +105,8 @@ def test_disk_survives_a_restart(demo_model, tokens, tmp_path):
     assert again.match(a) == 300 and again.match(b) == 250
     assert same(states(again.restore(b, 250)), states(filled(model, b)))
     assert not (tmp_path / ".half-written.tmp.safetensors").exists()
-    assert any("ignoring junk.safetensors" in line for line in logs)
+    for name in ("junk", "deep", "list"):
+        assert any(f"ignoring {name}.safetensors" in line for line in logs)
     # Memory bound 0: nothing stays in memory, everything is still on disk.
     lean = PrefixCache(meta(model), 1, tmp_path)
     assert same(states(lean.restore(a, 300)), states(filled(model, a)))

@@ -119,7 +119,7 @@ def test_consecutive_text_deltas_merge():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--cache-size", "lots"], "is not a size like 8GB"),
+    (["--cache-size", "lots"], "is 'lots', not a size like"),
     (["--port", "70000"], "70000 is not in the range"),
     (["--thinking", "sometimes"], "'sometimes' is not one of"),
     (["--model", "/nonexistent/m3"], "no such directory"),

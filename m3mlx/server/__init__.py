@@ -2,7 +2,8 @@
 
 `schemas` (request bodies) -> `requests` (request to conversation) -> chat template -> `engine`
 (queue, generation, caches) -> `events` (reply to API responses and stream events), with the
-routes in `app` and the cross-request cache in `prefix_cache`.
+routes in `app` and the cross-request cache in `prefix_cache`; `page` serves the web chat at `/`
+(`static/`), a client of the same API.
 """
 
 from pathlib import Path

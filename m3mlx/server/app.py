@@ -30,6 +30,7 @@ from ..template_sandbox import TemplateError, TemplateRefusal
 from ..tokens import THINK_BEGIN
 from . import events, requests, schemas
 from .engine import Engine, Job
+from .page import add_page
 from .requests import Conversation, RequestError
 
 KEEPALIVE_SECONDS = 15.0
@@ -316,7 +317,10 @@ def create_app(service: Service) -> FastAPI:
         if anthropic:
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(service.started))
             return {"type": "model", "id": name, "display_name": name, "created_at": created}
-        return {"id": name, "object": "model", "created": service.started, "owned_by": "m3mlx"}
+        card = {"id": name, "object": "model", "created": service.started, "owned_by": "m3mlx"}
+        if service.context is not None:
+            card["context_length"] = service.context  # the prompt plus the reply, in tokens
+        return card
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -406,4 +410,5 @@ def create_app(service: Service) -> FastAPI:
         ids, _ = await asyncio.to_thread(service.render, requests.from_anthropic(body))
         return {"input_tokens": len(ids)}
 
+    add_page(app)  # the web chat at /
     return app

@@ -69,6 +69,15 @@ class Reply:
         self.outcome = outcome
         return []
 
+    def timings(self) -> Dict[str, Any]:
+        """Speeds measured by the engine, under llama.cpp's names (an extension of the OpenAI
+        API, beside `usage`): prompt tokens computed (not cached) and generated, per second."""
+        o = self.outcome
+        return {"prompt_n": o.prompt_tokens - o.cached_tokens,
+                "prompt_per_second": round(o.prefill_tps, 2),
+                "predicted_n": o.completion_tokens,
+                "predicted_per_second": round(o.generation_tps, 2)}
+
     @property
     def text(self) -> str:
         return "".join(self.content)
@@ -140,7 +149,7 @@ class ChatCompletion(Reply):
         if self.include_usage:
             events.append(sse({"id": self.id, "object": "chat.completion.chunk",
                                "created": self.created, "model": self.model, "choices": [],
-                               "usage": self.usage()}))
+                               "usage": self.usage(), "timings": self.timings()}))
         return events + [sse("[DONE]")]
 
     def body(self) -> Dict[str, Any]:
@@ -158,7 +167,7 @@ class ChatCompletion(Reply):
                 "model": self.model,
                 "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                              "finish_reason": self.outcome.finish_reason}],
-                "usage": self.usage()}
+                "usage": self.usage(), "timings": self.timings()}
 
 
 # -- OpenAI Completions ----------------------------------------------------------------------------
@@ -214,7 +223,7 @@ class TextCompletion(Reply):
         if self.include_usage:
             events.append(sse({"id": self.id, "object": "text_completion",
                                "created": self.created, "model": self.model, "choices": [],
-                               "usage": self.usage()}))
+                               "usage": self.usage(), "timings": self.timings()}))
         return events + [sse("[DONE]")]
 
     def body(self):
@@ -225,7 +234,7 @@ class TextCompletion(Reply):
                 "model": self.model,
                 "choices": [{"text": self.echo + self.text, "index": 0, "logprobs": logprobs,
                              "finish_reason": self.outcome.finish_reason}],
-                "usage": self.usage()}
+                "usage": self.usage(), "timings": self.timings()}
 
 
 # -- OpenAI Responses ------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..cache import STATE_AXES, LayerCache
 from ..chat import common_prefix_length
+from ..checks import parse_json
 
 # The position axis of each array a LayerCache holds (see LayerCache.state).
 FORMAT = "m3mlx-prefix-cache/1"
@@ -321,10 +322,11 @@ def _read_metadata(file: Path) -> Optional[dict]:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 1 << 26:
                 return None
-            header = json.loads(f.read(n))
-        return json.loads(header.get("__metadata__", {}).get("m3mlx_prefix", "null"))
+            header = parse_json(f.read(n))
+        meta = parse_json(header.get("__metadata__", {}).get("m3mlx_prefix", "null"))
     except (OSError, struct.error, ValueError, AttributeError):
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def fingerprint(model_dir: Path, parts: Sequence[object]) -> str:

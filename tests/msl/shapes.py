@@ -129,19 +129,23 @@ def quantized(fmt, shape, float_dtype=mx.bfloat16) -> QuantizedWeight:
                            bits, mode)
 
 
-def moe_launches(fmt, T, E, D, F, FS, K, shared_fmt=None, dtype=mx.bfloat16):
+def moe_launches(fmt, T, E, D, F, FS, K, shared_fmt=None, dtype=mx.bfloat16, slots=None):
     """(spec, launch) of the MoE op's two kernels; FS 0: no shared expert. Affine scales and
-    biases are in `dtype`, as `mx.quantize` makes them from weights in it."""
-    experts = ExpertWeights(*(quantized(fmt, s, dtype) for s in ((E, F, D), (E, F, D), (E, D, F))))
+    biases are in `dtype`, as `mx.quantize` makes them from weights in it. `slots`: the
+    experts stream (m3mlx.experts), a pool of that many slots behind a table of E entries."""
+    rows = E if slots is None else slots
+    table = None if slots is None else mx.zeros((E,), mx.int32)
+    experts = ExpertWeights(*(quantized(fmt, s, dtype)
+                              for s in ((rows, F, D), (rows, F, D), (rows, D, F))))
     shared = None
     if FS:
         sf = shared_fmt or fmt
         shared = ExpertWeights(*(quantized(sf, s, dtype) for s in ((FS, D), (FS, D), (D, FS))))
     x = mx.zeros((T, D), dtype)
     ids, rw = mx.zeros((T, K), mx.uint32), mx.zeros((T, K), dtype)
-    gate_up = gate_up_launch(x, ids, rw, experts, shared, 1.702, 7.0)
+    gate_up = gate_up_launch(x, ids, rw, experts, shared, 1.702, 7.0, table)
     h = mx.zeros(gate_up.output_shapes[0], mx.float32)
-    return [(GATE_UP, gate_up), (DOWN, down_launch(h, ids, rw, experts, shared, dtype))]
+    return [(GATE_UP, gate_up), (DOWN, down_launch(h, ids, rw, experts, shared, dtype, table))]
 
 
 def runtime_launches() -> list:
