@@ -50,24 +50,27 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
     Requests are served one at a time, in order; a prefix cache reuses the longest cached
     start of each prompt across requests, clients and restarts. The generation options are
     the defaults for requests that do not set them; --max-tokens is capped by the context.
+
+    Started by mlx.launch on several ranks, the model is split between them (--parallel):
+    rank 0 listens and answers the clients, the others compute their part of each request in
+    step with it and end when it stops.
     """
     import uvicorn
 
-    from m3mlx.distributed import is_sharded
+    from m3mlx.distributed import Ranks
     from m3mlx.loading import resolve
     from m3mlx.server import build_service, create_app
 
-    if is_sharded():
-        raise click.UsageError("serve does not run on several ranks yet (--parallel): start it "
-                               "in a single process, or use generate or chat with mlx.launch")
+    ranks = Ranks.start(rank_timeout)
 
     def log(line: str):
-        click.echo(line, err=True)
+        if ranks.leads:  # rank 0 speaks for the server
+            click.echo(line, err=True)
 
     if api_key is not None and not api_key.strip():
         raise click.BadParameter("the API key is empty", param_hint="'--api-key'")
     model_dir = resolve(model_path)
-    model, tokenizer = load_or_fail(model_path, dtype)
+    model, tokenizer = load_or_fail(model_path, dtype, parallel)
     sampling = {"temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                 "repetition_penalty": repetition_penalty, "seed": seed}
     cache_root = None if no_disk_cache else Path(cache_dir or home_dir() / "prompt-cache")
@@ -76,7 +79,28 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
         sampling=sampling, max_tokens=max_tokens, thinking=thinking, api_key=api_key,
         max_body=max_body_size, cache_size=cache_size, cache_dir=cache_root,
         cache_disk_size=cache_disk_size, index_bits=index_bits, kv_bits=kv_bits,
-        prefill_step_size=prefill_step_size, log=log)
+        prefill_step_size=prefill_step_size, log=log, ranks=ranks,
+        shard=f"{parallel} parallel, rank {ranks.group.rank()} of {ranks.group.size()}"
+        if ranks.sharded else "")
+    if not ranks.leads:  # rank 0 owns the port; this rank computes its part of each request
+        service.engine.follow()
+        return
+    try:
+        sock = listen(host, port)
+        bound = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"m3mlx serve: {service.model_names[0]} at http://{shown}:{bound}/v1 "
+                   f"(OpenAI and Anthropic APIs{'; API key required' if api_key else ''}); "
+                   f"web chat at http://{shown}:{bound}/")
+        sys.stdout.flush()
+        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=1)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.engine.close()  # with several ranks, the others' engines stop too
+
+
+def listen(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -84,15 +108,4 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(128)
-    bound = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(f"m3mlx serve: {service.model_names[0]} at http://{shown}:{bound}/v1 "
-               f"(OpenAI and Anthropic APIs{'; API key required' if api_key else ''}); "
-               f"web chat at http://{shown}:{bound}/")
-    sys.stdout.flush()
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=1)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        service.engine.close()
+    return sock

@@ -199,6 +199,29 @@ class Ranks:
             mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=self.group))
         return self.watchdog.armed(what)
 
+    def armed(self, what: str):
+        """Run the block under the watchdog (nothing to watch in a single process)."""
+        return self.watchdog.armed(what) if self.sharded else nullcontext()
+
+    def share(self, data: Optional[bytes], waiting: str = "sharing data") -> bytes:
+        """Rank 0's `data` on every rank; a lost rank is a DistributedError saying `waiting`."""
+        with lost_ranks_reported(waiting):
+            return share_bytes(data)
+
+    def share_int(self, value: int) -> int:
+        """Rank 0's `value` on every rank (within a watched block)."""
+        return share_int(value)
+
+    def least(self, value: int) -> int:
+        """The smallest of the ranks' `value`s, on every rank."""
+        if not self.sharded:
+            return value
+        return int(mx.distributed.all_min(mx.array([value], mx.int32), group=self.group).item())
+
+    def prefix(self) -> str:
+        """'rank R of N: ' when sharded, for messages."""
+        return rank_prefix()
+
     def step(self):
         if self.watchdog is not None:
             self.watchdog.progress()

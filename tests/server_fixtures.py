@@ -18,8 +18,10 @@ class Server:
     """A running `m3mlx serve` (or the scripted variant); its console output is kept."""
 
     def __init__(self, args: List[str], *, scripts: Optional[Path] = None, env=None,
-                 timeout: float = 120):
+                 timeout: float = 120, launcher: Optional[List[str]] = None):
+        """`launcher`: a command that runs the rest on several ranks (mlx.launch ... --)."""
         command = [sys.executable, str(TESTS / "scripted_server.py"), str(scripts)] if scripts \
+            else [*launcher, "m3mlx", "serve"] if launcher \
             else [sys.executable, "-m", "m3mlx.cli.main", "serve"]
         self.process = subprocess.Popen(
             command + ["--port", "0"] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

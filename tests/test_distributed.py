@@ -197,3 +197,74 @@ def test_chat_on_two_ranks_replies_as_one_process(checkpoints):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single.stdout and single.stdout.count("\n") == 2
     assert run.stderr.count("/save does not work with several ranks") == 1  # rank 0 only
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The process mlx.launch (pid `launcher`) started as rank `rank` (MLX_RANK in its env)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            status = (entry / "status").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"\nPPid:\t{launcher}\n" in status and f"MLX_RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} under the launcher {launcher}")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' processes in /proc")
+def test_serve_on_two_ranks_answers_as_one_process(checkpoints, tmp_path):
+    """`mlx.launch -n 2 ... -- m3mlx serve`: rank 0 listens, rank 1 follows each request (a chat
+    completion, a streamed one, a prefix cache hit, one the client abandons) in lockstep; the
+    official client gets the single process's greedy replies; stopping rank 0 (SIGTERM) ends rank 1 cleanly, and each
+    rank persisted its own part of the prefix cache."""
+    import openai
+
+    from server_fixtures import Server
+
+    args = ["--model", str(checkpoints / "f32"), "--temp", "0", "--max-tokens", "16",
+            "--served-model-name", "m3"]
+    first = [{"role": "user", "content": "Tell me about tensor parallel decoding."}]
+
+    def conversation(url: str):
+        client = openai.OpenAI(base_url=url, api_key="none", timeout=60, max_retries=0)
+        one = client.chat.completions.create(model="m3", messages=first)
+        streamed = "".join(
+            chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+                model="m3", messages=first, stream=True) if chunk.choices)
+        again = client.chat.completions.create(model="m3", messages=first + [
+            {"role": "assistant", "content": one.choices[0].message.content},
+            {"role": "user", "content": "And pipeline parallel?"}])
+        return (one.choices[0].message.content, streamed, again.choices[0].message.content,
+                again.usage.prompt_tokens_details.cached_tokens)
+
+    single = Server(args + ["--cache-dir", str(tmp_path / "single")])
+    try:
+        expected = conversation(single.url)
+    finally:
+        single.stop()
+    assert expected[0] and expected[1] == expected[0] and expected[3] > 0
+
+    launcher = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring",
+                "-p", str(free_port(2)), "--"]
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    ranks = Server(args + ["--cache-dir", str(tmp_path / "ranks"), "--rank-timeout", "20"],
+                   launcher=launcher, env=env, timeout=TIMEOUT)
+    try:
+        assert conversation(ranks.url) == expected
+        client = openai.OpenAI(base_url=ranks.url, api_key="none", timeout=60, max_retries=0)
+        with client.chat.completions.create(model="m3", messages=first, stream=True,
+                                            max_tokens=2000) as stream:
+            next(iter(stream))  # then the client goes away: every rank stops the request
+        ranks.wait_for_log(r"#4: .*cancelled")
+        assert client.chat.completions.create(
+            model="m3", messages=first).choices[0].message.content == expected[0]
+        os.kill(rank_pid(ranks.process.pid, 0), signal.SIGTERM)
+        ranks.process.wait(timeout=30)
+    finally:
+        if ranks.process.poll() is None:
+            ranks.process.kill()
+    assert ranks.process.returncode == 0, ranks.log()[-2000:]
+    assert "Error" not in ranks.log()
+    persisted = sorted(p.parent.name for p in (tmp_path / "ranks").glob("*/*.safetensors"))
+    assert len(set(persisted)) == 2  # one fingerprint per rank: each saved its own heads

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from ..chat_format import render_chat
+from ..distributed import Ranks
 from ..model import make_cache
 from .app import Service, create_app
 from .engine import Engine
@@ -21,9 +22,13 @@ def build_service(model, tokenizer, *, model_dir: Path, names: List[str],
                   api_key: Optional[str] = None, max_body: int = 32 << 20,
                   cache_size: int = 16 << 30, cache_dir: Optional[Path] = None,
                   cache_disk_size: Optional[int] = None, index_bits: Optional[int] = None,
-                  kv_bits: Optional[int] = None, prefill_step_size: int = 2048, log: Callable[[str], None] = print) -> Service:
+                  kv_bits: Optional[int] = None, prefill_step_size: int = 2048,
+                  log: Callable[[str], None] = print, ranks: Optional[Ranks] = None,
+                  shard: str = "") -> Service:
     """The engine, prefix cache and settings `create_app` serves. The chat template is tried
-    once here, so a broken one stops the server before it listens."""
+    once here, so a broken one stops the server before it listens. Under mlx.launch every rank
+    builds one (`shard` names its part, which its persisted cache belongs to); the engines of
+    ranks other than 0 then `follow` rank 0's."""
     template = tokenizer.chat_template
     name = getattr(tokenizer, "chat_template_file", None)
     probe = [{"role": "user", "content": "Hello"}]
@@ -39,12 +44,13 @@ def build_service(model, tokenizer, *, model_dir: Path, names: List[str],
 
             # K/V come in the activation dtype, which the embedding's output has.
             activations = model.language_model.model.embed_tokens(mx.array([[0]])).dtype
-            layout = [model.args, meta, activations]
+            layout = [model.args, meta, activations] + ([shard] if shard else [])
             directory = Path(cache_dir) / fingerprint(model_dir, layout)
         prefix = PrefixCache(meta, cache_size, directory, cache_disk_size, log=log)
     engine = Engine(model, tokenizer, prefix_cache=prefix, index_bits=index_bits, kv_bits=kv_bits,
-                    prefill_step_size=prefill_step_size, log=log)
-    engine.ready.wait()
+                    prefill_step_size=prefill_step_size, log=log, ranks=ranks)
+    if engine.ranks.leads:
+        engine.ready.wait()
     return Service(engine=engine, tokenizer=tokenizer, model_names=names, sampling=sampling,
                    max_tokens=max_tokens, thinking=thinking, api_key=api_key, max_body=max_body,
                    log=log)

@@ -11,11 +11,20 @@ skipped, or stopped at the next prefill chunk or token.
 Events go to the request's asyncio task through a thread-safe mailbox; tokens that arrive
 while the task is busy are delivered together, which keeps the per-token cost of streaming
 low.
+
+Under mlx.launch every rank runs an Engine over its part of the model: rank 0's takes the
+requests and shares each job with the others (`follow` is their loop), and all of them run the
+same steps in lockstep. What only rank 0 knows mid-request (the client went away) is shared at
+each prefill chunk and token; the cached prefix reused is the shortest any rank holds.
 """
 
 import asyncio
 import collections
+import dataclasses
 import itertools
+import json
+import os
+import sys
 import queue
 import threading
 import time
@@ -27,6 +36,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 import mlx.core as mx
 
 from ..chat import common_prefix_length
+from ..distributed import DistributedError, Ranks
 from ..generate import stream_generate
 from ..model import make_cache
 from ..reply_parser import MalformedOutputWarning, ReplyParser, ToolCall
@@ -60,6 +70,18 @@ class Job:
         self._lock = threading.Lock()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
+
+    def to_bytes(self) -> bytes:
+        """What another rank needs to run this job in lockstep (no mailbox, no state)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["tool_choice"] = dataclasses.asdict(self.tool_choice)
+        return json.dumps(fields).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Job":
+        fields = json.loads(data)
+        fields["tool_choice"] = ToolChoice(**fields["tool_choice"])
+        return cls(**fields)
 
     def bind(self, loop: asyncio.AbstractEventLoop):
         self._loop, self._wake = loop, asyncio.Event()
@@ -111,8 +133,10 @@ class Engine:
     def __init__(self, model, tokenizer, *, prefix_cache: Optional[PrefixCache] = None,
                  index_bits: Optional[int] = None, kv_bits: Optional[int] = None,
                  prefill_step_size: int = 2048,
-                 log: Callable[[str], None] = print, max_queue: int = 64):
+                 log: Callable[[str], None] = print, max_queue: int = 64,
+                 ranks: Optional[Ranks] = None):
         self.model, self.tokenizer = model, tokenizer
+        self.ranks = ranks or Ranks.alone()
         self.prefix_cache = prefix_cache
         self.index_bits, self.kv_bits = index_bits, kv_bits
         self.prefill_step_size = prefill_step_size
@@ -126,8 +150,11 @@ class Engine:
         self._ns = tokenizer.token_to_id(NS)
         self._eos = list(tokenizer.eos_token_ids)
         self.ready = threading.Event()  # set once the worker has warmed the model up
-        self._thread = threading.Thread(target=self._run, name="m3mlx-generation", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if self.ranks.leads:  # the other ranks' engines run `follow` instead
+            self._thread = threading.Thread(target=self._run, name="m3mlx-generation",
+                                            daemon=True)
+            self._thread.start()
 
     # -- the queue -----------------------------------------------------------------------------
 
@@ -143,8 +170,9 @@ class Engine:
         return ahead
 
     def close(self):
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
 
     def new_cache(self) -> list:
         return make_cache(self.model, index_bits=self.index_bits, kv_bits=self.kv_bits)
@@ -159,22 +187,56 @@ class Engine:
 
     def _run(self):
         try:
-            self._warm_up()
+            with self.ranks.armed("warming up"):
+                self._warm_up()
         finally:
             self.ready.set()
         while True:
             job = self._queue.get()
             if job is None:
+                if self.ranks.sharded:
+                    self.ranks.share(b"")  # the other ranks' `follow` ends
                 return
             self._waiting -= 1
             if job.cancelled:
                 continue
             try:
-                outcome = self._serve(job)
+                with self.ranks.armed(f"serving request {job.label}"):
+                    if self.ranks.sharded:
+                        # Ranks with seeds of their own would sample different tokens.
+                        if job.sampling.get("seed") is None:
+                            job.sampling = {**job.sampling, "seed": time.time_ns() % (1 << 31)}
+                        self.ranks.share(job.to_bytes())
+                    outcome = self._serve(job)
                 job.post("done", outcome)
+            except DistributedError as e:  # the ranks are out of step: this server is over
+                job.post("error", f"generation failed: {e}")
+                sys.stderr.write(f"Error: {self.ranks.prefix()}{e}\n")
+                sys.stderr.flush()
+                os._exit(1)
             except Exception as e:  # a bug must not take the worker down
                 self.log(f"request {job.label} failed: {e}\n{traceback.format_exc()}")
                 job.post("error", f"generation failed: {e}")
+
+    def follow(self):
+        """A rank other than 0: run each job rank 0 shares, in step with it, until rank 0's
+        server stops. Waiting for the next request is not watched (it may be long)."""
+        with self.ranks.armed("warming up"):
+            self._warm_up()
+        self.ready.set()
+        while True:
+            data = self.ranks.share(None, waiting="waiting for the next request")
+            if not data:
+                return
+            job = Job.from_bytes(data)
+            job.post = lambda *event: None  # rank 0 answers the client
+            try:
+                with self.ranks.armed(f"serving request {job.label}"):
+                    self._serve(job)
+            except DistributedError:
+                raise
+            except Exception as e:  # rank 0 meets the same failure and answers the client
+                sys.stderr.write(f"{self.ranks.prefix()}request {job.label} failed: {e}\n")
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -187,7 +249,7 @@ class Engine:
         if self.prefix_cache is None:
             return 0
         live = common_prefix_length(self._live_tokens, ids)
-        stored = self.prefix_cache.match(ids)
+        stored = self.ranks.least(self.prefix_cache.match(ids))  # each rank caches its part
         if stored > live:
             self._live = self.prefix_cache.restore(ids, stored)
             self._live_tokens = list(ids[:stored])
@@ -243,7 +305,7 @@ class Engine:
         prefill = {"done": time.perf_counter()}
 
         def progress(done: int, total: int):
-            if job.cancelled:
+            if self._stopping(job):
                 raise Cancelled
             job.post("prefill", reused + done, len(ids))
             prefill["done"] = time.perf_counter()
@@ -258,7 +320,7 @@ class Engine:
             warnings.simplefilter("always", MalformedOutputWarning)
             try:
                 for last in responses:
-                    if job.cancelled:
+                    if self._stopping(job):
                         raise Cancelled
                     generated.append(last.token)
                     logprobs = None
@@ -309,6 +371,13 @@ class Engine:
                  f"{outcome.prefill_tps:,.1f} tok/s, {n:,} generated at "
                  f"{outcome.generation_tps:,.1f} tok/s, {finish}, {elapsed:.2f} s")
         return outcome
+
+    def _stopping(self, job: Job) -> bool:
+        """Whether the client went away: rank 0's answer on every rank (one step each)."""
+        if not self.ranks.sharded:
+            return job.cancelled
+        self.ranks.step()
+        return bool(self.ranks.share_int(int(job.cancelled)))
 
     @staticmethod
     def _allowed(calls: List[ToolCall], state, job: Job):
