@@ -1,5 +1,6 @@
 """`m3mlx serve`: the model behind OpenAI and Anthropic HTTP APIs (`m3mlx.server`)."""
 
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -95,6 +96,10 @@ def serve(model_path, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
         sys.stdout.flush()
         config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=1)
+        # uvicorn raises the signal that stopped it again once it has shut down. SIGTERM's
+        # default action would then end the process before the engine is closed (and, on
+        # several ranks, before the others are told to stop): make it a normal exit instead.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         service.engine.close()  # with several ranks, the others' engines stop too
