@@ -13,12 +13,16 @@ KV head, head_dim 128, block 128, top-16; float32 on the CPU), at each context:
 3. the selections of --trace-steps decode steps are replayed through every residency policy at
    the same 10% capacity (after a warm-up of a quarter of the steps): miss rates. This model's
    index weights are random, so its selections are too; --policy-model (default: the trained
-   tiny M3 in m3mlx/data, when present) replays a trained model's selections over held-out text;
+   tiny M3 in m3mlx/data, when present) replays a trained model's selections over held-out text
+   at each of --policy-contexts (its tier at 10% of its K/V; it was trained on 512-token
+   windows, so longer contexts lie beyond its training range), per policy: miss rate and blocks
+   read per step; --trained runs only this and step 4, with every policy's miss rate;
 4. M3 itself at 1M tokens (its real geometry): the context cache per setting, and the decode
    slowdown the tier's SSD reads predict on an M3 Ultra at a stated SSD speed, from the miss rate.
 
     benchmarks/with_openblas.sh python benchmarks/bench_kv.py                  # 32K and 128K
     benchmarks/with_openblas.sh python benchmarks/bench_kv.py --contexts 32768 --steps 8
+    benchmarks/with_openblas.sh python benchmarks/bench_kv.py --trained    # real selections
 """
 
 import argparse
