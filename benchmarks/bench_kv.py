@@ -199,6 +199,16 @@ def trained_policy_rates(path, context, steps):
           f"{layer.lanes} KV heads, ~{blocks} blocks of {model.args.index_block_size} per KV "
           f"head, top-{model.args.index_topk_blocks}; tier at 10% ({layer.capacity} blocks per KV head); "
           f"after a warm-up of {steps // 4} steps:")
+    bs = model.args.index_block_size
+    distinct, near = [], []
+    for trace in traces:
+        for lane in range(layer.lanes):
+            sel = [(offset, s[lane][s[lane] >= 0]) for offset, s in trace]
+            distinct.append(len(np.unique(np.concatenate([s for _, s in sel]))))
+            near.append(np.mean(np.concatenate(
+                [offset // bs - s < window // bs if window != "?" else s < 0 for offset, s in sel])))
+    print(f"  selections: {min(distinct)}-{max(distinct)} distinct blocks per KV head over "
+          f"{steps} steps, {min(near):.0%}-{max(near):.0%} of them within the last {window} tokens")
     print(f"  {'policy':>20} {'miss rate':>10} {'blocks read/step':>17}")
     for name, rate in sorted(rates.items(), key=lambda kv: kv[1]):
         print(f"  {name:>20} {rate:>10.1%} {reads[name]:>17.2f}")
