@@ -13,15 +13,20 @@ KV head, head_dim 128, block 128, top-16; float32 on the CPU), at each context:
 3. the selections of --trace-steps decode steps are replayed through every residency policy at
    the same 10% capacity (after a warm-up of a quarter of the steps): miss rates. This model's
    index weights are random, so its selections are too; --policy-model (default: the trained
-   tiny M3 in m3mlx/data, when present) replays a trained model's selections over held-out text;
+   tiny M3 in m3mlx/data, when present) replays a trained model's selections over held-out text
+   at each of --policy-contexts (its tier at 10% of its K/V; it was trained on 512-token
+   windows, so longer contexts lie beyond its training range), per policy: miss rate and blocks
+   read per step; --trained runs only this and step 4, with every policy's miss rate;
 4. M3 itself at 1M tokens (its real geometry): the context cache per setting, and the decode
    slowdown the tier's SSD reads predict on an M3 Ultra at a stated SSD speed, from the miss rate.
 
     benchmarks/with_openblas.sh python benchmarks/bench_kv.py                  # 32K and 128K
     benchmarks/with_openblas.sh python benchmarks/bench_kv.py --contexts 32768 --steps 8
+    benchmarks/with_openblas.sh python benchmarks/bench_kv.py --trained    # real selections
 """
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -115,8 +120,10 @@ def record_traces(model, cache, tokens):
 
 
 def policy_rates(traces, lanes, capacity, block_size, warmup):
-    """Miss rate per policy: misses after the warm-up over the selected history blocks."""
-    rates = {}
+    """Per policy, after the warm-up: the miss rate over the selected history blocks, and the
+    blocks read from the SSD per decode step (summed over the traced MSA layers)."""
+    rates, reads = {}, {}
+    steps = max(len(traces[0]) - warmup, 1) if traces else 1
     for name, policy in POLICIES.items():
         selected = misses = 0
         for trace in traces:
@@ -127,7 +134,8 @@ def policy_rates(traces, lanes, capacity, block_size, warmup):
             selected += full["selected"] - warm["selected"]
             misses += full["misses"] - warm["misses"]
         rates[name] = misses / max(selected, 1)
-    return rates
+        reads[name] = misses / steps
+    return rates, reads
 
 
 def bench_context(model, n, args, tmp):
@@ -156,8 +164,8 @@ def bench_context(model, n, args, tmp):
     layer = tiered[0].tiered
     tokens = rng.integers(0, model.args.vocab_size, args.trace_steps).tolist()
     traces = record_traces(model, tiered, tokens)
-    rates = policy_rates(traces, layer.lanes, layer.capacity, model.args.index_block_size,
-                         args.trace_steps // 4)
+    rates, _ = policy_rates(traces, layer.lanes, layer.capacity, model.args.index_block_size,
+                            args.trace_steps // 4)
     print(f"miss rate per policy at 10% ({layer.capacity} blocks per KV head), "
           f"{args.trace_steps} decode steps, random index weights:")
     print("  " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(rates.items(), key=lambda kv: kv[1])))
@@ -165,7 +173,9 @@ def bench_context(model, n, args, tmp):
 
 
 def trained_policy_rates(path, context, steps):
-    """Policy miss rates over a trained model's decode of held-out text, at 10% of the K/V."""
+    """Policy miss rates and SSD reads per step over a trained model's decode of held-out text
+    (`context` tokens prefilled, then `steps` decoded teacher-forced), the tier at 10% of the
+    MSA layers' K/V."""
     model, tokenizer = m3mlx.load(path, dtype=mx.float32)
     text = (Path(path).parent / "python-heldout.txt")
     words = tokenizer.encode(text.read_text() if text.exists() else "def f(x):\n    return x\n"
@@ -178,11 +188,30 @@ def trained_policy_rates(path, context, steps):
         tiered = tiered_copy(cache, model, kv // 10, tmp)
         layer = next(c.tiered for c in tiered if c.tiered is not None)
         traces = record_traces(model, tiered, words[context:context + steps])
-        rates = policy_rates(traces, layer.lanes, layer.capacity, model.args.index_block_size,
-                             steps // 4)
-    print(f"\ntrained model {path}: {context:,} tokens of held-out text, then {steps} decode "
-          f"steps; miss rate per policy at 10% ({layer.capacity} blocks per KV head):")
-    print("  " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(rates.items(), key=lambda kv: kv[1])))
+        rates, reads = policy_rates(traces, layer.lanes, layer.capacity,
+                                    model.args.index_block_size, steps // 4)
+    blocks = (context + steps) // model.args.index_block_size
+    info = Path(path) / "training.json"
+    window = json.loads(info.read_text()).get("length", "?") if info.exists() else "?"
+    print(f"\ntrained model {path} (trained on {window}-token windows, so these selections lie "
+          f"beyond its training range): {context:,} "
+          f"tokens of held-out text, then {steps} decode steps; {len(traces)} MSA layers, "
+          f"{layer.lanes} KV heads, ~{blocks} blocks of {model.args.index_block_size} per KV "
+          f"head, top-{model.args.index_topk_blocks}; tier at 10% ({layer.capacity} blocks per KV head); "
+          f"after a warm-up of {steps // 4} steps:")
+    bs = model.args.index_block_size
+    distinct, near = [], []
+    for trace in traces:
+        for lane in range(layer.lanes):
+            sel = [(offset, s[lane][s[lane] >= 0]) for offset, s in trace]
+            distinct.append(len(np.unique(np.concatenate([s for _, s in sel]))))
+            near.append(np.mean(np.concatenate(
+                [offset // bs - s < window // bs if window != "?" else s < 0 for offset, s in sel])))
+    print(f"  selections: {min(distinct)}-{max(distinct)} distinct blocks per KV head over "
+          f"{steps} steps, {min(near):.0%}-{max(near):.0%} of them within the last {window} tokens")
+    print(f"  {'policy':>20} {'miss rate':>10} {'blocks read/step':>17}")
+    for name, rate in sorted(rates.items(), key=lambda kv: kv[1]):
+        print(f"  {name:>20} {rate:>10.1%} {reads[name]:>17.2f}")
     return rates
 
 
@@ -312,27 +341,37 @@ def main():
     p.add_argument("--policy-model", default=str(default_policy_model),
                    help="a trained model for policy miss rates over real text (skipped when "
                         "absent)")
-    p.add_argument("--policy-context", type=int, default=8192)
+    p.add_argument("--policy-contexts", default="4096,16384",
+                   help="held-out tokens prefilled before the trained model's traced decode")
     p.add_argument("--policy-steps", type=int, default=512)
     p.add_argument("--formats", action="store_true",
                    help="only measure the error of each K/V storage format, and exit")
+    p.add_argument("--trained", action="store_true",
+                   help="only the policies on the trained model's selections (--policy-model), "
+                        "and M3's predicted slowdown from each policy's miss rate")
     args = p.parse_args()
     if args.formats:
         format_errors(args.policy_model if Path(args.policy_model).is_dir() else None)
         return
     args.dense_layers = 0
     rates = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model = m3mlx.load_model(build_checkpoint(tmp, args), dtype=mx.float32)
-        print(f"model: {args.layers} MSA layers, hidden {args.hidden}, {16 * args.kv_heads} q "
-              f"heads / {args.kv_heads} KV heads of 128, block 128 top-16, float32, CPU")
-        for n in [int(c) for c in args.contexts.split(",")]:
-            _, random_rates = bench_context(model, n, args, tmp)
-            rates[f"random index weights, {n // 1024}K, sinks-recent-lru"] = random_rates[
-                "sinks-recent-lru"]
+    if not args.trained:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = m3mlx.load_model(build_checkpoint(tmp, args), dtype=mx.float32)
+            print(f"model: {args.layers} MSA layers, hidden {args.hidden}, {16 * args.kv_heads} "
+                  f"q heads / {args.kv_heads} KV heads of 128, block 128 top-16, float32, CPU")
+            for n in [int(c) for c in args.contexts.split(",")]:
+                _, random_rates = bench_context(model, n, args, tmp)
+                rates[f"random index weights, {n // 1024}K, sinks-recent-lru"] = random_rates[
+                    "sinks-recent-lru"]
     if Path(args.policy_model).is_dir():
-        trained = trained_policy_rates(args.policy_model, args.policy_context, args.policy_steps)
-        rates["trained tiny M3, sinks-recent-lru"] = trained["sinks-recent-lru"]
+        for n in [int(c) for c in args.policy_contexts.split(",")]:
+            trained = trained_policy_rates(args.policy_model, n, args.policy_steps)
+            for name, rate in (trained.items() if args.trained
+                               else [("sinks-recent-lru", trained["sinks-recent-lru"])]):
+                rates[f"trained tiny M3, {n:,} tokens, {name}"] = rate
+    elif args.trained:
+        sys.exit(f"--trained: no model at {args.policy_model}")
     m3_report(rates)
 
 

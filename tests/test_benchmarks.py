@@ -68,3 +68,12 @@ def test_distributed_benchmark_measures_both_plans_and_predicts_m3():
     for name in ("single", "tensor", "pipeline", "2 all_sum", "all_gather", "JACCL",
                  "4 x M3 Ultra", "tok/s"):
         assert name in out, name
+
+
+def test_kv_benchmark_measures_every_policy_on_the_trained_model():
+    from m3mlx.kv_tier import POLICIES
+    out = run("bench_kv.py", "--trained", "--policy-contexts", "512", "--policy-steps", "16")
+    assert "trained on 512-token windows" in out and "blocks read/step" in out
+    for name in POLICIES:
+        assert f"trained tiny M3, 512 tokens, {name}), SSD" in out
+    assert "random index weights" not in out
