@@ -19,8 +19,8 @@ def main():
     scripts = json.loads(open(sys.argv[1]).read())
     load = options.load_or_fail
 
-    def scripted_load(model_path, dtype):
-        model, tokenizer = load(model_path, dtype)
+    def scripted_load(model_path, dtype, *more):
+        model, tokenizer = load(model_path, dtype, *more)
         return Scripted(model, tokenizer, scripts), tokenizer
 
     options.load_or_fail = scripted_load
