@@ -356,7 +356,7 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     from m3mlx.chat import ChatSession
 
     # Started by mlx.launch, every rank runs the piped chat on rank 0's stdin.
-    ranks = Ranks.start(rank_timeout, kv_memory=kv_memory)
+    ranks = Ranks.start(rank_timeout)
     is_tty = not ranks.sharded and sys.stdin.isatty() and sys.stdout.isatty()
     console = Console(interactive=is_tty, quiet=not ranks.leads)
     if is_tty:
