@@ -82,3 +82,19 @@ def test_chat_with_kv_memory_on_four_pipeline_ranks_replies_as_one_process(check
     assert run.stdout == single.stdout and single.stdout.count("\n") == 2
     assert sorted(p.name for p in kv_dir.iterdir()) == ["rank-0", "rank-1", "rank-2"]
     assert not list(kv_dir.glob("*/*.kv"))
+
+
+def test_a_rank_that_cannot_write_its_blocks_ends_the_run_naming_itself(checkpoints, tmp_path):
+    """Rank 1's subdirectory cannot be made (a file is in the way, as a full or read-only disk
+    on one Mac of several): rank 1 fails before any work with one line naming itself and the
+    directory, and rank 0, waiting for it, ends too, instead of hanging. (mlx.launch itself
+    exits 0 whatever its ranks do; it reports each rank's exit code.)"""
+    kv_dir = tmp_path / "kv"
+    kv_dir.mkdir()
+    (kv_dir / "rank-1").write_text("in the way")
+    run = launch(2, "m3mlx", "generate", "--model", str(checkpoints / "f32"), "--prompt",
+                 PROMPT, "--kv-memory", str(LIMIT), "--kv-cache-dir", str(kv_dir),
+                 "--rank-timeout", "5", python=False)
+    assert "rank 1 exited with code 1" in run.stderr, run.stderr[-2000:]
+    assert f"Error: rank 1 of 2: cannot write K/V blocks in {kv_dir / 'rank-1'}" in run.stderr
+    assert "Traceback" not in run.stderr
