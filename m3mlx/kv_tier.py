@@ -27,6 +27,11 @@ Which blocks stay is a `Policy`: the attention sinks (leading blocks), the most 
 and then least recently selected, least often selected or oldest position first; the partial
 newest block is always resident. `simulate` replays a trace of selections through a policy to
 compare miss rates (benchmarks/bench_kv.py).
+
+On a sharded model (m3mlx.sharding) each rank's cache has a tier of its own: for the KV heads
+(tensor plan) or the layers (pipeline plan) the rank holds, within that rank's limit, with its
+file in a subdirectory of its own. Each KV head's selection is computed on the rank that holds
+it, so the tier needs nothing from the other ranks.
 """
 
 from __future__ import annotations
