@@ -14,6 +14,7 @@ from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 from m3mlx.distributed import DistributedError, Ranks
 from m3mlx.experts import format_expert_stats
+from m3mlx.kv_tier import KVCacheError
 from m3mlx.units import format_size
 
 from .errors import Command, describe
@@ -216,6 +217,8 @@ class ChatState:
         except (Quit, SystemExit, GeneratorExit, DistributedError):
             raise
         except BaseException as e:
+            if self.ranks.sharded and isinstance(e, KVCacheError):
+                raise  # this rank's own disk failed it: the other ranks cannot go on alone
             message = describe(e)
             if message is None:
                 raise

@@ -6,9 +6,11 @@ CPU (on a Mac the same pools feed the Metal attention kernel through its slot ta
 """
 
 import json
+import os
 import subprocess
+import time
 
-from distributed_launch import BIN, HERE, TIMEOUT, checkpoints, launch  # noqa: F401
+from distributed_launch import BIN, HERE, TIMEOUT, checkpoints, free_port, launch  # noqa: F401
 
 # Per rank, in slots of a 16-token block per lane (2 KiB of float32 K and V): 10 under the tensor
 # plan (3 MSA layers x 2 KV heads), 8 or 16 under the pipeline plan (4 heads, 2 or 1 MSA layers).
@@ -98,3 +100,32 @@ def test_a_rank_that_cannot_write_its_blocks_ends_the_run_naming_itself(checkpoi
     assert "rank 1 exited with code 1" in run.stderr, run.stderr[-2000:]
     assert f"Error: rank 1 of 2: cannot write K/V blocks in {kv_dir / 'rank-1'}" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_chat_ends_every_rank_when_one_rank_cannot_write_its_blocks(checkpoints, tmp_path):
+    """Mid-chat, rank 1's disk fails it (its subdirectory replaced by a file once the session
+    is set up, so its first eviction cannot make the block file): rank 1 ends with one line
+    naming itself, not the chat's "error: ... and go on" (it would fall out of step with rank 0,
+    which is waiting for it inside the reply), and rank 0 ends too."""
+    kv_dir = tmp_path / "kv"
+    cmd = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port(2)),
+           "--", "m3mlx", "chat", "--model", str(checkpoints / "f32"), "--temp", "0",
+           "--max-tokens", "8", "--prefill-step-size", "64", "--kv-memory", str(LIMIT),
+           "--kv-cache-dir", str(kv_dir), "--rank-timeout", "10"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (kv_dir / "rank-1").is_dir():  # rank 1's session is set up
+            assert run.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        (kv_dir / "rank-1").rmdir()
+        (kv_dir / "rank-1").write_text("in the way")
+        _, err = run.communicate(f"{PROMPT}\nAnd then?\n/quit\n", timeout=TIMEOUT)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert f"Error: rank 1 of 2: cannot write K/V blocks in {kv_dir / 'rank-1'}" in err, err
+    assert "rank 1 exited with code 1" in err
+    assert "Traceback" not in err
