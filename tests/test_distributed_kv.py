@@ -38,7 +38,9 @@ def test_tiered_ranks_equal_the_untiered_single_process(checkpoints, tmp_path):
         assert r["max_abs_diff"] <= 1e-5, ranks
         assert r["written"] > 20 and r["misses"] > 20 and r["hits"] > 0, ranks
         assert 0 < r["peak_resident"] <= LIMIT, ranks
-        assert r["measured_resident"] <= LIMIT + (64 << 10), ranks  # + MLX's small buffers
+        # MLX measures the pools within the limit, give or take a few small arrays of its own
+        # (up to 15.5 KiB seen on this CPU)
+        assert r["measured_resident"] <= LIMIT + (64 << 10), ranks
         assert r["own_directory"] == 1
     assert sorted(p.name for p in kv_dir.iterdir()) == ["rank-0", "rank-1"]
     assert not list(kv_dir.glob("*/*.kv"))  # each rank removed its file
