@@ -14,8 +14,13 @@ and for each plan (tensor, pipeline) on --ranks local ranks started with mlx.lau
    and 4 Macs over Thunderbolt 5 (JACCL, and the ring over Thunderbolt IP), with the link
    figures assumed stated below, next to the published figures for other big MoEs.
 
+With --kv-memory SIZE every process runs with a K/V tier of SIZE (each rank's own limit, as
+the CLI's option): the decode times then include the blocks read back, and the blocks per
+token and the pools' peak are shown.
+
     benchmarks/with_openblas.sh python benchmarks/bench_distributed.py
     benchmarks/with_openblas.sh python benchmarks/bench_distributed.py --hidden 512 --steps 64
+    benchmarks/with_openblas.sh python benchmarks/bench_distributed.py --kv-memory 1MB
 """
 
 import argparse
@@ -91,8 +96,10 @@ class Counting:
         return call
 
 
-def worker(model_dir: str, kind: str, out: str, prompt: int, step: int, steps: int):
+def worker(model_dir: str, kind: str, out: str, prompt: int, step: int, steps: int,
+           kv_memory=None):
     from m3mlx.generate import prefill
+    from m3mlx.kv_tier import tiers_of
     from m3mlx.loading import load_model
     from m3mlx.model import make_cache
     from m3mlx.rank_loading import load_rank
@@ -102,11 +109,14 @@ def worker(model_dir: str, kind: str, out: str, prompt: int, step: int, steps: i
     ids = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, prompt))
     prefill(model, ids[:step], make_cache(model), step)  # warm-up
     mx.eval(mx.distributed.all_sum(mx.zeros(1)))
-    cache = make_cache(model)
+    kv_dir = tempfile.TemporaryDirectory()
+    cache = make_cache(model, kv_memory=kv_memory, kv_cache_dir=kv_dir.name)
     t = time.perf_counter()
     logits = prefill(model, ids, cache, step)
     prefill_s = time.perf_counter() - t
     token = mx.argmax(logits).reshape(1, 1)
+    tier = (tiers_of(cache) or [None])[0]
+    read_before = tier.stats.misses if tier else 0
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -114,6 +124,7 @@ def worker(model_dir: str, kind: str, out: str, prompt: int, step: int, steps: i
         token = mx.argmax(logits).reshape(1, 1)
         mx.eval(token)
         times.append(time.perf_counter() - t)
+    tier_reads = (tier.stats.misses - read_before) / steps if tier else None
     with Counting(group.size()) as per_token:
         mx.eval(mx.argmax(model(token, cache=cache)[0, -1]))
     with Counting(group.size()) as per_layer:
@@ -129,7 +140,9 @@ def worker(model_dir: str, kind: str, out: str, prompt: int, step: int, steps: i
             "prefill_tok_s": prompt / prefill_s, "decode_ms": 1e3 * statistics.median(times),
             "calls_token": dict(per_token.calls), "calls_layer": dict(per_layer.calls),
             "payload_token": per_token.payload, "wire_token": per_token.wire,
-            "allreduce_us": 1e6 * statistics.median(small) if small else None}))
+            "allreduce_us": 1e6 * statistics.median(small) if small else None,
+            "tier_reads": tier_reads,
+            "tier_resident": tier.stats.peak_resident if tier else None}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +174,8 @@ def measure(model: Path, kind: str, ranks: int, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         command = [__file__, "--worker", str(model), kind, f.name, "--prompt", str(args.prompt),
                    "--prefill-step", str(args.prefill_step), "--steps", str(args.steps)]
+        if args.kv_memory:
+            command += ["--kv-memory", args.kv_memory]
         if kind == "single":
             command = [sys.executable, *command]
         else:
@@ -246,9 +261,12 @@ def main():
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     p.add_argument("--prefill-step", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="a K/V tier of SIZE in each process (each rank's own limit, as the CLI's "
+                        "--kv-memory): the blocks it reads back per token are shown")
     args = p.parse_args()
     if args.worker:
-        return worker(*args.worker, args.prompt, args.prefill_step, args.steps)
+        return worker(*args.worker, args.prompt, args.prefill_step, args.steps, args.kv_memory)
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build(Path(tmp), args.hidden)
@@ -272,6 +290,12 @@ def main():
           "share fewer cores than they have threads (this CI machine: 2 cores), each hand-off "
           "also waits for the scheduler, which the per-token figures above include. Counts "
           "are rank 0's.")
+    if args.kv_memory:
+        from m3mlx.units import format_size
+
+        print(f"K/V tier of {args.kv_memory} per process (rank 0's): " + "; ".join(
+            f"{kind} {r['tier_reads']:.1f} blocks read back per token, pools at most "
+            f"{format_size(r['tier_resident'])}" for kind, r in rows.items()))
     predict(rows["tensor"]["calls_layer"])
 
 

@@ -14,6 +14,7 @@ from m3mlx.checks import InputError
 from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 from m3mlx.distributed import DistributedError, Ranks
 from m3mlx.experts import format_expert_stats
+from m3mlx.kv_tier import KVCacheError
 from m3mlx.units import format_size
 
 from .errors import Command, describe
@@ -216,6 +217,8 @@ class ChatState:
         except (Quit, SystemExit, GeneratorExit, DistributedError):
             raise
         except BaseException as e:
+            if self.ranks.sharded and isinstance(e, KVCacheError):
+                raise  # this rank's own disk failed it: the other ranks cannot go on alone
             message = describe(e)
             if message is None:
                 raise
@@ -356,7 +359,7 @@ def chat(model_path, system, thinking, max_tokens, temp, top_p, top_k, min_p,
     from m3mlx.chat import ChatSession
 
     # Started by mlx.launch, every rank runs the piped chat on rank 0's stdin.
-    ranks = Ranks.start(rank_timeout, kv_memory=kv_memory)
+    ranks = Ranks.start(rank_timeout)
     is_tty = not ranks.sharded and sys.stdin.isatty() and sys.stdout.isatty()
     console = Console(interactive=is_tty, quiet=not ranks.leads)
     if is_tty:

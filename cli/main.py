@@ -36,7 +36,7 @@ def generate(model_path, prompt, max_tokens, temp, top_p, top_k, min_p, repetiti
     from m3mlx.distributed import Ranks
     from m3mlx.generate import format_stats, stream_generate
 
-    ranks = Ranks.start(rank_timeout, kv_memory=kv_memory)
+    ranks = Ranks.start(rank_timeout)
     if prompt == "-" and ranks.sharded:
         raise click.UsageError("with several ranks, pass the prompt as --prompt TEXT: "
                                "mlx.launch never passes the end of its stdin on, so reading "

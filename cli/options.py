@@ -110,10 +110,12 @@ def generation_options(*, max_tokens: int, sampling: dict,
             click.option("--kv-memory", type=Size(), default=None, metavar="SIZE",
                          help="Keep at most SIZE (e.g. 8GB) of the sparse-attention layers' K/V "
                               "in memory; the other blocks go to a file in --kv-cache-dir and "
-                              "are read back when selected [default: all in memory]."),
+                              "are read back when selected. Started by mlx.launch, each rank's "
+                              "limit for its own K/V [default: all in memory]."),
             click.option("--kv-cache-dir", type=click.Path(file_okay=False), default=None,
                          help="Where --kv-memory puts the K/V blocks not in memory, one file "
-                              "per session, removed at exit [default: $M3MLX_HOME/kv or "
+                              "per session, removed at exit; rank R of several in its "
+                              "subdirectory rank-R [default: $M3MLX_HOME/kv or "
                               "~/.cache/m3mlx/kv]."),
         ]
     options += memory_options()

@@ -143,17 +143,11 @@ class Ranks:
         return cls(None, None)
 
     @classmethod
-    def start(cls, timeout: float = RANK_TIMEOUT, *, kv_memory=None) -> "Ranks":
+    def start(cls, timeout: float = RANK_TIMEOUT) -> "Ranks":
         """Join the run; ranks other than 0 stop printing to stdout (rank 0 prints the text)."""
-        from .checks import InputError
-
         group = world()
         if group.size() == 1:
             return cls(group, None)
-        if kv_memory is not None:
-            raise InputError("--kv-memory does not work with several ranks yet (the K/V tier "
-                             "sizes a whole model's heads); leave it out, each rank holds "
-                             "its own heads' K/V")
         if group.rank() != 0:
             sys.stdout.flush()
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -27,6 +27,11 @@ Which blocks stay is a `Policy`: the attention sinks (leading blocks), the most 
 and then least recently selected, least often selected or oldest position first; the partial
 newest block is always resident. `simulate` replays a trace of selections through a policy to
 compare miss rates (benchmarks/bench_kv.py).
+
+On a sharded model (m3mlx.sharding) each rank's cache has a tier of its own: for the KV heads
+(tensor plan) or the layers (pipeline plan) the rank holds, within that rank's limit, with its
+file in a subdirectory of its own. Each KV head's selection is computed on the rank that holds
+it, so the tier needs nothing from the other ranks.
 """
 
 from __future__ import annotations
@@ -73,9 +78,12 @@ def kv_group_size(args, kv_bits: Optional[int]) -> Optional[int]:
                          "with this model") from None
 
 
-def kv_cache_dir(directory=None) -> Path:
-    """Where sessions keep the K/V blocks that are not resident: $M3MLX_HOME/kv by default."""
-    return Path(directory).expanduser() if directory is not None else home_dir() / "kv"
+def kv_cache_dir(directory=None, rank: Optional[int] = None) -> Path:
+    """Where sessions keep the K/V blocks that are not resident: $M3MLX_HOME/kv by default;
+    rank R of a sharded run in its subdirectory rank-R (ranks on one machine keep apart, and
+    each Mac of several uses its own disk)."""
+    path = Path(directory).expanduser() if directory is not None else home_dir() / "kv"
+    return path if rank is None else path / f"rank-{rank}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,17 +392,20 @@ class KVTier:
 
     @classmethod
     def for_model(cls, args, kv_memory, *, kv_bits: Optional[int] = None,
-                  dtype: mx.Dtype = mx.bfloat16, directory=None, policy: Optional[str] = None):
+                  dtype: mx.Dtype = mx.bfloat16, directory=None, policy: Optional[str] = None,
+                  layers: Optional[int] = None, heads: Optional[int] = None):
         """The tier for a model's MSA layers: kv_memory bytes (or a size such as "8GB") of
-        their K/V, stored at kv_bits, computed in `dtype`."""
+        their K/V, stored at kv_bits, computed in `dtype`. `layers` and `heads`: the MSA layers
+        and KV heads the cache holds when it is one rank's part of a sharded model (default:
+        the whole model's); the limit is then that rank's."""
         limit = parse_size(kv_memory, "kv_memory")
-        layers = sum(bool(s) for s in args.sparse_layers)
-        if not layers:
+        if not any(args.sparse_layers):
             raise InputError("kv_memory limits the K/V of sparse-attention layers, and this "
                              "model has none")
         row = 2 * kv_row_bytes(args.head_dim, kv_bits, kv_group_size(args, kv_bits), dtype)
-        return cls(limit, layers, args.index_topk_blocks, args.index_block_size,
-                   args.index_block_size * row, args.num_key_value_heads,
+        return cls(limit, sum(bool(s) for s in args.sparse_layers) if layers is None else layers,
+                   args.index_topk_blocks, args.index_block_size, args.index_block_size * row,
+                   args.num_key_value_heads if heads is None else heads,
                    kv_cache_dir(directory), get_policy(policy))
 
     def layer(self) -> "TieredKV":

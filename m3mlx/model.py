@@ -399,17 +399,26 @@ def make_cache(model: Model, index_bits: Optional[int] = INDEX_BITS, *,
     size such as "8GB") keeps at most that much of the sparse layers' K/V in memory, the other
     blocks in a file in kv_cache_dir (default $M3MLX_HOME/kv); kv_policy picks which blocks
     stay (see `kv_tier.POLICIES`). InputError when the model cannot store K/V that way.
+
+    On one rank of a sharded model (m3mlx.sharding) the cache is that rank's part: its KV
+    heads (tensor) or its layers (pipeline). kv_memory is then this rank's limit, for its own
+    K/V, and its blocks go to the subdirectory rank-R of kv_cache_dir.
     """
-    from .kv_tier import KVTier, kv_group_size
+    from .kv_tier import KVTier, kv_cache_dir as tier_dir, kv_group_size
 
     kv_bits = getattr(model, "kv_bits", None) if kv_bits is None else kv_bits
     kv_bits = None if kv_bits == 16 else kv_bits
     group = kv_group_size(model.args, kv_bits)
     tier = None
-    if kv_memory is not None:
+    sparse = [layer.self_attn for layer in model.layers if layer.self_attn.sparse]
+    # A pipeline stage of dense layers only has no K/V to tier.
+    sharding = getattr(model, "sharding", None)
+    if kv_memory is not None and (sparse or sharding is None):
         dtype = model.layers[0].input_layernorm.weight.dtype  # the activations' (never quantized)
+        rank = sharding.plan.rank if sharding is not None else None
         tier = KVTier.for_model(model.args, kv_memory, kv_bits=kv_bits, dtype=dtype,
-                                directory=kv_cache_dir, policy=kv_policy)
+                                directory=tier_dir(kv_cache_dir, rank), policy=kv_policy,
+                                layers=len(sparse), heads=sparse[0].n_kv_heads if sparse else 0)
     return [
         LayerCache(index=layer.self_attn.sparse, index_bits=index_bits, kv_bits=kv_bits,
                    kv_group_size=group, tier=tier if layer.self_attn.sparse else None)

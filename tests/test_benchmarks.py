@@ -64,9 +64,10 @@ def test_expert_benchmark_covers_policies_sizes_and_the_m3_prediction(tmp_path):
 
 def test_distributed_benchmark_measures_both_plans_and_predicts_m3():
     out = run("bench_distributed.py", "--hidden", "64", "--prompt", "32", "--prefill-step", "16",
-              "--steps", "2")
+              "--steps", "2", "--kv-memory", "64KB")
     for name in ("single", "tensor", "pipeline", "2 all_sum", "all_gather", "JACCL",
-                 "4 x M3 Ultra", "tok/s"):
+                 "4 x M3 Ultra", "tok/s", "K/V tier of 64KB per process",
+                 "blocks read back per token"):
         assert name in out, name
 
 
