@@ -195,15 +195,15 @@ def _sample_stepwise(model, prompt, cache, logits, key, sampler, logits_processo
     """Tokens one step at a time: logits processors see every token before the next is
     sampled (a processor may also depend on what the caller did with the last one)."""
     history = list(prompt)
-    for _ in range(max_tokens):
+    for n in range(max_tokens):
+        if n:  # the previous token is fed only once another is wanted
+            logits = model(mx.array([history[-1:]]), cache=cache)[0, -1]
         for process in logits_processors:
             logits = process(history, logits)
         token, logprobs, key = _sample(logits, key, sampler)
         token = token.item()
         history.append(token)
         yield token, logprobs
-        logits = model(mx.array([[token]]), cache=cache)[0, -1]
-        mx.async_eval(logits)
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], **options) -> Iterator[int]:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import m3mlx
-from m3mlx.generate import make_repetition_penalty, make_sampler
+from m3mlx.generate import generate_tokens, make_repetition_penalty, make_sampler
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # past MSA's dense range
 
@@ -146,3 +146,15 @@ def test_the_cache_holds_all_but_the_last_token_when_generation_ends(demo_model,
     whole = [r.token for r in m3mlx.stream_generate(model, tokenizer, ids,
                                                      max_tokens=len(got) + 3)]
     assert got + more == whole
+
+
+@pytest.mark.parametrize("processors", [[], [_stepwise]], ids=["queued", "stepwise"])
+def test_a_generator_run_to_its_end_leaves_the_last_token_unfed(demo_model, processors):
+    model, tokenizer = demo_model
+    ids = tokenizer.encode(PROMPT)
+    cache = m3mlx.make_cache(model)
+    got = list(generate_tokens(model, ids, cache=cache, max_tokens=6,
+                               logits_processors=processors))
+    assert {c.offset for c in cache} == {len(ids) + 5}
+    more = list(generate_tokens(model, got[-1:], cache=cache, max_tokens=3))
+    assert got + more == list(generate_tokens(model, ids, max_tokens=9))
