@@ -1,7 +1,7 @@
 """Token generation: chunked prefill, sampling, streaming text with statistics."""
 
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -12,6 +12,7 @@ from .checks import InputError, check_option, check_stop_strings, check_text
 from .defaults import GENERATE_MAX_TOKENS, GREEDY_SAMPLING, PREFILL_STEP
 from .experts import ExpertStats, format_expert_stats
 from .kv_tier import check_cache_room
+from .cache import trim_prompt_cache
 from .model import Model, make_cache
 from .tokenizer import Tokenizer
 
@@ -130,7 +131,10 @@ def sample_tokens(model: Model, prompt: Sequence[int], *, cache=None,
                   prefill_progress: Optional[Callable[[int, int], None]] = None,
                   ) -> Iterator[Tuple[int, mx.array]]:
     """`generate_tokens` with each token's log-probabilities: (token, logprobs [V]). They are
-    lazy: they cost nothing unless evaluated."""
+    lazy: they cost nothing unless evaluated.
+
+    Whichever way the loop runs, the cache holds the prompt and every token yielded but the
+    last when the caller stops (a reply is continued by feeding its last token)."""
     if not len(prompt):
         raise InputError("the prompt is empty: give at least one token")
     max_tokens = check_option("max_tokens", max_tokens)
@@ -138,20 +142,68 @@ def sample_tokens(model: Model, prompt: Sequence[int], *, cache=None,
     cache = cache if cache is not None else make_cache(model)
     sampler = sampler or make_sampler()
     key = mx.random.key(seed if seed is not None else int(time.time_ns() % (1 << 31)))
-    history = list(prompt)
     logits = prefill(model, mx.array(prompt), cache, prefill_step_size, prefill_progress)
     if on_prefilled:
         on_prefilled()
-    for _ in range(max_tokens):
+    if logits_processors or not _lazy_forward(model, cache):
+        yield from _sample_stepwise(model, prompt, cache, logits, key, sampler,
+                                    logits_processors, max_tokens)
+    else:
+        yield from _sample_ahead(model, cache, logits, key, sampler, max_tokens)
+
+
+def _sample(logits: mx.array, key: mx.array, sampler):
+    """(token [], logprobs [V], next key), all lazy."""
+    key, step_key = mx.random.split(key)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs.astype(mx.float32), step_key), logprobs, key
+
+
+def _lazy_forward(model: Model, cache) -> bool:
+    """Whether a forward pass is only a graph until evaluated. Streamed experts and a K/V
+    tier read the router's and the indexer's choices on the host inside the pass, so it runs
+    as it is built, and starting the next one early would hold the current token back."""
+    return getattr(model, "expert_tier", None) is None and \
+        all(getattr(c, "tiered", None) is None for c in cache)
+
+
+def _sample_ahead(model, cache, logits, key, sampler, max_tokens):
+    """Tokens with the next step queued before each is handed over: the device computes
+    token t+1 while Python builds its graph and the caller handles token t (what keeps a
+    GPU busy between tokens). A caller that stops has had one token too many fed: it is
+    trimmed off again, so the cache ends as the stepwise loop leaves it."""
+    token, logprobs, key = _sample(logits, key, sampler)
+    mx.async_eval(token)
+    for n in range(1, max_tokens + 1):
+        ahead = n < max_tokens
+        if ahead:
+            logits = model(token.reshape(1, 1), cache=cache)[0, -1]
+            next_token, next_logprobs, key = _sample(logits, key, sampler)
+            mx.async_eval(next_token)
+        try:
+            yield token.item(), logprobs
+        except GeneratorExit:
+            if ahead:
+                trim_prompt_cache(cache, 1)
+            raise
+        if ahead:
+            token, logprobs = next_token, next_logprobs
+
+
+def _sample_stepwise(model, prompt, cache, logits, key, sampler, logits_processors,
+                     max_tokens):
+    """Tokens one step at a time: logits processors see every token before the next is
+    sampled (a processor may also depend on what the caller did with the last one)."""
+    history = list(prompt)
+    for n in range(max_tokens):
+        if n:  # the previous token is fed only once another is wanted
+            logits = model(mx.array([history[-1:]]), cache=cache)[0, -1]
         for process in logits_processors:
             logits = process(history, logits)
-        key, step_key = mx.random.split(key)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs.astype(mx.float32), step_key).item()
+        token, logprobs, key = _sample(logits, key, sampler)
+        token = token.item()
         history.append(token)
         yield token, logprobs
-        logits = model(mx.array([[token]]), cache=cache)[0, -1]
-        mx.async_eval(logits)
 
 
 def generate_tokens(model: Model, prompt: Sequence[int], **options) -> Iterator[int]:
@@ -289,7 +341,7 @@ def _stream(model, tokenizer, ids, *, max_tokens, sampler, processors, seed, sto
                            sampler=sampler, logits_processors=processors, seed=seed,
                            prefill_step_size=prefill_step_size, on_prefilled=prefilled,
                            prefill_progress=prefill_progress)
-    with wired_limit():
+    with wired_limit(), closing(tokens):  # closed at once: the cache is trimmed back then
         for token, logprobs in tokens:
             n += 1
             if token in eos:

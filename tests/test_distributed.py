@@ -102,7 +102,10 @@ def test_rank_failing_mid_generation_ends_the_others(checkpoints, tmp_path, faul
     assert took < (5 if fault == "killed" else 10)
     line = err.strip().splitlines()[-1]
     assert line.startswith("Error: rank 0 of 2: ")
-    assert ("lost the other ranks" if fault == "killed" else "no answer from the other ranks") in line
+    if fault == "hung":
+        assert "no answer from the other ranks" in line
+    else:  # the ring backend reports the closed socket, or (a step queued ahead waits on it)
+        assert "lost the other ranks" in line or "no answer from the other ranks" in line
 
 
 def test_ctrl_c_ends_every_rank_with_a_message(checkpoints):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import m3mlx
-from m3mlx.generate import make_repetition_penalty, make_sampler
+from m3mlx.generate import generate_tokens, make_repetition_penalty, make_sampler
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6  # past MSA's dense range
 
@@ -101,3 +101,60 @@ def test_empty_prompt_is_refused(demo_model):
     model, tokenizer = demo_model
     with pytest.raises(ValueError, match="prompt is empty"):
         m3mlx.generate(model, tokenizer, "", max_tokens=3)
+
+
+# The decode loop queues step t+1 before handing token t over (`_sample_ahead`); with logits
+# processors (which may depend on what the caller did with token t) it runs step by step. Both
+# run the MLX-ops twin here, as on a Mac without Metal; the loops must agree token for token
+# and leave the cache holding the prompt and every token but the last.
+
+def _stepwise(tokens, logits):  # a processor that changes nothing forces the stepwise loop
+    return logits
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_p=0.9, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_the_queued_loop_samples_what_the_stepwise_loop_does(demo_model, sampling):
+    model, tokenizer = demo_model
+    ahead = [r.token for r in m3mlx.stream_generate(model, tokenizer, PROMPT, max_tokens=24,
+                                                     **sampling)]
+    stepwise = [r.token for r in m3mlx.stream_generate(
+        model, tokenizer, PROMPT, max_tokens=24, logits_processors=[_stepwise], **sampling)]
+    assert ahead == stepwise and len(ahead) == 24
+
+
+@pytest.mark.parametrize("processors", [[], [_stepwise]], ids=["queued", "stepwise"])
+@pytest.mark.parametrize("stop_after", [1, 5, None], ids=["first", "break", "length"])
+def test_the_cache_holds_all_but_the_last_token_when_generation_ends(demo_model, processors,
+                                                                     stop_after):
+    model, tokenizer = demo_model
+    ids = tokenizer.encode(PROMPT)
+    cache = m3mlx.make_cache(model)
+    stream = m3mlx.stream_generate(model, tokenizer, ids, prompt_cache=cache, max_tokens=9,
+                                   logits_processors=processors)
+    got = []
+    for r in stream:
+        got.append(r.token)
+        if len(got) == stop_after:
+            break
+    stream.close()
+    assert len(got) == (stop_after or 9)
+    assert {c.offset for c in cache} == {len(ids) + len(got) - 1}
+    # Feeding the last token continues exactly as one uninterrupted run does.
+    more = [r.token for r in m3mlx.stream_generate(model, tokenizer, got[-1:], prompt_cache=cache,
+                                                    max_tokens=3)]
+    whole = [r.token for r in m3mlx.stream_generate(model, tokenizer, ids,
+                                                     max_tokens=len(got) + 3)]
+    assert got + more == whole
+
+
+@pytest.mark.parametrize("processors", [[], [_stepwise]], ids=["queued", "stepwise"])
+def test_a_generator_run_to_its_end_leaves_the_last_token_unfed(demo_model, processors):
+    model, tokenizer = demo_model
+    ids = tokenizer.encode(PROMPT)
+    cache = m3mlx.make_cache(model)
+    got = list(generate_tokens(model, ids, cache=cache, max_tokens=6,
+                               logits_processors=processors))
+    assert {c.offset for c in cache} == {len(ids) + 5}
+    more = list(generate_tokens(model, got[-1:], cache=cache, max_tokens=3))
+    assert got + more == list(generate_tokens(model, ids, max_tokens=9))
