@@ -20,7 +20,7 @@ default, a measured curve (LRU_CURVE).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -75,8 +75,11 @@ class Footprint:
         return self.args.num_experts_per_tok
 
 
-def footprint(ckpt, dtype: Optional[mx.Dtype] = None) -> Footprint:
-    """The footprint of a checkpoint as `m3mlx.load(path, dtype=dtype)` would hold it."""
+def footprint(ckpt, dtype: Optional[mx.Dtype] = None, plan=None) -> Footprint:
+    """The footprint of a checkpoint as `m3mlx.load(path, dtype=dtype)` would hold it; with a
+    sharding `plan` (m3mlx.sharding), of the part one rank holds (`m3mlx.load_rank`): its
+    layers, its share of each split tensor, its experts, the context cache of its heads and
+    layers."""
     from .experts import is_routed_expert
     from .model import is_precision_sensitive
     from .weights import is_vision
@@ -87,11 +90,13 @@ def footprint(ckpt, dtype: Optional[mx.Dtype] = None) -> Footprint:
     act = floats.get(ckpt.tensors[next(n for n in ckpt.tensors
                                        if n.endswith("model.norm.weight"))].dtype, 2)
     for name, t in ckpt.tensors.items():
-        if is_vision(name):
+        if is_vision(name) or plan is not None and plan.local_layer(name) is None:
             continue
         nbytes = t.nbytes
         if dtype is not None and t.dtype in floats and not is_precision_sensitive(name):
             nbytes = t.numel * dtype.size  # loading casts float weights
+        if plan is not None and plan.part(name, t.shape) is not None:
+            nbytes //= plan.size
         if ".mtp." not in name and (is_routed_expert(name)
                                     or ".block_sparse_moe.experts." in name):
             experts += nbytes
@@ -100,12 +105,29 @@ def footprint(ckpt, dtype: Optional[mx.Dtype] = None) -> Footprint:
         if ".embed_tokens." in name:
             embedding += nbytes
         resident += nbytes
-    args = ckpt.args
+    args = ckpt.args if plan is None else rank_args(ckpt.args, plan)
     E, moe_layers = args.num_local_experts, sum(args.moe_layers)
+    if plan is not None and plan.is_tensor:
+        E //= plan.size  # expert parallel: each rank computes E/N of each layer's experts
     streamable = stacked == {True}
     what = f"{ckpt.path} ({'converted' if streamable else 'original layout'})"
+    if plan is not None:
+        what += f" ({plan.describe()})"
     return Footprint(args, resident, experts // max(1, E * moe_layers), moe_layers, E,
                      act if dtype is None else dtype.size, embedding, streamable, what)
+
+
+def rank_args(args: ModelArgs, plan) -> ModelArgs:
+    """The model one rank of `plan` runs, as the planner prices its context cache: its layers
+    and its KV heads (its experts: `footprint`)."""
+    start, stop = plan.layers
+    split = plan.size if plan.is_tensor else 1
+    return replace(args, num_hidden_layers=stop - start,
+                   sparse_layers=args.sparse_layers[start:stop],
+                   moe_layers=args.moe_layers[start:stop],
+                   num_attention_heads=args.num_attention_heads // split,
+                   num_key_value_heads=args.num_key_value_heads // split,
+                   index_n_heads=args.index_n_heads // split)
 
 
 def act_dtype(fp: "Footprint") -> mx.Dtype:
