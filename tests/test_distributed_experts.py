@@ -1,0 +1,126 @@
+"""Routed experts streamed from the SSD on a sharded model: 2 local processes on the ring backend
+(mlx.launch), each rank streaming only its own experts through its own cache (m3mlx.experts
+with a sharding plan; m3mlx.rank_loading).
+
+Every path here is the MLX-ops path on this CPU (on a Mac the streamed layers run the same
+slot-table op, Metal kernels for a few tokens over quantized experts).
+"""
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+from rank_fixtures import BIN, TIMEOUT, launch, sharded_checkpoints
+
+from m3mlx.checkpoint import Checkpoint
+from m3mlx.experts import USAGE_FILE, routed_experts, write_usage
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return sharded_checkpoints(tmp_path_factory.mktemp("sharded-experts"))
+
+
+def run_ranks(model: Path, kind: str, cache: str, policy: str, tmp_path: Path):
+    out = tmp_path / "rank"
+    run = launch(2, str(HERE / "distributed_experts_worker.py"), str(model), kind, cache, policy,
+                 str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("kind, model", [("tensor", "f32"), ("pipeline", "q4")])
+def test_each_rank_streams_its_share_through_a_cache_of_its_experts(checkpoints, tmp_path,
+                                                                     kind, model):
+    """--expert-cache 25% on 2 ranks: each rank's pools hold a quarter of the experts it
+    computes (tensor: E/2 of every layer; pipeline: all E of its own layers), it reads from
+    disk what it lacks (misses), and its logits stay within 1e-5 of the resident
+    single-process model through a chunked prefill (layers in passes) and greedy decode. What
+    the rank holds, measured over its model's arrays, is its plan's share of the other weights
+    plus the pools and nothing else: the stacked experts are never resident."""
+    ranks = run_ranks(checkpoints / model, kind, "25%", "lru", tmp_path)
+    E = Checkpoint.open(checkpoints / model).args.num_local_experts
+    seen = []
+    for r, rank in enumerate(ranks):
+        assert rank["max_abs_diff"] <= 1e-5, (r, rank["max_abs_diff"])
+        assert rank["layers"], f"rank {r} streams no layer"
+        for layer in rank["layers"]:
+            held = E // 2 if kind == "tensor" else E
+            assert layer["held"] == held
+            assert layer["first"] == (r * held if kind == "tensor" else 0)
+            assert layer["slots"] == math.ceil(held / 4)
+            assert layer["pool_bytes"] == layer["slots"] * layer["expert_bytes"]
+            seen.append((layer["module"], layer["first"]))
+        assert rank["resident_bytes"] == rank["planned_other_bytes"] + rank["tier_bytes"]
+        assert rank["tier_bytes"] == sum(l["pool_bytes"] for l in rank["layers"])
+        stats = rank["stats"]
+        assert stats["hits"] < stats["requests"] and stats["bytes_read"] > 0, stats
+    # Between them the ranks stream every expert of every MoE layer, each once.
+    layers = {l.module for l in routed_experts(Checkpoint.open(checkpoints / model))
+              if ".mtp." not in l.module}
+    assert len(seen) == len(set(seen))
+    assert {m for m, _ in seen} == layers
+
+
+def test_a_size_is_per_rank_and_pins_are_the_ranks_own_most_used(checkpoints, tmp_path):
+    """--expert-cache SIZE is each rank's own memory for experts (each Mac its own), and
+    --expert-policy pinned reads the model's usage counts for the experts the rank computes:
+    it pins its own most used, not the model's (which another rank may hold)."""
+    model = checkpoints / "f32"
+    ckpt = Checkpoint.open(model)
+    layouts = [l for l in routed_experts(ckpt) if ".mtp." not in l.module]
+    E = ckpt.args.num_local_experts
+    # Counts that rank experts in a different order in each half of every layer.
+    usage = {l.module: [(7 * e + 3 * i) % E + 1 for e in range(E)]
+             for i, l in enumerate(layouts)}
+    write_usage(model, usage, tokens=100)
+    try:
+        one = layouts[0].expert_bytes * len(layouts)  # one expert of every layer
+        size = 3 * one + one // 2  # 3 experts a layer on each rank, not a whole 4th
+        ranks = run_ranks(model, "tensor", str(size), "pinned", tmp_path)
+    finally:
+        (model / USAGE_FILE).unlink()
+    for r, rank in enumerate(ranks):
+        assert rank["max_abs_diff"] <= 1e-5
+        assert rank["tier_bytes"] <= size
+        for layer in rank["layers"]:
+            assert layer["slots"] == 3
+            first, held = layer["first"], layer["held"]
+            counts = usage[layer["module"]][first:first + held]
+            top = sorted(range(held), key=lambda e: -counts[e])[:1]  # half of 3 slots: 1 pin
+            assert layer["pinned"] == [first + e for e in top]
+
+
+PROMPT = ("Several Macs as one, streaming: each rank reads from its SSD only the experts it "
+          "computes, when the router picks them. " * 3)
+
+
+def m3mlx_generate(model: Path, *options: str):
+    return ["generate", "--model", str(model), "--prompt", PROMPT, "--temp", "0",
+            "--max-tokens", "20", "--prefill-step-size", "32", *options]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+def test_generate_streaming_on_two_ranks_prints_the_single_process_text(checkpoints, kind):
+    """`mlx.launch -n 2 ... -- m3mlx generate --expert-cache 25%`: rank 0 prints exactly the
+    text of one process holding the whole model resident (a chunked prefill past MSA's dense
+    window, then greedy decode); every rank says what its cache holds, and the statistics line
+    (rank 0's, saying so) shows the cache missing."""
+    model = checkpoints / "f32"
+    single = subprocess.run([str(BIN / "m3mlx"), *m3mlx_generate(model)], capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr
+    run = launch(2, "m3mlx", *m3mlx_generate(model, "--parallel", kind, "--expert-cache", "25%"),
+                 python=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == single.stdout and len(single.stdout) > 20
+    for r in range(2):
+        assert f"rank {r} of 2: expert cache: " in run.stderr
+    stats = [line for line in run.stderr.splitlines() if "Generation: 20 tokens" in line]
+    assert len(stats) == 1 and "(rank 0 of 2's experts)" in stats[0], run.stderr[-2000:]
+    hits = float(stats[0].split("Experts: ")[1].split("%")[0])
+    assert hits < 100.0
