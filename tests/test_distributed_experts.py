@@ -16,6 +16,8 @@ from rank_fixtures import BIN, TIMEOUT, launch, sharded_checkpoints
 
 from m3mlx.checkpoint import Checkpoint
 from m3mlx.experts import USAGE_FILE, routed_experts, write_usage
+from m3mlx.plan import footprint, plan_budget
+from m3mlx.sharding import Plan as ShardPlan
 
 HERE = Path(__file__).parent
 
@@ -104,23 +106,83 @@ def m3mlx_generate(model: Path, *options: str):
             "--max-tokens", "20", "--prefill-step-size", "32", *options]
 
 
+@pytest.fixture(scope="module")
+def single_text(checkpoints) -> str:
+    """What one process holding the whole model resident prints."""
+    single = subprocess.run([str(BIN / "m3mlx"), *m3mlx_generate(checkpoints / "f32")],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr
+    assert len(single.stdout) > 20
+    return single.stdout
+
+
 @pytest.mark.parametrize("kind", ["tensor", "pipeline"])
-def test_generate_streaming_on_two_ranks_prints_the_single_process_text(checkpoints, kind):
+def test_generate_streaming_on_two_ranks_prints_the_single_process_text(checkpoints, single_text,
+                                                                         kind):
     """`mlx.launch -n 2 ... -- m3mlx generate --expert-cache 25%`: rank 0 prints exactly the
     text of one process holding the whole model resident (a chunked prefill past MSA's dense
     window, then greedy decode); every rank says what its cache holds, and the statistics line
     (rank 0's, saying so) shows the cache missing."""
-    model = checkpoints / "f32"
-    single = subprocess.run([str(BIN / "m3mlx"), *m3mlx_generate(model)], capture_output=True,
-                            text=True, timeout=TIMEOUT)
-    assert single.returncode == 0, single.stderr
-    run = launch(2, "m3mlx", *m3mlx_generate(model, "--parallel", kind, "--expert-cache", "25%"),
-                 python=False)
+    run = launch(2, "m3mlx", *m3mlx_generate(checkpoints / "f32", "--parallel", kind,
+                                             "--expert-cache", "25%"), python=False)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout == single.stdout and len(single.stdout) > 20
+    assert run.stdout == single_text
     for r in range(2):
         assert f"rank {r} of 2: expert cache: " in run.stderr
     stats = [line for line in run.stderr.splitlines() if "Generation: 20 tokens" in line]
     assert len(stats) == 1 and "(rank 0 of 2's experts)" in stats[0], run.stderr[-2000:]
     hits = float(stats[0].split("Experts: ")[1].split("%")[0])
     assert hits < 100.0
+
+
+def test_memory_limit_is_each_ranks_own(checkpoints, single_text):
+    """--memory-limit SIZE on 2 ranks plans each rank's part in SIZE (each Mac its own memory:
+    its share of the weights, the K/V of its heads, activations, then its experts): a limit
+    that leaves a rank room for 2.5 of its experts per layer streams 2 of its 4."""
+    model = checkpoints / "f32"
+    ckpt = Checkpoint.open(model)
+    fps = [footprint(ckpt, plan=ShardPlan.tensor(ckpt.args, r, 2)) for r in range(2)]
+    whole = plan_budget(fps[0], 1 << 40)  # what stays resident, whatever the limit
+    one = fps[0].expert * fps[0].moe_layers  # one expert of each layer
+    limit = fps[0].resident + whole.kv + whole.activations + 2 * one + one // 2
+    slots = [plan_budget(fp, limit).slots for fp in fps]
+    assert slots[0] == 2 and all(fp.experts == 4 for fp in fps)
+    run = launch(2, "m3mlx", *m3mlx_generate(model, "--parallel", "tensor", "--memory-limit",
+                                             str(limit)), python=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == single_text
+    for r in range(2):
+        assert f"rank {r} of 2: expert cache: {slots[r]} of 4 experts per layer" in run.stderr
+
+
+def test_a_ranks_footprint_is_its_part(checkpoints):
+    """What the planner prices for one rank (`footprint(ckpt, plan=...)`): its plan's share of
+    the weights besides the routed experts (as `held_bytes` reads them), E/N experts of every
+    layer (tensor) or all E of its own layers (pipeline), and the K/V of its heads or layers."""
+    from m3mlx.rank_loading import held_bytes, make_plan, text_tensors
+    from m3mlx.experts import is_routed_expert
+
+    ckpt = Checkpoint.open(checkpoints / "q4")
+    args = ckpt.args
+    single = footprint(ckpt)
+    others = {n: t for n, t in text_tensors(ckpt).items() if not is_routed_expert(n)}
+    kv = plan_budget(single, 1 << 40).context_cost
+    moe = 0
+    for r in range(2):
+        for kind in ("tensor", "pipeline"):
+            plan = make_plan(kind, ckpt, r, 2)
+            fp = footprint(ckpt, plan=plan)
+            assert fp.resident == held_bytes(plan, others)[0]
+            assert fp.expert == single.expert
+            cost = plan_budget(fp, 1 << 40).context_cost
+            if kind == "tensor":
+                assert (fp.experts, fp.moe_layers) == (args.num_local_experts // 2,
+                                                       single.moe_layers)
+                assert cost.dense_kv + cost.msa_kv == (kv.dense_kv + kv.msa_kv) // 2
+                assert cost.index_keys == kv.index_keys  # one index head, on every rank
+            else:
+                start, stop = plan.layers
+                assert fp.experts == args.num_local_experts
+                assert fp.moe_layers == sum(args.moe_layers[start:stop])
+                moe += fp.moe_layers
+    assert moe == single.moe_layers
