@@ -186,3 +186,50 @@ def test_a_ranks_footprint_is_its_part(checkpoints):
                 assert fp.moe_layers == sum(args.moe_layers[start:stop])
                 moe += fp.moe_layers
     assert moe == single.moe_layers
+
+
+def test_busiest_rank_experts_is_the_exact_expectation():
+    """A layer on expert-parallel ranks waits for the rank with most of the token's experts:
+    2 of 8 experts over 2 ranks land on one rank with probability 2 C(4,2) / C(8,2) = 12/28."""
+    import numpy as np
+
+    from m3mlx.plan import busiest_rank_experts
+
+    assert busiest_rank_experts(8, 2, 2) == pytest.approx((2 * 12 + 1 * 16) / 28)
+    assert busiest_rank_experts(128, 4, 1) == 4
+    picks = np.argsort(np.random.default_rng(0).random((20000, 128)), axis=1)[:, :4] // 32
+    sampled = np.mean([np.bincount(p, minlength=4).max() for p in picks])
+    assert busiest_rank_experts(128, 4, 4) == pytest.approx(sampled, abs=0.02)
+
+
+@pytest.mark.parametrize("model", ["q4", "src"])
+def test_plan_with_ranks_prices_the_largest_ranks_part(checkpoints, model):
+    """`m3mlx plan PATH --memory SIZE --ranks 2`, for a converted model and for an original
+    checkpoint planned with a recipe: the plan is of the largest rank's part in SIZE (each Mac
+    its own), its expert cache as --memory-limit SIZE would give each rank, and the speeds are
+    of that rank's own work (its busiest share of each token's experts)."""
+    from click.testing import CliRunner
+
+    from m3mlx.cli.main import cli
+
+    path = checkpoints / model
+    q4 = Checkpoint.open(checkpoints / "q4")
+    fp = footprint(q4, plan=ShardPlan.tensor(q4.args, 0, 2))
+    whole = plan_budget(fp, 1 << 40)
+    one = fp.expert * fp.moe_layers
+    limit = fp.resident + whole.kv + whole.activations + 2 * one + one // 2
+    out = CliRunner().invoke(cli, ["plan", str(path), "--memory", str(limit), "--ranks", "2"])
+    assert out.exit_code == 0, out.output
+    assert "(tensor parallel, rank " in out.output and "of 2)" in out.output
+    assert "on every rank under mlx.launch" in out.output
+    assert f"routed experts {fp.moe_layers} layers x 4 x" in out.output  # E/2 of every layer
+    if model == "q4":
+        assert f"({plan_budget(fp, limit).slots} of 4 experts per layer" in out.output
+    else:
+        assert "(planned) (tensor parallel, rank 0 of 2)" in out.output
+    pipe = CliRunner().invoke(cli, ["plan", str(path), "--memory", str(limit), "--ranks", "2",
+                                    "--parallel", "pipeline"])
+    assert pipe.exit_code == 0 and "(pipeline, rank " in pipe.output
+    bad = CliRunner().invoke(cli, ["plan", str(path), "--memory", str(limit), "--ranks", "3"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert "4 KV heads, which 3 ranks cannot share evenly" in bad.output
