@@ -137,10 +137,12 @@ def plan(path, memory, context, kv_bits, index_bits, kv_memory, recipe, mode, bi
     if shard is None:
         click.echo(recipes_that_fit(fp.args, memory, context, context_options))
     else:
-        click.echo(f"each of the {ranks} Macs: --memory-limit "
-                   f"{format_size(memory).replace(' ', '')} on every rank under mlx.launch; "
-                   "the speeds above leave out the links between the Macs (README: Several "
-                   "Macs as one)")
+        together = ("the ranks work at once: a run decodes at about the speed above, less "
+                    "the time on the links" if shard.is_tensor else
+                    f"the {ranks} stages work one after another: a token takes about the sum "
+                    f"of their times (near 1/{ranks} of the speed above), plus the links")
+        click.echo(f"on {ranks} Macs: --memory-limit {format_size(memory).replace(' ', '')} "
+                   f"on every rank under mlx.launch; {together} (README: Several Macs as one)")
 
 
 # Expert precisions tried for "what fits entirely", best first.
