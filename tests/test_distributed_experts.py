@@ -35,16 +35,18 @@ def run_ranks(model: Path, kind: str, cache: str, policy: str, tmp_path: Path):
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("kind, model", [("tensor", "f32"), ("pipeline", "q4")])
+@pytest.mark.parametrize("kind, model, share", [
+    ("tensor", "f32", 0.25), ("pipeline", "q4", 0.25), ("tensor", "f32", 0.5)])
 def test_each_rank_streams_its_share_through_a_cache_of_its_experts(checkpoints, tmp_path,
-                                                                     kind, model):
-    """--expert-cache 25% on 2 ranks: each rank's pools hold a quarter of the experts it
-    computes (tensor: E/2 of every layer; pipeline: all E of its own layers), it reads from
+                                                                     kind, model, share):
+    """--expert-cache 25% (50%) on 2 ranks: each rank's pools hold that share of the experts
+    it computes (tensor: E/2 of every layer; pipeline: all E of its own layers), it reads from
     disk what it lacks (misses), and its logits stay within 1e-5 of the resident
     single-process model through a chunked prefill (layers in passes) and greedy decode. What
     the rank holds, measured over its model's arrays, is its plan's share of the other weights
-    plus the pools and nothing else: the stacked experts are never resident."""
-    ranks = run_ranks(checkpoints / model, kind, "25%", "lru", tmp_path)
+    plus the pools and nothing else: the stacked experts are never resident. With room to
+    spare (50%), each rank reads ahead the next layer's likely experts among its own."""
+    ranks = run_ranks(checkpoints / model, kind, f"{share:.0%}", "lru", tmp_path)
     E = Checkpoint.open(checkpoints / model).args.num_local_experts
     seen = []
     for r, rank in enumerate(ranks):
@@ -54,13 +56,15 @@ def test_each_rank_streams_its_share_through_a_cache_of_its_experts(checkpoints,
             held = E // 2 if kind == "tensor" else E
             assert layer["held"] == held
             assert layer["first"] == (r * held if kind == "tensor" else 0)
-            assert layer["slots"] == math.ceil(held / 4)
+            assert layer["slots"] == math.ceil(held * share)
             assert layer["pool_bytes"] == layer["slots"] * layer["expert_bytes"]
             seen.append((layer["module"], layer["first"]))
         assert rank["resident_bytes"] == rank["planned_other_bytes"] + rank["tier_bytes"]
         assert rank["tier_bytes"] == sum(l["pool_bytes"] for l in rank["layers"])
         stats = rank["stats"]
         assert stats["hits"] < stats["requests"] and stats["bytes_read"] > 0, stats
+        if share == 0.5:
+            assert stats["prefetched"] > 0, stats
     # Between them the ranks stream every expert of every MoE layer, each once.
     layers = {l.module for l in routed_experts(Checkpoint.open(checkpoints / model))
               if ".mtp." not in l.module}
