@@ -7,6 +7,10 @@ of each stacked expert tensor and nothing of the others. Parameters split along 
 ranks' columns) are read whole, one batch at a time, and sliced; only the slice stays resident
 (their rows are 4-16 KB, the reader's aligned reads 16 KiB: reading a rank's columns alone would
 read the same pages).
+
+With an expert cache (`expert_cache`, `memory_limit`: sizes per rank) the rank's routed experts
+are not read at load: `m3mlx.experts.attach` gives its MoE layers pools of slots for the experts
+it computes, read by byte range from the same files when its router picks them.
 """
 
 from typing import Dict, List, Optional, Tuple
