@@ -487,8 +487,8 @@ class ExpertTier:
         self.stats.prefetch_used += layer.used(needed, self.epoch)
         if layer.partial:
             if not needed.size:  # no token routed here: this rank's part is the shared one
-                y = mx.zeros_like(x) if shared is None else shared_output(x, shared, alpha, limit)
-                return y
+                return mx.zeros_like(x) if shared is None else shared_output(x, shared, alpha,
+                                                                              limit)
             # Slots routed to other ranks' experts: weight 0, pointed at a resident expert.
             here = ids >= 0
             expert_ids = mx.array(np.where(here, ids, needed[0]).astype(np.int32))
