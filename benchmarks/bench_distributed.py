@@ -194,6 +194,7 @@ def m3_decode_bytes(N: int):
     routing: each layer waits for its busiest rank."""
     from m3mlx.config import ModelArgs
     from m3mlx.layout import text_weights
+    from m3mlx.plan import busiest_rank_experts
 
     args = ModelArgs()
     E, k, layers = args.num_local_experts, args.num_experts_per_tok, sum(args.moe_layers)
@@ -204,8 +205,7 @@ def m3_decode_bytes(N: int):
             per_expert += n / (E * layers)  # one expert of one layer, its three matrices
         elif w.role != "embedding" and w.kind != "vector":
             split += n  # attention, index, router, shared expert, dense MLPs, lm_head
-    picks = np.argsort(np.random.default_rng(0).random((20000, E)), axis=1)[:, :k] // (E // N)
-    busiest = np.mean([np.bincount(p, minlength=N).max() for p in picks])
+    busiest = busiest_rank_experts(E, k, N)
     whole = split + layers * k * per_expert
     return whole, split / N + layers * busiest * per_expert
 

@@ -178,23 +178,20 @@ def load_or_fail(model_path: str, dtype: str, parallel: str = PLANS[0]):
 
     from m3mlx.distributed import load_for_rank
 
+    from m3mlx.distributed import rank_prefix
+
     cast = None if dtype == "auto" else getattr(mx, dtype)
     settings = memory_settings()
     if not {"expert_cache", "memory_limit"} & settings.keys():
         return load_for_rank(model_path, parallel, cast)
-    from m3mlx import load
-    from m3mlx.distributed import is_sharded
-
-    if is_sharded():
-        raise InputError("--expert-cache and --memory-limit stream experts in one process; "
-                         "under mlx.launch each rank holds only its part of the model: drop them")
     if "memory_limit" in settings:  # the plan prices the K/V cache as the command keeps it
         kv_bits = click.get_current_context().params.get("kv_bits")
         settings["kv_bits"] = None if kv_bits in (None, 16) else kv_bits
-    model, tokenizer = load(model_path, dtype=cast, **settings)
+    # Under mlx.launch each rank streams its own experts through its own cache (sizes per rank).
+    model, tokenizer = load_for_rank(model_path, parallel, cast, **settings)
     tier = getattr(model, "expert_tier", None)
     if tier is not None:
-        click.echo(tier.describe(), err=True)
+        click.echo(rank_prefix() + tier.describe(), err=True)
     return model, tokenizer
 
 

@@ -1,11 +1,14 @@
 """`m3mlx plan PATH --memory SIZE`: what a memory budget holds of a model and how fast it decodes,
 and `m3mlx calibrate-experts PATH`: per-layer expert usage counts for the pinned policy."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from m3mlx.defaults import INDEX_BITS, PREFILL_STEP
+from m3mlx.sharding import PLANS
+from m3mlx.units import format_size
 
 from m3mlx.checks import InputError
 
@@ -13,13 +16,30 @@ from .errors import Command
 from .options import Size, memory_options, memory_settings, option_type, read_stdin
 
 
-def footprint_of(path: str, dtype, recipe_options: dict):
-    """A converted model's footprint, or an original checkpoint's under a planned recipe."""
+@dataclass
+class PlannedModel:
+    """A conversion's planned tensors, as `m3mlx.plan.largest_rank` reads a checkpoint."""
+
+    tensors: dict
+    args: object
+    path: str
+
+
+def footprint_of(path: str, dtype, recipe_options: dict, ranks: int = 1,
+                 parallel: str = PLANS[0]):
+    """(footprint, checkpoint or None, sharding plan or None): a converted model's footprint,
+    or an original checkpoint's under a planned recipe; with `ranks` > 1, the largest rank's
+    part under `parallel`."""
     from m3mlx.checkpoint import Checkpoint
     from m3mlx.config import ConfigError
     from m3mlx.errors import reported_as
     from m3mlx.loading import LoadError, resolve
-    from m3mlx.plan import footprint
+    from m3mlx.plan import footprint, largest_rank
+    from m3mlx.sharding import ShardingError
+
+    def per_rank(model):
+        with reported_as(ShardingError):
+            return largest_rank(model, ranks, parallel)
 
     local = Path(path).expanduser()
     if local.is_dir():
@@ -31,14 +51,25 @@ def footprint_of(path: str, dtype, recipe_options: dict):
                 raise click.UsageError("--recipe, --mode, --bits, --group-size and --role plan "
                                        "the conversion of an original checkpoint; PATH is "
                                        "converted already")
-            return fp, ckpt
+            if ranks == 1:
+                return fp, ckpt, None
+            fp, plan = per_rank(ckpt)
+            return fp, ckpt, plan
     from m3mlx.convert.converter import conversion_plan
     from m3mlx.convert.plan import footprint as planned
     from m3mlx.convert.recipes import parse_role_overrides
 
     options = dict(recipe_options)
     options["roles"] = parse_role_overrides(options.pop("roles", ()))
-    return planned(conversion_plan(path, **options)), None
+    conversion = conversion_plan(path, **options)
+    if ranks == 1:
+        return planned(conversion), None, None
+    tensors = {t.name: t for unit in conversion.units for t in unit.tensors}
+    model = PlannedModel(tensors, conversion.source.args,
+                         conversion.source.repo_id or conversion.source.path)
+    fp, plan = per_rank(model)
+    fp.what = f"{planned(conversion).what} ({plan.describe()})"
+    return fp, None, plan
 
 
 @click.command("plan", cls=Command)
@@ -62,8 +93,13 @@ def footprint_of(path: str, dtype, recipe_options: dict):
               help="For an original checkpoint: --group-size.")
 @click.option("--role", "roles", multiple=True, metavar="ROLE=PRECISION",
               help="For an original checkpoint: --role overrides, as for `m3mlx convert`.")
+@click.option("--ranks", type=click.IntRange(1), default=1, show_default=True,
+              help="Plan a run on N Macs (mlx.launch): --memory is each Mac's, and the plan is "
+                   "of the largest rank's part.")
+@click.option("--parallel", type=click.Choice(PLANS), default=PLANS[0], show_default=True,
+              help="With --ranks: the sharding plan, as --parallel of generate/chat/serve.")
 def plan(path, memory, context, kv_bits, index_bits, kv_memory, recipe, mode, bits, group_size,
-         roles):
+         roles, ranks, parallel):
     """What a memory budget holds of the model at PATH, and its decode speed on named Macs.
 
     PATH is a converted model, or an original checkpoint (a directory or a Hub repo id: only
@@ -73,6 +109,9 @@ def plan(path, memory, context, kv_bits, index_bits, kv_memory, recipe, mode, bi
     predicted tokens per second on the Macs of m3mlx's hardware table. --context with
     --kv-bits, --index-bits and --kv-memory prices a long context, e.g. M3 at 1M tokens:
     `m3mlx plan MiniMaxAI/MiniMax-M3 --memory 128GB --context 1048576 --kv-bits 4`.
+    --ranks N plans one Mac of N (`m3mlx plan MODEL --memory 64GB --ranks 2`): its share of
+    the weights, the K/V of its heads or layers, the experts it computes; the speeds are of
+    its own work, without the time on the links between the Macs.
     """
     from m3mlx.experts import USAGE_FILE, read_usage, routed_experts
     from m3mlx.hardware import machine_memory
@@ -82,16 +121,28 @@ def plan(path, memory, context, kv_bits, index_bits, kv_memory, recipe, mode, bi
                                      group_size=group_size).items() if v is not None}
     if roles:
         options["roles"] = roles
-    fp, ckpt = footprint_of(path, None, options)
+    fp, ckpt, shard = footprint_of(path, None, options, ranks, parallel)
     usage = None
     if ckpt is not None and (ckpt.path / USAGE_FILE).is_file():
         usage = read_usage(ckpt.path / USAGE_FILE, routed_experts(ckpt))
+        if shard is not None:  # the counts of the rank's own experts
+            first = shard.rank * fp.experts if shard.is_tensor else 0
+            usage = {m: c[first:first + fp.experts] for m, c in usage.items()
+                     if shard.local_layer(m) is not None}
     memory = memory if memory is not None else machine_memory()
     context_options = dict(kv_bits=None if kv_bits == "16" else int(kv_bits),
                            index_bits=int(index_bits), kv_memory=kv_memory)
     click.echo(format_plan(make_plan(fp, memory, context, usage, **context_options)))
     click.echo("")
-    click.echo(recipes_that_fit(fp.args, memory, context, context_options))
+    if shard is None:
+        click.echo(recipes_that_fit(fp.args, memory, context, context_options))
+    else:
+        together = ("the ranks work at once: a run decodes at about the speed above, less "
+                    "the time on the links" if shard.is_tensor else
+                    f"the {ranks} stages work one after another: a token takes about the sum "
+                    f"of their times (near 1/{ranks} of the speed above), plus the links")
+        click.echo(f"on {ranks} Macs: --memory-limit {format_size(memory).replace(' ', '')} "
+                   f"on every rank under mlx.launch; {together} (README: Several Macs as one)")
 
 
 # Expert precisions tried for "what fits entirely", best first.

@@ -119,15 +119,15 @@ class Watchdog:
                 os._exit(1)
 
 
-def load_for_rank(model_path: str, parallel: str, dtype=None, kv_bits=None):
+def load_for_rank(model_path: str, parallel: str, dtype=None, kv_bits=None, **memory):
     """(model, tokenizer): the whole model in a single process, this rank's part when
-    launched on several."""
+    launched on several. `memory`: the expert cache options of `load`, per rank."""
     from .loading import load
     from .rank_loading import load_rank
 
     if not is_sharded():
-        return load(model_path, dtype=dtype, kv_bits=kv_bits)
-    return load_rank(model_path, parallel, world(), dtype=dtype, kv_bits=kv_bits)
+        return load(model_path, dtype=dtype, kv_bits=kv_bits, **memory)
+    return load_rank(model_path, parallel, world(), dtype=dtype, kv_bits=kv_bits, **memory)
 
 
 

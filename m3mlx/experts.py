@@ -44,6 +44,7 @@ from .errors import CheckpointError
 from .files import atomic_write
 from .metal_kernels import combine, expert_outputs, moe_experts, shared_output
 from .metal_kernels.moe import SORT_THRESHOLD
+from .model import PREFILL_SLOTS
 
 POLICIES = ("lru", "lfu", "pinned")
 DEFAULT_POLICY = "lru"
@@ -150,11 +151,15 @@ class ExpertStats:
 
 
 def format_expert_stats(s: ExpertStats) -> str:
-    """One line for the statistics of generate and chat."""
+    """One line for the statistics of generate and chat. In a sharded run each rank streams
+    its own experts and rank 0 prints the line of its own, saying so (not a sum of ranks)."""
+    from .distributed import rank_prefix
     from .units import format_size
 
+    rank = rank_prefix().rstrip(": ")
     return (f"Experts: {100 * s.hit_rate:.1f}% hits, {format_size(s.bytes_per_token)}/token read"
-            f" at {s.read_throughput / 1e9:.2f} GB/s, {s.syncs_per_token + 1:.1f} syncs/token")
+            f" at {s.read_throughput / 1e9:.2f} GB/s, {s.syncs_per_token + 1:.1f} syncs/token"
+            + (f" ({rank}'s experts)" if rank else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +208,17 @@ class LFU(LRU):
 
 
 class LayerSlots:
-    """One MoE layer's pool of S expert slots, its table and its policy."""
+    """One MoE layer's pool of S expert slots, its table and its policy. On an expert-parallel
+    rank (m3mlx.sharding) the layer's experts are the `held` it computes, global ids
+    [first, first + held): the table, the policy and the usage counts speak of those only."""
 
     def __init__(self, index: int, layout: LayerExperts, slots: int,
-                 cast: Optional[mx.Dtype], policy: str, pinned: Sequence[int] = ()):
+                 cast: Optional[mx.Dtype], policy: str, pinned: Sequence[int] = (), *,
+                 first: int = 0, held: Optional[int] = None):
         self.index, self.layout = index, layout
-        self.slots, self.experts = slots, layout.experts
+        self.first = first
+        self.experts = layout.experts if held is None else held
+        self.slots = slots
         self.table = np.full(self.experts, -1, np.int32)  # expert -> slot
         self.holds = np.full(slots, -1, np.int32)  # slot -> expert
         self.marked = np.full(slots, -1, np.int64)  # the sync epoch a computation last used it
@@ -236,6 +246,18 @@ class LayerSlots:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.pools.values())
+
+    @property
+    def partial(self) -> bool:
+        """Other ranks compute some of the layer's experts."""
+        return self.experts < self.layout.experts
+
+    def local(self, ids: np.ndarray) -> np.ndarray:
+        """Global expert ids as this layer's (-1: an expert another rank computes)."""
+        if not self.partial:
+            return ids
+        local = ids.astype(np.int64) - self.first  # routing ids may be unsigned
+        return np.where((local >= 0) & (local < self.experts), local, -1)
 
     def slot_table(self) -> mx.array:
         return mx.array(self.table)
@@ -271,7 +293,7 @@ class LayerSlots:
         ranges, buffers, later = [], [], []
         for e, s in zip(experts, slots):
             for param, t in self.layout.tensors.items():
-                ranges.append(t.byte_range(int(e), 1))
+                ranges.append(t.byte_range(self.first + int(e), 1))
                 if param in self._convert:
                     staging = np.empty(t.row_bytes, np.uint8)
                     buffers.append(staging)
@@ -441,24 +463,36 @@ class ExpertTier:
         nxt = self.layers[index + 1] if self.prefetch and index + 1 < len(self.routers) else None
         guess = self.routers[index + 1](x)[0] if nxt is not None else None
         ids, guess = self._sync(expert_ids, guess)
+        ids = layer.local(ids)
         N, K = ids.shape
         if index == 0:
             self.stats.tokens += N
         layer.clock += 1
-        layer.usage += np.bincount(ids.reshape(-1), minlength=layer.experts)
-        needed = np.unique(ids)
+        mine = ids[ids >= 0]
+        layer.usage += np.bincount(mine, minlength=layer.experts)
+        needed = np.unique(mine)
         self._settle(layer)
         self.stats.requests += needed.size
         self.stats.hits += int((layer.table[needed] >= 0).sum())
         missing = needed[layer.table[needed] < 0]
         free = layer.evictable(needed, self.epoch)
-        if missing.size > free.size:
+        # A prefill chunk on an expert-parallel rank computes only the rows routed here (as
+        # the resident MoE does), which the passes do, in one pass when the pool holds them.
+        if missing.size > free.size or layer.partial and ids.size >= PREFILL_SLOTS:
             return self._passes(layer, x, ids, weights, routed, shared, alpha, limit)
         pending = self._start(layer, missing, free[: missing.size])
         if nxt is not None:
             self._read_ahead(nxt, guess)
         self._finish(layer, pending)
         self.stats.prefetch_used += layer.used(needed, self.epoch)
+        if layer.partial:
+            if not needed.size:  # no token routed here: this rank's part is the shared one
+                return mx.zeros_like(x) if shared is None else shared_output(x, shared, alpha,
+                                                                              limit)
+            # Slots routed to other ranks' experts: weight 0, pointed at a resident expert.
+            here = ids >= 0
+            expert_ids = mx.array(np.where(here, ids, needed[0]).astype(np.int32))
+            weights = mx.where(mx.array(here), weights, 0)
         y = moe_experts(x, expert_ids, weights, routed, shared, alpha=alpha, limit=limit,
                         slots=layer.slot_table())
         self._fence(y)
@@ -468,20 +502,22 @@ class ExpertTier:
         """Start reading the experts `guess` names for `layer` into at most half its free
         slots (a wrong guess then evicts at most that much)."""
         self._settle(layer)
-        wanted = np.unique(guess)
-        wanted = wanted[layer.table[wanted] < 0]
-        free = layer.evictable(np.unique(guess), self.epoch)
+        guess = layer.local(guess)
+        guess = np.unique(guess[guess >= 0])
+        wanted = guess[layer.table[guess] < 0]
+        free = layer.evictable(guess, self.epoch)
         n = min(wanted.size, free.size // 2)
         if n:
             layer.reading = self._start(layer, wanted[:n], free[:n], ahead=True)
 
     def _passes(self, layer, x, ids, weights, routed, shared, alpha, limit) -> mx.array:
         """The layer in passes of as many experts as the pool holds: every expert read once,
-        each (token, expert) row computed as in one pass, the rows combined at the end."""
+        each (token, expert) row computed as in one pass, the rows combined at the end. `ids`
+        [N, K] are the layer's (-1: another rank's expert, whose row is 0 here)."""
         N, K = ids.shape
         flat = ids.reshape(-1)
         sort = flat.size >= SORT_THRESHOLD  # the one-pass call's choice, for identical rows
-        remaining = np.unique(flat)
+        remaining = np.unique(flat[flat >= 0])
         rows, outputs = [], []
         while remaining.size:
             resident = remaining[layer.table[remaining] >= 0]
@@ -500,8 +536,11 @@ class ExpertTier:
             remaining = np.setdiff1d(remaining, group)
             if remaining.size:
                 self._sync(out)  # its slots take the next pass's experts
-        order = np.argsort(np.concatenate(rows))
-        outputs = mx.concatenate(outputs)[mx.array(order)].reshape(N, K, -1)
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        where = np.full(flat.size, rows.size)  # each (token, expert)'s row; rows.size: zeros
+        where[rows] = np.arange(rows.size)
+        zero = mx.zeros((1, x.shape[-1]), outputs[0].dtype if outputs else x.dtype)
+        outputs = mx.concatenate(outputs + [zero])[mx.array(where)].reshape(N, K, -1)
         y = combine(outputs, weights,
                     None if shared is None else shared_output(x, shared, alpha, limit))
         self._fence(y)
@@ -574,9 +613,13 @@ class ExpertCache:
 
 
 def attach(model, ckpt: Checkpoint, cache: ExpertCache, cast: Optional[mx.Dtype] = None, *,
-           preload: bool = True) -> ExpertTier:
+           preload: bool = True, plan=None) -> ExpertTier:
     """Give each MoE layer of `model` a pool of slots in place of its stacked experts, and the
-    model the tier (`model.expert_tier`). MTP layers, which generation never runs, keep theirs."""
+    model the tier (`model.expert_tier`). MTP layers, which generation never runs, keep theirs.
+
+    With a sharding `plan` (m3mlx.sharding), `model` is one rank's part: the tier streams the
+    experts of the rank's own layers (pipeline), of each layer the experts the rank computes
+    (tensor: `switch_mlp.first`, `held`), each pool holding at most `cache.slots` of those."""
     layouts = [l for l in routed_experts(ckpt) if ".mtp." not in l.module]
     usage = {}
     if cache.policy == "pinned":
@@ -588,14 +631,18 @@ def attach(model, ckpt: Checkpoint, cache: ExpertCache, cast: Optional[mx.Dtype]
     tier = ExpertTier(ckpt, [], [], policy=cache.policy, prefetch=cache.prefetch,
                       direct=cache.direct)
     modules = dict(model.named_modules())
-    for i, layout in enumerate(layouts):
-        moe = modules[layout.module]
-        slots = min(layout.experts, cache.slots)
+    # This rank's layers, by their names in its model (pipeline stages count from their first).
+    mine = [(l, l.module if plan is None else plan.local_layer(l.module)) for l in layouts]
+    for i, (layout, name) in enumerate((l, name) for l, name in mine if name is not None):
+        moe = modules[name]
+        first, held = moe.switch_mlp.first, moe.switch_mlp.held
+        slots = min(held, cache.slots)
         pins = ()
         if layout.module in usage and slots > 1:
             n = min(int(slots * PIN_SHARE), slots - 1)
-            pins = np.argsort(-usage[layout.module], kind="stable")[:n]
-        layer = LayerSlots(i, layout, slots, cast, cache.policy, pins)
+            counts = usage[layout.module][first:first + held]
+            pins = np.argsort(-counts, kind="stable")[:n]
+        layer = LayerSlots(i, layout, slots, cast, cache.policy, pins, first=first, held=held)
         for param, pool in layer.pools.items():
             proj, leaf = param.split(".")
             setattr(getattr(moe.switch_mlp, proj), leaf, pool)

@@ -278,18 +278,23 @@ def load(path_or_repo, *, lazy: bool = False, dtype: Optional[mx.Dtype] = None,
 
 def expert_cache_for(ckpt: Checkpoint, dtype: Optional[mx.Dtype] = None, *, expert_cache=None,
                      memory_limit=None, expert_policy: str = DEFAULT_POLICY,
-                     expert_prefetch: bool = True, kv_bits: Optional[int] = None
+                     expert_prefetch: bool = True, kv_bits: Optional[int] = None, plan=None
                      ) -> Optional[ExpertCache]:
     """How to hold `ckpt`'s routed experts: None for all resident (they fit, or were not asked
-    to stream), else the expert cache. Decided before anything is read."""
+    to stream), else the expert cache. Decided before anything is read.
+
+    With a sharding `plan`, for one rank's part (`load_rank`): a size (`expert_cache` bytes,
+    `memory_limit`) is this rank's, a share (25%) is of the experts this rank computes."""
     if expert_policy not in POLICIES:
         raise InputError(f"expert_policy={expert_policy!r}: choose one of {', '.join(POLICIES)}")
-    fp = footprint(ckpt, dtype)
+    fp = footprint(ckpt, dtype, plan)
     if expert_cache is not None and memory_limit is not None:
         raise InputError("give an expert cache size or a memory limit, not both")
     if expert_cache is None and memory_limit is None:
         check_fits(fp)
         return None
+    if not fp.moe_layers:
+        return None  # a pipeline stage without MoE layers: nothing of it streams
     if not fp.streamable:
         raise LoadError(f"{ckpt.path} is an original checkpoint (one tensor per expert); "
                         "experts stream from a converted model: run `m3mlx convert "

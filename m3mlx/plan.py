@@ -20,7 +20,7 @@ default, a measured curve (LRU_CURVE).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
@@ -61,6 +61,7 @@ class Footprint:
     embedding: int  # bytes of the embedding table (a token reads one row of it)
     streamable: bool = True  # experts stacked in the files (a converted model)
     what: str = ""
+    active_share: float = 1.0  # of a token's K experts, the share this part waits for computing
 
     @property
     def experts_total(self) -> int:
@@ -74,9 +75,37 @@ class Footprint:
     def top_k(self) -> int:
         return self.args.num_experts_per_tok
 
+    @property
+    def active_experts(self) -> float:
+        """Routed experts a token uses per layer in this part: K, or on expert-parallel ranks
+        those of the busiest rank, on average (each layer waits for it)."""
+        return self.top_k * self.active_share
 
-def footprint(ckpt, dtype: Optional[mx.Dtype] = None) -> Footprint:
-    """The footprint of a checkpoint as `m3mlx.load(path, dtype=dtype)` would hold it."""
+
+def busiest_rank_experts(experts: int, k: int, ranks: int) -> float:
+    """Of a token's k routed experts (k distinct of `experts`, uniformly), how many the busiest
+    of `ranks` expert-parallel ranks (experts/ranks each) computes, on average: the exact
+    expectation over the ways k experts fall into the ranks' ranges."""
+    per = experts // ranks
+
+    def splits(left: int, n: int):
+        if n == 1:
+            if left <= per:
+                yield (left,)
+            return
+        for here in range(min(left, per) + 1):
+            for rest in splits(left - here, n - 1):
+                yield (here, *rest)
+
+    ways = sum(max(s) * math.prod(math.comb(per, c) for c in s) for s in splits(k, ranks))
+    return ways / math.comb(experts, k)
+
+
+def footprint(ckpt, dtype: Optional[mx.Dtype] = None, plan=None) -> Footprint:
+    """The footprint of a checkpoint as `m3mlx.load(path, dtype=dtype)` would hold it; with a
+    sharding `plan` (m3mlx.sharding), of the part one rank holds (`m3mlx.load_rank`): its
+    layers, its share of each split tensor, its experts, the context cache of its heads and
+    layers."""
     from .experts import is_routed_expert
     from .model import is_precision_sensitive
     from .weights import is_vision
@@ -87,11 +116,13 @@ def footprint(ckpt, dtype: Optional[mx.Dtype] = None) -> Footprint:
     act = floats.get(ckpt.tensors[next(n for n in ckpt.tensors
                                        if n.endswith("model.norm.weight"))].dtype, 2)
     for name, t in ckpt.tensors.items():
-        if is_vision(name):
+        if is_vision(name) or plan is not None and plan.local_layer(name) is None:
             continue
         nbytes = t.nbytes
         if dtype is not None and t.dtype in floats and not is_precision_sensitive(name):
             nbytes = t.numel * dtype.size  # loading casts float weights
+        if plan is not None and plan.part(name, t.shape) is not None:
+            nbytes //= plan.size
         if ".mtp." not in name and (is_routed_expert(name)
                                     or ".block_sparse_moe.experts." in name):
             experts += nbytes
@@ -100,12 +131,45 @@ def footprint(ckpt, dtype: Optional[mx.Dtype] = None) -> Footprint:
         if ".embed_tokens." in name:
             embedding += nbytes
         resident += nbytes
-    args = ckpt.args
+    args = ckpt.args if plan is None else rank_args(ckpt.args, plan)
     E, moe_layers = args.num_local_experts, sum(args.moe_layers)
+    if plan is not None and plan.is_tensor:
+        E //= plan.size  # expert parallel: each rank computes E/N of each layer's experts
     streamable = stacked == {True}
     what = f"{ckpt.path} ({'converted' if streamable else 'original layout'})"
+    if plan is not None:
+        what += f" ({plan.describe()})"
     return Footprint(args, resident, experts // max(1, E * moe_layers), moe_layers, E,
-                     act if dtype is None else dtype.size, embedding, streamable, what)
+                     act if dtype is None else dtype.size, embedding, streamable, what,
+                     busiest_rank_experts(args.num_local_experts, args.num_experts_per_tok,
+                                          plan.size) / args.num_experts_per_tok
+                     if plan is not None and plan.is_tensor and E else 1.0)
+
+
+def largest_rank(ckpt, ranks: int, kind: str, dtype: Optional[mx.Dtype] = None):
+    """(footprint, sharding plan) of the largest rank's part of `ckpt` (anything with `tensors`,
+    `args` and `path`: a checkpoint, or a conversion's planned tensors) on `ranks` ranks under
+    the plan `kind`: what each Mac of the run must hold at least."""
+    from .rank_loading import make_plan
+
+    parts = []
+    for rank in range(ranks):
+        plan = make_plan(kind, ckpt, rank, ranks)
+        parts.append((footprint(ckpt, dtype, plan), plan))
+    return max(parts, key=lambda part: part[0].total)
+
+
+def rank_args(args: ModelArgs, plan) -> ModelArgs:
+    """The model one rank of `plan` runs, as the planner prices its context cache: its layers
+    and its KV heads (its experts: `footprint`)."""
+    start, stop = plan.layers
+    split = plan.size if plan.is_tensor else 1
+    return replace(args, num_hidden_layers=stop - start,
+                   sparse_layers=args.sparse_layers[start:stop],
+                   moe_layers=args.moe_layers[start:stop],
+                   num_attention_heads=args.num_attention_heads // split,
+                   num_key_value_heads=args.num_key_value_heads // split,
+                   index_n_heads=args.index_n_heads // split)
 
 
 def act_dtype(fp: "Footprint") -> mx.Dtype:
@@ -127,7 +191,7 @@ def decode_read_bytes(fp: Footprint, kv: ContextCost) -> float:
     a = fp.args
     selected = min(kv.tokens, a.index_topk_blocks * a.index_block_size)
     msa_read = kv.msa_kv * selected / kv.tokens if kv.tokens else 0
-    return (fp.resident - fp.embedding + fp.top_k * fp.moe_layers * fp.expert
+    return (fp.resident - fp.embedding + fp.active_experts * fp.moe_layers * fp.expert
             + kv.index_keys + kv.dense_kv + msa_read)
 
 
@@ -290,7 +354,7 @@ def predict(fp: Footprint, budget: Budget, hit_rate: float, mac: hardware.Mac,
     reads = decode_read_bytes(fp, budget.context_cost)
     streams = budget.streams
     share = 1.0 - hit_rate if read_share is None else read_share
-    miss = share * fp.top_k * fp.moe_layers * fp.expert if streams else 0.0
+    miss = share * fp.active_experts * fp.moe_layers * fp.expert if streams else 0.0
     syncs = (fp.moe_layers if streams else 0) + 1
     return Prediction(mac, reads / (mac.bandwidth * hardware.MEMORY_EFFICIENCY),
                       miss / (mac.ssd_read * hardware.SSD_EFFICIENCY),

@@ -7,6 +7,10 @@ of each stacked expert tensor and nothing of the others. Parameters split along 
 ranks' columns) are read whole, one batch at a time, and sliced; only the slice stays resident
 (their rows are 4-16 KB, the reader's aligned reads 16 KiB: reading a rank's columns alone would
 read the same pages).
+
+With an expert cache (`expert_cache`, `memory_limit`: sizes per rank) the rank's routed experts
+are not read at load: `m3mlx.experts.attach` gives its MoE layers pools of slots for the experts
+it computes, read by byte range from the same files when its router picks them.
 """
 
 from typing import Dict, List, Optional, Tuple
@@ -18,9 +22,11 @@ from .checkpoint import Checkpoint, TensorInfo, read_tensor_rows
 from .config import ConfigError
 from .errors import reported_as
 from .kv_tier import kv_group_size
+from .experts import ExpertCache, attach, is_routed_expert
 from .loading import (LoadError, _check_names, _evaluate, _is_original_layout, _quantization,
-                      _quantize, load_tokenizer, resolve)
+                      _quantize, expert_cache_for, load_tokenizer, resolve)
 from .model import Model, is_precision_sensitive
+from .plan import BudgetError
 from .sharding import EMBED, Plan, ShardingError, apply_plan
 from .weights import is_mtp, is_vision
 
@@ -101,15 +107,12 @@ def _read_part(plan: Plan, batch: List[Tuple[str, TensorInfo]]) -> Dict[str, mx.
     return out
 
 
-def model_for_rank(ckpt: Checkpoint, kind: str, group, *,
-                   dtype: Optional[mx.Dtype] = None) -> Model:
-    """Rank `group.rank()`'s part of the model under plan `kind`, reading only its bytes."""
+def model_for_rank(ckpt: Checkpoint, plan: Plan, group, *, dtype: Optional[mx.Dtype] = None,
+                   experts: Optional[ExpertCache] = None) -> Model:
+    """Rank `group.rank()`'s part of the model under `plan`, reading only its bytes; with
+    `experts`, its routed experts stay on disk and stream through its own expert cache
+    (`m3mlx.experts`: each rank reads its experts' byte ranges when routed)."""
     tensors = text_tensors(ckpt)
-    if _is_original_layout(tensors):
-        raise LoadError(f"{ckpt.path} is in MiniMax's original layout (one tensor per expert); "
-                        "a sharded run reads the converted layout: convert it first with "
-                        "`m3mlx convert` and run on the output")
-    plan = make_plan(kind, ckpt, group.rank(), group.size())
     model = Model(ckpt.args)  # the MTP module is not sharded (its tensors are left unread)
     quant = _quantization(ckpt, tensors)
     if quant:
@@ -118,7 +121,8 @@ def model_for_rank(ckpt: Checkpoint, kind: str, group, *,
     apply_plan(model, plan, group, dtype=_hidden_dtype(tensors, dtype))
     weights: Dict[str, mx.array] = {}
     batch, size = [], 0
-    mine = [(n, t) for n, t in tensors.items() if plan.local_layer(n) is not None]
+    mine = [(n, t) for n, t in tensors.items() if plan.local_layer(n) is not None
+            and (experts is None or not is_routed_expert(n))]
     for i, (name, t) in enumerate(mine):
         batch.append((name, t))
         size += t.nbytes
@@ -129,22 +133,32 @@ def model_for_rank(ckpt: Checkpoint, kind: str, group, *,
         weights = {k: v.astype(dtype)
                    if mx.issubdtype(v.dtype, mx.floating) and not is_precision_sensitive(k) else v
                    for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
+    model.load_weights(list(weights.items()), strict=experts is None)
     model.eval()
+    if experts is not None:
+        attach(model, ckpt, experts, dtype, plan=plan)
     _evaluate(model, weights, ckpt.path)
     return model
 
 
 def load_rank(path_or_repo, kind: str, group, *, dtype: Optional[mx.Dtype] = None,
-              kv_bits: Optional[int] = None):
+              kv_bits: Optional[int] = None, **memory):
     """(model, tokenizer) for this rank of `group` under plan `kind` ("tensor" or
-    "pipeline"): `m3mlx.loading.load` for one part of a sharded model."""
+    "pipeline"): `m3mlx.loading.load` for one part of a sharded model. `memory`
+    (expert_cache, memory_limit, expert_policy, expert_prefetch) as for `load`, each size
+    this rank's own and a share of the experts this rank computes."""
     path = resolve(str(path_or_repo))
-    with reported_as(LoadError, ConfigError, ShardingError):
+    with reported_as(LoadError, ConfigError, ShardingError, BudgetError):
         ckpt = Checkpoint.open(path)
         kv_group_size(ckpt.args, kv_bits)
         tokenizer = load_tokenizer(path, ckpt)
-        model = model_for_rank(ckpt, kind, group, dtype=dtype)
+        if _is_original_layout(text_tensors(ckpt)):
+            raise LoadError(f"{ckpt.path} is in MiniMax's original layout (one tensor per "
+                            "expert); a sharded run reads the converted layout: convert it "
+                            "first with `m3mlx convert` and run on the output")
+        plan = make_plan(kind, ckpt, group.rank(), group.size())
+        experts = expert_cache_for(ckpt, dtype, plan=plan, kv_bits=kv_bits, **memory)
+        model = model_for_rank(ckpt, plan, group, dtype=dtype, experts=experts)
         model.kv_bits = kv_bits
         return model, tokenizer
 

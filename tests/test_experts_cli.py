@@ -143,3 +143,34 @@ def test_info_includes_the_memory_plan(converted):
     assert r.exit_code == 0, r.output
     assert re.search(r"memory: .* besides the routed experts, .* of routed experts; in this "
                      r"machine's .*: everything fits", r.output)
+
+
+def test_server_timings_carry_the_expert_cache(converted):
+    """`m3mlx serve --expert-cache 25%`: beside `usage`, the `timings` of a reply carry the
+    expert cache while decoding (hit rate, bytes read per token), in a body and in the stream's
+    usage chunk; without a cache there are none."""
+    import openai
+    from server_fixtures import Server
+
+    server = Server(["--model", str(converted), "--dtype", "float32", "--temp", "0",
+                     "--no-disk-cache", "--expert-cache", "25%", "--served-model-name", "m3"])
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "Hello world " * 6}]
+        body = client.chat.completions.create(model="m3", messages=messages, max_tokens=8)
+        chunks = list(client.chat.completions.create(
+            model="m3", messages=messages, max_tokens=8, stream=True,
+            stream_options={"include_usage": True}))
+    finally:
+        server.stop()
+    assert "expert cache: 4 of 16 experts per layer (25%)" in server.log()
+    for timings in (body.model_extra["timings"], chunks[-1].model_extra["timings"]):
+        assert timings["predicted_n"] > 1
+        assert 0.0 <= timings["expert_hit_rate"] < 1.0  # a quarter of the experts: misses
+        assert timings["expert_bytes_per_token"] > 0
+    from m3mlx.server.engine import Outcome
+    from m3mlx.server.events import Reply
+
+    reply = Reply("m3")
+    reply.finish(Outcome("stop", 10, 0, 4, 0, None, 100.0, 10.0))
+    assert not any(key.startswith("expert") for key in reply.timings())

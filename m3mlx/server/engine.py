@@ -37,6 +37,7 @@ import mlx.core as mx
 
 from ..chat import common_prefix_length
 from ..distributed import DistributedError, Ranks
+from ..experts import ExpertStats
 from ..generate import stream_generate
 from ..model import make_cache
 from ..reply_parser import MalformedOutputWarning, ReplyParser, ToolCall
@@ -127,6 +128,7 @@ class Outcome:
     stop_string: Optional[str]
     prefill_tps: float
     generation_tps: float
+    expert_stats: Optional[ExpertStats] = None  # streamed experts, while decoding (as generate's)
 
 
 class Engine:
@@ -366,6 +368,7 @@ class Engine:
             stop_string=last.stop_string if last is not None else None,
             prefill_tps=(len(ids) - reused) / prefill_time,
             generation_tps=n / decode_time if n else 0.0,
+            expert_stats=last.expert_stats if last is not None else None,
         )
         self.log(f"{job.label}: prompt {len(ids):,} tokens ({reused:,} cached), prefill "
                  f"{outcome.prefill_tps:,.1f} tok/s, {n:,} generated at "

@@ -71,12 +71,19 @@ class Reply:
 
     def timings(self) -> Dict[str, Any]:
         """Speeds measured by the engine, under llama.cpp's names (an extension of the OpenAI
-        API, beside `usage`): prompt tokens computed (not cached) and generated, per second."""
+        API, beside `usage`): prompt tokens computed (not cached) and generated, per second.
+        With streamed experts, the expert cache while decoding, as generate's stats line: its
+        hit rate (0 to 1) and the bytes read from the SSD per token (of rank 0's experts when
+        sharded)."""
         o = self.outcome
-        return {"prompt_n": o.prompt_tokens - o.cached_tokens,
-                "prompt_per_second": round(o.prefill_tps, 2),
-                "predicted_n": o.completion_tokens,
-                "predicted_per_second": round(o.generation_tps, 2)}
+        timings = {"prompt_n": o.prompt_tokens - o.cached_tokens,
+                   "prompt_per_second": round(o.prefill_tps, 2),
+                   "predicted_n": o.completion_tokens,
+                   "predicted_per_second": round(o.generation_tps, 2)}
+        if o.expert_stats is not None:
+            timings["expert_hit_rate"] = round(o.expert_stats.hit_rate, 4)
+            timings["expert_bytes_per_token"] = round(o.expert_stats.bytes_per_token)
+        return timings
 
     @property
     def text(self) -> str:
