@@ -7,64 +7,26 @@ arrays on a Mac: each rank's experts and heads are whole, ordinary weights).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 
+from launching import BIN, TIMEOUT, free_port, launch, splittable_checkpoint
 from m3mlx.convert import convert
 
 HERE = Path(__file__).parent
-TIMEOUT = 90  # seconds for one launch: a hang fails the test instead of stalling the suite
-
-
-def free_port(span: int) -> int:
-    """A port whose next `span` ports look free (mlx.launch's ring uses one per rank)."""
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span < 65536 and all(_free(port + i) for i in range(span)):
-            return port
-    raise RuntimeError("no free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-BIN = Path(sys.executable).parent
-
-
-def launch(n: int, *command, python: bool = True) -> subprocess.CompletedProcess:
-    """`mlx.launch -n N --backend ring [--python PY] -- command` on this machine (this venv's
-    scripts first on PATH, as an activated venv has them)."""
-    cmd = [str(BIN / "mlx.launch"), "-n", str(n), "--backend", "ring", "-p", str(free_port(n)),
-           *(["--python", sys.executable] if python else []), "--", *command]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A tiny M3 with 4 KV heads (so 4 ranks split attention) in the converter's layout,
-    float32 and 4-bit (float32 scales and activations), with shapes that split into whole
-    quantization groups over 4 ranks."""
-    from m3mlx.demo import write_demo_checkpoint
-
+    """The tiny M3 that 4 ranks split (launching.splittable_checkpoint), float32 and 4-bit
+    (float32 scales and activations), with shapes that split into whole quantization groups
+    over 4 ranks."""
     root = tmp_path_factory.mktemp("sharded")
-    src = write_demo_checkpoint(root / "src", dtype=mx.float32, num_key_value_heads=4,
-                                index_n_heads=4, intermediate_size=64,
-                                shared_intermediate_size=128, dense_intermediate_size=128)
+    src = splittable_checkpoint(root / "src")
     quiet = dict(progress=False, log=lambda s: None, recipe="uniform", dtype="float32")
     convert(src, root / "f32", mode="none", **quiet)
     convert(src, root / "q4", bits=4, group_size=32, **quiet)
@@ -183,8 +145,8 @@ def test_ctrl_c_ends_every_rank_with_a_message(checkpoints):
 
 def test_chat_on_two_ranks_replies_as_one_process(checkpoints):
     """`mlx.launch ... -- m3mlx chat` with messages on stdin: rank 0 reads the lines and shares
-    them, the replies equal a single process's; /save says it needs a single process."""
-    lines = "Hello there\n/save conversation\nTell me more about it\n/quit\n"
+    them, the replies equal a single process's (/save and /load: test_distributed_sessions)."""
+    lines = "Hello there\nTell me more about it\n/quit\n"
     chat = ["chat", "--model", str(checkpoints / "f32"), "--temp", "0", "--max-tokens", "12"]
     single = subprocess.run([str(BIN / "m3mlx"), *chat], input=lines, capture_output=True,
                             text=True, timeout=TIMEOUT, cwd=checkpoints)
@@ -196,7 +158,6 @@ def test_chat_on_two_ranks_replies_as_one_process(checkpoints):
                          env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout == single.stdout and single.stdout.count("\n") == 2
-    assert run.stderr.count("/save does not work with several ranks") == 1  # rank 0 only
 
 
 def rank_pid(launcher: int, rank: int) -> int:
@@ -213,11 +174,13 @@ def rank_pid(launcher: int, rank: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' processes in /proc")
-def test_serve_on_two_ranks_answers_as_one_process(checkpoints, tmp_path):
-    """`mlx.launch -n 2 ... -- m3mlx serve`: rank 0 listens, rank 1 follows each request (a chat
-    completion, a streamed one, a prefix cache hit, one the client abandons) in lockstep; the
-    official client gets the single process's greedy replies; stopping rank 0 (SIGTERM) ends rank 1 cleanly, and each
-    rank persisted its own part of the prefix cache."""
+@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+def test_serve_on_two_ranks_answers_as_one_process(checkpoints, tmp_path, kind):
+    """`mlx.launch -n 2 ... -- m3mlx serve --parallel KIND`: rank 0 listens, rank 1 follows each
+    request (a chat completion, a streamed one, a prefix cache hit, one the client abandons) in
+    lockstep; the official client gets the single process's greedy replies; stopping rank 0
+    (SIGTERM) ends rank 1 cleanly, and each rank persisted its own part of the prefix cache
+    (its heads, or its layers)."""
     import openai
 
     from server_fixtures import Server
@@ -248,7 +211,8 @@ def test_serve_on_two_ranks_answers_as_one_process(checkpoints, tmp_path):
     launcher = [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring",
                 "-p", str(free_port(2)), "--"]
     env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    ranks = Server(args + ["--cache-dir", str(tmp_path / "ranks"), "--rank-timeout", "20"],
+    ranks = Server(args + ["--cache-dir", str(tmp_path / "ranks"), "--rank-timeout", "20",
+                           "--parallel", kind],
                    launcher=launcher, env=env, timeout=TIMEOUT)
     try:
         assert conversation(ranks.url) == expected
@@ -267,4 +231,4 @@ def test_serve_on_two_ranks_answers_as_one_process(checkpoints, tmp_path):
     assert ranks.process.returncode == 0, ranks.log()[-2000:]
     assert "Error" not in ranks.log()
     persisted = sorted(p.parent.name for p in (tmp_path / "ranks").glob("*/*.safetensors"))
-    assert len(set(persisted)) == 2  # one fingerprint per rank: each saved its own heads
+    assert len(set(persisted)) == 2  # one fingerprint per rank: each saved its own part
