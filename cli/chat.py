@@ -28,7 +28,8 @@ HELP = '''Commands:
   /think on|off|adaptive  thinking mode (on = enabled, off = disabled); alone, show it
   /system [TEXT]          set the system prompt; alone, show it; "/system default" resets it
   /reset                  forget the conversation
-  /save PATH              save the conversation and its cache (PATH.safetensors)
+  /save PATH              save the conversation and its cache (PATH.safetensors; with
+                          several ranks, each rank's part beside it: PATH.rankR-of-N...)
   /load PATH              continue a conversation saved with /save
   /stats                  context, speed and memory
   /help                   this text
