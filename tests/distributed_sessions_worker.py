@@ -2,8 +2,9 @@
 mlx.launch).
 
 `save DIR`: under each plan, this rank's part of MODEL prefills a prompt, saves the cache
-(save_prompt_cache), loads it back (load_prompt_cache) and generates from it; the logits are
-compared with the single-process model's doing the same without saving. Then what must be
+(save_prompt_cache), loads it back (load_prompt_cache) and generates from it; the logits and
+m3mlx.generate's greedy text are compared with the single-process model's doing the same
+without saving. Then what must be
 refused: a save loaded under the other plan, a set with a part missing or from another save,
 a single process's save, and a save that fails on one rank (the previous save at that path
 stays whole). Rank 0 writes
@@ -22,10 +23,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from m3mlx.cache import load_prompt_cache, save_prompt_cache
+from m3mlx.cache import LayerCache, load_prompt_cache, save_prompt_cache
 from m3mlx.checks import InputError
-from m3mlx.generate import prefill
-from m3mlx.loading import load_model
+from m3mlx.generate import generate, prefill
+from m3mlx.loading import load
 from m3mlx.model import make_cache
 from m3mlx.rank_loading import load_rank
 from m3mlx.shard_cache import part_path
@@ -34,6 +35,7 @@ from m3mlx.sharding import PLANS
 PROMPT = 100  # tokens: past MSA's 4 x 16 dense window, so the sparse layers select blocks
 CHUNK = 48
 DECODE = 4
+CONTINUATION = " and so the ranks"
 
 
 def refusal(load) -> str:
@@ -56,16 +58,19 @@ def generated_logits(model, cache, token):
     return mx.stack(out)
 
 
-def save(model_dir: str, out: Path):
+def save_and_load(model_dir: str, out: Path):
     group = mx.distributed.init(strict=True)
-    ref = load_model(model_dir)
+    ref, tokenizer = load(model_dir)
     ids = mx.array(np.random.default_rng(0).integers(0, ref.args.vocab_size, PROMPT))
     first = mx.array([[7]])
     cache_ref = make_cache(ref)
     prefill(ref, ids, cache_ref, CHUNK)
+    saved_ref = [LayerCache.from_state(c.state, c.meta()) for c in cache_ref]
     expected = generated_logits(ref, cache_ref, first)
 
-    report = {"max_abs_diff": {}, "offsets": {}}
+    report = {"max_abs_diff": {}, "offsets": {}, "generated": {},
+              "single_process": generate(ref, tokenizer, CONTINUATION, max_tokens=8,
+                                         prompt_cache=saved_ref)}
     models = {kind: load_rank(model_dir, kind, group)[0] for kind in PLANS}
     for kind, model in models.items():
         cache = make_cache(model)
@@ -76,6 +81,9 @@ def save(model_dir: str, out: Path):
         logits = generated_logits(model, loaded, first)
         report["max_abs_diff"][kind] = mx.abs(logits - expected).max().item()
         report["offsets"][kind] = loaded[0].offset
+        again = load_prompt_cache(str(out / f"{kind}.safetensors"), model=model)
+        report["generated"][kind] = generate(model, tokenizer, CONTINUATION,
+                                             max_tokens=8, prompt_cache=again)
 
     tensor, pipeline = models["tensor"], models["pipeline"]
     rank, size = group.rank(), group.size()
@@ -108,7 +116,7 @@ def save(model_dir: str, out: Path):
 
     single = str(out / "single.safetensors")
     if rank == 0:  # rank 0 saves the single-process model's cache; every rank loads it
-        save_prompt_cache(single, cache_ref, model=ref)
+        save_prompt_cache(single, saved_ref, model=ref)
     mx.eval(mx.distributed.all_sum(mx.zeros((1,)), group=group))
     report["single_process_save"] = refusal(lambda: load_prompt_cache(single, model=tensor))
 
@@ -116,7 +124,7 @@ def save(model_dir: str, out: Path):
         (out / "report.json").write_text(json.dumps(report))
 
 
-def load(model_dir: str, out: Path):
+def load_elsewhere(model_dir: str, out: Path):
     group = mx.distributed.init(strict=True)
     model, _ = load_rank(model_dir, "tensor", group)
     message = refusal(lambda: load_prompt_cache(str(out / "tensor.safetensors"), model=model))
@@ -125,4 +133,4 @@ def load(model_dir: str, out: Path):
 
 
 if __name__ == "__main__":
-    {"save": save, "load": load}[sys.argv[1]](sys.argv[2], Path(sys.argv[3]))
+    {"save": save_and_load, "load": load_elsewhere}[sys.argv[1]](sys.argv[2], Path(sys.argv[3]))
