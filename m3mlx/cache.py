@@ -371,8 +371,8 @@ def _read(path, model, tier):
         raise InputError(f"{path}: the cache metadata is not JSON ({e})") from None
     if not isinstance(user, dict):
         raise InputError(f"{path}: the user metadata is not a JSON object")
-    _check_cache_file(layers, arrays)
     check_part(path, meta.get("m3mlx_shard"), model)
+    _check_cache_file(layers, arrays)
     if model is not None and meta.get("model") not in (None, model_signature(model)):
         raise InputError(f"{path} was saved from another model (its model signature differs); "
                          "load it with the model that made it")

@@ -1,5 +1,6 @@
 """Running one model over several processes (`mlx.launch`): the group, what rank 0 shares
-with the others, and the watchdog that ends a run whose ranks stop answering.
+with the others, how the ranks agree that a step succeeded on all of them (`together`), and the
+watchdog that ends a run whose ranks stop answering.
 
 Every rank runs the same command on the same inputs (m3mlx.sharding): rank 0 owns the terminal
 (and stdin), shares what only it reads (a prompt from stdin, the seed it picked), and prints;

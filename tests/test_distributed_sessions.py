@@ -9,13 +9,15 @@ import json
 import subprocess
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from launching import BIN, TIMEOUT, launch, splittable_checkpoint
-from m3mlx.cache import load_prompt_cache
+from m3mlx.cache import load_prompt_cache, save_prompt_cache
 from m3mlx.checks import InputError
 from m3mlx.convert import convert
 from m3mlx.loading import load_model
+from m3mlx.model import make_cache
 
 HERE = Path(__file__).parent
 
@@ -133,3 +135,19 @@ def test_chat_save_and_load_across_ranks(model, single_chats, tmp_path, kind):
                       "its part beside other.safetensors on its own machine; was it saved by 2 "
                       f"ranks under the {kind} plan?)"]
     assert second.stderr.count("loaded 2 messages") == 1
+
+
+@pytest.mark.parametrize("record", ["not json", "[0, 2]", '{"plan": "tensor"}',
+                                    '{"plan": "tensor", "world_size": "2", "rank": 0, '
+                                    '"save_id": "x"}'])
+def test_a_damaged_shard_record_is_refused(model, tmp_path, record):
+    """A cache file whose shard record is not m3mlx's: one line saying so, in one process."""
+    single = load_model(str(model))
+    cache = make_cache(single)
+    mx.eval(single(mx.array([[1, 2, 3]]), cache=cache))
+    path = tmp_path / "doc.safetensors"
+    save_prompt_cache(str(path), cache, model=single)
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    mx.save_safetensors(str(path), arrays, metadata={**meta, "m3mlx_shard": record})
+    with pytest.raises(InputError, match="its shard record is damaged or not m3mlx's"):
+        load_prompt_cache(str(path), model=single)
