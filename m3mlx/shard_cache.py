@@ -30,7 +30,7 @@ import mlx.core as mx
 
 from .checks import InputError, parse_json
 from .distributed import gather_bytes, together
-from .files import create_exclusive, temp_name
+from .files import staged_file, temp_name
 
 SUFFIX = ".safetensors"
 
@@ -112,7 +112,8 @@ def save_parts(path, arrays: Dict[str, mx.array], metadata: Dict[str, str], mode
     written = False
     try:
         with together(group):
-            _write(tmp, final, arrays, metadata)
+            with staged_file(final) as f:
+                mx.save_safetensors(f, arrays, metadata=metadata)
             written = True
         with together(group):  # every part is written: the others take their place...
             if plan.rank:
@@ -123,23 +124,6 @@ def save_parts(path, arrays: Dict[str, mx.array], metadata: Dict[str, str], mode
     finally:
         if written:  # and not renamed: the save failed on another rank
             tmp.unlink(missing_ok=True)
-
-
-def _write(tmp: Path, final: Path, arrays: Dict[str, mx.array], metadata: Dict[str, str]):
-    """The part, complete and on the disk, at its temporary name (removed again on failure)."""
-    try:
-        f = os.fdopen(create_exclusive(tmp), "wb")
-    except OSError as e:  # name the file asked for, not its temporary name
-        e.filename = str(final)
-        raise
-    try:
-        with f:
-            mx.save_safetensors(f, arrays, metadata=metadata)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_parts(path, model, read: Callable[[Path], Tuple[Any, Any, Optional[str]]]):
