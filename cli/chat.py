@@ -15,6 +15,7 @@ from m3mlx.defaults import CHAT_MAX_TOKENS, RECOMMENDED_SAMPLING, home_dir
 from m3mlx.distributed import DistributedError, Ranks
 from m3mlx.experts import format_expert_stats
 from m3mlx.kv_tier import KVCacheError
+from m3mlx.shard_cache import part_path
 from m3mlx.units import format_size
 
 from .errors import Command, describe
@@ -28,7 +29,8 @@ HELP = '''Commands:
   /think on|off|adaptive  thinking mode (on = enabled, off = disabled); alone, show it
   /system [TEXT]          set the system prompt; alone, show it; "/system default" resets it
   /reset                  forget the conversation
-  /save PATH              save the conversation and its cache (PATH.safetensors)
+  /save PATH              save the conversation and its cache (PATH.safetensors; with
+                          several ranks, each rank's part beside it: PATH.rankR-of-N...)
   /load PATH              continue a conversation saved with /save
   /stats                  context, speed and memory
   /help                   this text
@@ -170,18 +172,18 @@ def run_command(line: str, state: "ChatState"):
     elif name == "reset":
         session.reset()
         console.info("conversation cleared")
-    elif name in ("save", "load") and state.ranks.sharded:
-        console.info(f"/{name} does not work with several ranks yet (each holds part of the "
-                     "cache); chat in a single process to save conversations")
     elif name in ("save", "load"):
         if not arg:
             console.info(f"usage: /{name} PATH")
             return
-        with state.guard(f"could not {name} {arg}: "):
+        # Every rank saves or loads its own part, in step (m3mlx.shard_cache).
+        with state.guard(f"could not {name} {arg}: "), state.ranks.armed(
+                f"{'saving' if name == 'save' else 'loading'} {arg}"):
             path = user_path(arg)
             if name == "save":
                 path = session.save(path)
-                console.info(f"saved {len(session.messages)} messages to {path}")
+                console.info(f"saved {len(session.messages)} messages to {path}"
+                             + parts_note(path, state.ranks))
             else:
                 state.session = type(session).load(path, session.model, session.tokenizer,
                                                    **session.cache_settings)
@@ -191,6 +193,16 @@ def run_command(line: str, state: "ChatState"):
         console.info(stats_text(session))
     else:
         console.info(f"unknown command /{name}; /help lists them")
+
+
+def parts_note(path: Path, ranks: Ranks) -> str:
+    """Where the other ranks saved their parts of the cache, for the /save message."""
+    if not ranks.sharded:
+        return ""
+    size = ranks.group.size()
+    last = part_path(path, size - 1, size)
+    others = last.name if size == 2 else f"{part_path(path, 1, size).name} ... {last.name}"
+    return f" (rank 0's part; the other ranks' beside it on their machines: {others})"
 
 
 def user_path(text: str) -> Path:
@@ -326,7 +338,9 @@ def piped(state: ChatState, input_mode: str):
             handle(line.removesuffix("\n").removesuffix("\r"), state)
     except Quit:
         pass
-    if state.failed:
+    # Rank 0 reports a failed line (the others failed with it, or it was told): mlx.launch
+    # ends the other ranks when one exits non-zero, which would cut rank 0's last output.
+    if state.failed and state.ranks.leads:
         raise click.exceptions.Exit(1)
 
 

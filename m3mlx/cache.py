@@ -26,6 +26,7 @@ from .files import atomic_file
 from .metal_kernels import (QuantizedKV, dense_attention, quantize_index_keys, quantize_kv,
                             sparse_attention)
 from .metal_kernels.kv import DEFAULT_GROUP
+from .shard_cache import check_part, is_sharded, load_parts, save_parts
 
 STEP = 256  # a multiple of M3's 128-token block
 
@@ -318,7 +319,11 @@ def save_prompt_cache(path: str, cache: List[LayerCache],
                       metadata: Optional[Dict[str, str]] = None, *, model=None):
     """Write every layer's cache (index keys included; compact K/V as they are stored) and
     string metadata to one safetensors file, atomically. With `model` (the one that filled the
-    cache), the file records its signature, and loading it with another model is refused."""
+    cache), the file records its signature, and loading it with another model is refused.
+
+    With a sharded `model` (one rank's part, `m3mlx.sharding`), every rank calls this with the
+    same arguments and writes its own part: rank 0 at `path`, rank r of N beside it as
+    `NAME.rank{r}-of-{N}.safetensors` (`m3mlx.shard_cache`), the whole set in step."""
     if metadata is not None and not isinstance(metadata, dict):
         raise InputError(f"metadata must be a dict, got {type(metadata).__name__}")
     arrays = {f"{i}.{name}": a for i, c in enumerate(cache) for name, a in c.state.items()}
@@ -328,6 +333,9 @@ def save_prompt_cache(path: str, cache: List[LayerCache],
     }
     if model is not None:
         meta["model"] = model_signature(model)
+    if is_sharded(model):
+        save_parts(path, arrays, meta, model)
+        return
     with atomic_file(path) as f:
         mx.save_safetensors(f, arrays, metadata=meta)
 
@@ -337,7 +345,20 @@ def load_prompt_cache(path: str, return_metadata: bool = False, *, model=None, t
     records, tensor names, shapes, dtypes and offsets, and with `model`, that it fits that
     model (layer count and kinds, head sizes, the signature recorded at save time).
     InputError says what does not fit. Compact K/V are loaded as they were saved. With `tier`
-    (a `KVTier`), its MSA layers keep only what the tier allows in memory."""
+    (a `KVTier`), its MSA layers keep only what the tier allows in memory.
+
+    With a sharded `model`, every rank calls this and loads its own part of a cache saved by
+    the same plan on as many ranks; a part missing on any rank, or one from another save, plan
+    or number of ranks, is refused on every rank."""
+    if is_sharded(model):
+        cache, user = load_parts(path, model, lambda part: _read(part, model, tier))
+    else:
+        cache, user, _ = _read(path, model, tier)
+    return (cache, user) if return_metadata else cache
+
+
+def _read(path, model, tier):
+    """(cache, user metadata, shard record) of the cache file at `path`, checked."""
     try:
         arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     except (RuntimeError, ValueError) as e:
@@ -350,6 +371,7 @@ def load_prompt_cache(path: str, return_metadata: bool = False, *, model=None, t
         raise InputError(f"{path}: the cache metadata is not JSON ({e})") from None
     if not isinstance(user, dict):
         raise InputError(f"{path}: the user metadata is not a JSON object")
+    check_part(path, meta.get("m3mlx_shard"), model)
     _check_cache_file(layers, arrays)
     if model is not None and meta.get("model") not in (None, model_signature(model)):
         raise InputError(f"{path} was saved from another model (its model signature differs); "
@@ -362,7 +384,7 @@ def load_prompt_cache(path: str, return_metadata: bool = False, *, model=None, t
                                            tier if layer_meta["index"] else None))
     if model is not None:
         check_cache_fits(cache, model)
-    return (cache, user) if return_metadata else cache
+    return cache, user, meta.get("m3mlx_shard")
 
 
 _FLOATS = (mx.float16, mx.bfloat16, mx.float32)
@@ -457,6 +479,10 @@ def check_cache_fits(cache: List[LayerCache], model):
     if len(cache) != len(model.layers):
         refuse(f"{len(cache)} layers, this model has {len(model.layers)}")
     args = model.args
+    kv_heads = args.num_key_value_heads  # this rank's share under the tensor plan
+    if getattr(model, "sharding", None) is not None:
+        start, stop = model.sharding.plan.kv_heads(args)
+        kv_heads = stop - start
     for i, (c, layer) in enumerate(zip(cache, model.layers)):
         if c.index != layer.self_attn.sparse:
             refuse(f"layer {i} is {'MSA' if c.index else 'dense'} in the cache")
@@ -464,7 +490,7 @@ def check_cache_fits(cache: List[LayerCache], model):
         if shape is None:
             continue
         heads, dims, value_dims = shape
-        if (heads, dims, value_dims) != (args.num_key_value_heads, args.head_dim, args.head_dim):
+        if (heads, dims, value_dims) != (kv_heads, args.head_dim, args.head_dim):
             refuse(f"layer {i} has {heads} KV heads of {dims} dims")
         if c.index and c.index_keys.shape[2] != args.index_head_dim:
             refuse(f"layer {i} has index keys of {c.index_keys.shape[2]} dims")

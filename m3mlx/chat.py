@@ -9,6 +9,7 @@ always computes exactly what a from-scratch run over the rendered conversation w
 """
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -22,11 +23,13 @@ from .chat_messages import (check_thinking_mode, normalize_messages, normalize_t
                             tool_result_text)
 from .checks import OPTION_RANGES, InputError, check_option, check_text, parse_json
 from .defaults import CHAT_MAX_TOKENS, INDEX_BITS, RECOMMENDED_SAMPLING
+from .distributed import together
 from .experts import ExpertStats
 from .generate import context_limit, stream_generate
 from .kv_tier import tiers_of
 from .model import make_cache
 from .reply_parser import ParsedReply, ReplyDelta, ReplyParser, ToolCall
+from .shard_cache import is_sharded
 from .tokens import THINK_BEGIN
 
 # M3's recommended sampling (model card); temperature 0 makes replies greedy.
@@ -320,7 +323,8 @@ class ChatSession:
 
     def save(self, path) -> Path:
         """Write the conversation, settings and cache to one safetensors file; returns its path
-        (`.safetensors` is appended when missing)."""
+        (`.safetensors` is appended when missing). A sharded model's ranks each write their
+        part of the cache, with the conversation, beside it (`save_prompt_cache`)."""
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
@@ -346,15 +350,32 @@ class ChatSession:
         `load_prompt_cache` checks it), and every saved setting, option, message and token.
         InputError says what is wrong. `overrides` replace saved settings (system, tools,
         thinking, generation options) and set the cache up (`kv_memory`, ...: the saved K/V go
-        into that memory tier as they were saved).
+        into that memory tier as they were saved). A sharded model's ranks each load their own
+        part (`load_prompt_cache`), together.
         """
         path = Path(path)
-        if not path.exists() and path.with_name(path.name + ".safetensors").exists():
+        sharded = is_sharded(model)
+        # The ranks of a sharded model name their parts alike, whatever files each one sees.
+        if path.suffix != ".safetensors" and (sharded or (
+                not path.exists() and path.with_name(path.name + ".safetensors").exists())):
             path = path.with_name(path.name + ".safetensors")
-        if not path.is_file():
+        if not sharded and not path.is_file():
             raise FileNotFoundError(f"{path}: no such session file")
         try:
-            cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+            cache, metadata = load_prompt_cache(str(path), return_metadata=True,
+                                                model=model if sharded else None)
+        except ValueError as e:
+            if sharded and isinstance(e, InputError):  # says which rank, and what to do
+                raise
+            raise InputError(f"{path} is not a saved m3mlx chat session ({e})") from None
+        # Every rank checks its part's copy of the session, and all go on only if all can.
+        with together(model.sharding.group) if sharded else nullcontext():
+            session = cls._restored(path, cache, metadata, model, tokenizer, overrides)
+        return session
+
+    @classmethod
+    def _restored(cls, path: Path, cache, metadata, model, tokenizer, overrides):
+        try:
             state = parse_json(metadata["chat_session"])
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path} is not a saved m3mlx chat session ({e})") from None

@@ -1,5 +1,6 @@
 """Running one model over several processes (`mlx.launch`): the group, what rank 0 shares
-with the others, and the watchdog that ends a run whose ranks stop answering.
+with the others, how the ranks agree that a step succeeded on all of them (`together`), and the
+watchdog that ends a run whose ranks stop answering.
 
 Every rank runs the same command on the same inputs (m3mlx.sharding): rank 0 owns the terminal
 (and stdin), shares what only it reads (a prompt from stdin, the seed it picked), and prints;
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -65,6 +66,48 @@ def share_int(value: Optional[int]) -> int:
         return value
     mine = value if group.rank() == 0 else 0
     return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
+
+
+def gather_bytes(data: bytes, group) -> List[bytes]:
+    """Every rank's `data`, in rank order, on every rank of `group`."""
+    n, rank = group.size(), group.rank()
+    sizes = np.zeros(n, np.int32)
+    sizes[rank] = len(data)
+    sizes = np.array(mx.distributed.all_sum(mx.array(sizes), group=group))
+    ends = np.cumsum(sizes)
+    if not ends[-1]:
+        return [b""] * n
+    buf = np.zeros(int(ends[-1]), np.uint8)
+    buf[ends[rank] - len(data):ends[rank]] = np.frombuffer(data, np.uint8)
+    whole = bytes(np.array(mx.distributed.all_sum(mx.array(buf), group=group)))
+    return [whole[end - size:end] for end, size in zip(ends.tolist(), sizes.tolist())]
+
+
+@contextmanager
+def together(group):
+    """Run the block on every rank of `group`, and go on only when it succeeded on all of
+    them: a failure on any rank is raised on every rank as one InputError naming the first
+    rank that failed, so the ranks stay in step (a failure that is not bad input stays itself
+    on its own rank). The ranks meet once, as the block ends: it must not use the group."""
+    from .checks import InputError
+
+    failure = None
+    try:
+        yield
+    except Exception as e:
+        failure = e
+    messages = gather_bytes(_one_line(failure).encode() if failure else b"", group)
+    for rank, message in enumerate(messages):
+        if message:
+            if failure is not None and not isinstance(failure, (InputError, OSError)):
+                raise failure
+            raise InputError(f"rank {rank} of {group.size()}: {message.decode()}") from failure
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 @contextmanager

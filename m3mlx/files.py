@@ -39,10 +39,11 @@ def create_exclusive(path: Union[str, os.PathLike], flags: int = os.O_WRONLY) ->
 
 
 @contextmanager
-def atomic_file(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
-    """A binary file object whose contents replace `path` when the block ends without error;
-    on any error (KeyboardInterrupt included) the temporary file is removed and `path` stays
-    as it was."""
+def staged_file(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
+    """A binary file object for `path`'s temporary name (`temp_name`), complete on the disk
+    when the block ends without error, for the caller to rename over `path` (`atomic_file`
+    does so at once; files that must appear together are renamed once all are written). On
+    any error (KeyboardInterrupt included) the temporary file is removed."""
     path = Path(path)
     tmp = temp_name(path)
     try:
@@ -55,9 +56,23 @@ def atomic_file(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
+    """A binary file object whose contents replace `path` when the block ends without error;
+    on any error (KeyboardInterrupt included) the temporary file is removed and `path` stays
+    as it was."""
+    path = Path(path)
+    with staged_file(path) as f:
+        yield f
+    try:
+        os.replace(temp_name(path), path)
+    except BaseException:
+        temp_name(path).unlink(missing_ok=True)
         raise
 
 

@@ -342,8 +342,12 @@ class Sharding:
 
 
 def activation_dtype(model) -> mx.Dtype:
-    """The dtype of the hidden states: the embedding's output type."""
-    embed = model.language_model.model.embed_tokens
+    """The dtype of the hidden states: a pipeline stage's (later stages hold no embedding),
+    else the embedding's output type."""
+    text = model.language_model.model
+    if text.stage is not None:
+        return text.stage.dtype
+    embed = text.embed_tokens
     return embed.scales.dtype if "scales" in embed else embed.weight.dtype
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ..chat_format import render_chat
 from ..distributed import Ranks
 from ..model import make_cache
+from ..sharding import activation_dtype
 from .app import Service, create_app
 from .engine import Engine
 from .prefix_cache import PrefixCache, fingerprint
@@ -40,10 +41,8 @@ def build_service(model, tokenizer, *, model_dir: Path, names: List[str],
         meta = [c.meta() for c in make_cache(model, index_bits=index_bits, kv_bits=kv_bits)]
         directory = None
         if cache_dir is not None:
-            import mlx.core as mx
-
-            # K/V come in the activation dtype, which the embedding's output has.
-            activations = model.language_model.model.embed_tokens(mx.array([[0]])).dtype
+            # K/V come in the activation dtype.
+            activations = activation_dtype(model)
             layout = [model.args, meta, activations] + ([shard] if shard else [])
             directory = Path(cache_dir) / fingerprint(model_dir, layout)
         prefix = PrefixCache(meta, cache_size, directory, cache_disk_size, log=log)
