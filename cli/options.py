@@ -176,9 +176,7 @@ def load_or_fail(model_path: str, dtype: str, parallel: str = PLANS[0]):
     by mlx.launch; a failure is reported by the error boundary as one line."""
     import mlx.core as mx
 
-    from m3mlx.distributed import load_for_rank
-
-    from m3mlx.distributed import rank_prefix
+    from m3mlx.distributed import load_for_rank, rank_prefix
 
     cast = None if dtype == "auto" else getattr(mx, dtype)
     settings = memory_settings()
